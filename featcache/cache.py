@@ -1,0 +1,345 @@
+"""The HDF5 feature cache: layout, manifest, fingerprint, atomic writes, resumable batches, readers.
+
+A finished cache is ``<cache-dir>/<backbone>-<fingerprint[:12]>.h5``. It is written under a
+``.incomplete`` name and renamed when complete, so a file with the final name is always whole.
+Work in progress lives in ``<name>.partial/``: one ``.npz`` per finished batch, each written under
+a temporary name and renamed, so a killed run loses at most the batches in flight.
+
+Layout (n rows, m files; rows ordered by file path, then copy index)::
+
+    /features      (n, h, w, c) float16|float32   backbone maps
+    /pooled        (n, c) float32                 global average of each map, from float32 maps
+    /labels        (n,) int16                     class index into manifest["class_names"]
+    /split         (n,) uint8                     0 train, 1 val, 2 test
+    /source_index  (n,) int32                     row of /files the image came from
+    /copy_index    (n,) int16                     0 original, 1..K augmented copies (train only)
+    /files/path    (m,) str                       relative to the data folder
+    /files/sha256  (m,) bytes                     content hash of the file
+    /files/label, /files/split (m,), /files/patient (m,) str
+    attrs: manifest (JSON), format_version, fingerprint, complete
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featcache.errors import CacheLockedError, CacheMismatchError, FeatcacheError, IncompleteCacheError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUFFIX = ".h5"
+PARTIAL_SUFFIX = ".partial"
+INCOMPLETE_SUFFIX = ".incomplete"
+READ_CACHE_BYTES = 64 * 2**20  # HDF5 chunk cache for readers: several feature chunks
+ROW_FIELDS = ("labels", "split", "source_index", "copy_index")
+ROW_DTYPES = {"labels": np.int16, "split": np.uint8, "source_index": np.int32, "copy_index": np.int16}
+STR = h5py.string_dtype("utf-8")
+
+
+def compute_fingerprint(settings: dict) -> str:
+    """SHA-256 of everything that changes the features, plus the cache format version."""
+    payload = json.dumps({"format_version": FORMAT_VERSION, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CachePaths:
+    """Where one cache and its work in progress live."""
+
+    cache_dir: Path
+    name: str
+
+    @classmethod
+    def for_fingerprint(cls, cache_dir: str | Path, backbone: str, fingerprint: str) -> "CachePaths":
+        return cls(Path(cache_dir), f"{backbone}-{fingerprint[:12]}")
+
+    @property
+    def final(self) -> Path:
+        return self.cache_dir / f"{self.name}{SUFFIX}"
+
+    @property
+    def partial(self) -> Path:
+        return self.cache_dir / f"{self.name}{PARTIAL_SUFFIX}"
+
+    @property
+    def weights(self) -> Path:
+        """Saved backbone weights (random initialisations only), next to the cache."""
+        return self.cache_dir / f"{self.name}.weights.h5"
+
+
+class CacheLock:
+    """An exclusive, non-blocking flock; the kernel drops it when its process dies, even by SIGKILL."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> "CacheLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise CacheLockedError(
+                    f"Another featcache process is writing {self.path.parent} ({self.path.name} is locked); "
+                    "wait for it to finish or use another --cache-dir."
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass(frozen=True)
+class FileTable:
+    """Per-file columns, in row order of /files."""
+
+    path: list[str]
+    sha256: list[str]
+    label: np.ndarray
+    split: np.ndarray
+    patient: list[str]
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+
+def chunk_rows(feature_shape: tuple[int, ...], dtype: str) -> int:
+    """Rows per HDF5 chunk: about 1 MiB, good for sequential reads."""
+    row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
+    return int(max(1, min(256, 2**20 // row_bytes)))
+
+
+class CacheWriter:
+    """Writes one complete cache file: everything goes to ``<final>.incomplete`` until ``commit``."""
+
+    def __init__(self, final_path: Path, files: FileTable, n_rows: int, feature_shape: tuple[int, int, int],
+                 dtype: str = "float16", compression: str | None = None):
+        self.final_path = Path(final_path)
+        self.tmp_path = self.final_path.with_name(self.final_path.name + INCOMPLETE_SUFFIX)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self.tmp_path, "w")
+        self._file.attrs["complete"] = False
+        rows = chunk_rows(feature_shape, dtype)
+        self._file.create_dataset("features", (n_rows, *feature_shape), dtype=dtype,
+                                  chunks=(min(rows, max(n_rows, 1)), *feature_shape), compression=compression)
+        self._file.create_dataset("pooled", (n_rows, feature_shape[-1]), dtype="float32",
+                                  chunks=(min(1024, max(n_rows, 1)), feature_shape[-1]), compression=compression)
+        for name in ROW_FIELDS:
+            self._file.create_dataset(name, (n_rows,), dtype=ROW_DTYPES[name])
+        group = self._file.create_group("files")
+        group.create_dataset("path", data=np.array(files.path, dtype=object), dtype=STR)
+        group.create_dataset("sha256", data=np.array(files.sha256, dtype="S64"))
+        group.create_dataset("label", data=np.asarray(files.label, dtype=np.int16))
+        group.create_dataset("split", data=np.asarray(files.split, dtype=np.uint8))
+        group.create_dataset("patient", data=np.array(files.patient, dtype=object), dtype=STR)
+        self.n_rows = n_rows
+
+    def write_rows(self, start: int, features: np.ndarray, pooled: np.ndarray, **columns: np.ndarray) -> None:
+        """Write rows ``start : start + len(features)``; ``columns`` are the ROW_FIELDS."""
+        stop = start + len(features)
+        self._file["features"][start:stop] = features
+        self._file["pooled"][start:stop] = pooled
+        for name in ROW_FIELDS:
+            self._file[name][start:stop] = columns[name]
+
+    def commit(self, manifest: dict) -> Path:
+        """Embed the manifest, mark complete, then rename into place (atomic on POSIX)."""
+        self._file.attrs["manifest"] = json.dumps(manifest, sort_keys=True, default=str)
+        self._file.attrs["format_version"] = FORMAT_VERSION
+        self._file.attrs["fingerprint"] = manifest["fingerprint"]
+        self._file.attrs["complete"] = True
+        self._file.close()
+        _fsync(self.tmp_path)
+        os.replace(self.tmp_path, self.final_path)
+        _fsync(self.final_path.parent)
+        return self.final_path
+
+    def abort(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+class BatchStore:
+    """Finished extraction batches of one cache, one ``.npz`` each, in ``<name>.partial/``."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def write(self, batch_id: str, features: np.ndarray, pooled: np.ndarray, paths: list[str],
+              sha256: list[str], copy_index: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{batch_id}.tmp.npz"
+        with open(tmp, "wb") as handle:
+            np.savez(handle, features=features, pooled=pooled, path=np.array(paths),
+                     sha256=np.array(sha256, dtype="S64"), copy_index=np.asarray(copy_index, np.int16))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.folder / f"{batch_id}.npz")
+
+    def index(self) -> dict[tuple[str, str, int], tuple[Path, int]]:
+        """(path, sha256, copy_index) -> (batch file, row in it), for every finished batch."""
+        found: dict[tuple[str, str, int], tuple[Path, int]] = {}
+        if not self.folder.is_dir():
+            return found
+        for batch in sorted(self.folder.glob("[!.]*.npz")):
+            try:
+                with np.load(batch) as data:
+                    keys = zip(data["path"].tolist(), data["sha256"].astype(str).tolist(), data["copy_index"].tolist())
+                    for offset, key in enumerate(keys):
+                        found[key] = (batch, offset)
+            except (OSError, ValueError, KeyError) as exc:  # cannot happen after an atomic rename; be safe
+                log.warning("Ignoring unreadable batch %s (%s)", batch.name, exc)
+        return found
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def split_registry_path(cache_dir: str | Path, seed: int) -> Path:
+    return Path(cache_dir) / f"split-seed{seed}.json"
+
+
+def read_split_registry(cache_dir: str | Path, seed: int) -> dict[str, str]:
+    """Patient -> 'train'|'val' assignments made by earlier runs in this cache folder (shared by backbones)."""
+    path = split_registry_path(cache_dir, seed)
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())["patients"]
+    except (ValueError, KeyError) as exc:
+        raise CacheMismatchError(f"{path} is not a featcache split file ({exc}); move it away and re-run.") from None
+
+
+def write_split_registry(cache_dir: str | Path, seed: int, patients: dict[str, str]) -> None:
+    path = split_registry_path(cache_dir, seed)
+    tmp = path.with_name(path.name + INCOMPLETE_SUFFIX)
+    tmp.write_text(json.dumps({"seed": seed, "patients": dict(sorted(patients.items()))}, indent=0))
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a complete cache file.
+
+    Raises:
+        IncompleteCacheError: the file is still being written or was left by a killed run.
+        CacheMismatchError: the file is not a featcache cache, or of another format version.
+    """
+    with open_cache(path) as handle:
+        return json.loads(handle.attrs["manifest"])
+
+
+def open_cache(path: str | Path) -> h5py.File:
+    """Open a complete cache read-only, after checking that it is complete and of this format."""
+    path = Path(path)
+    if path.name.endswith(INCOMPLETE_SUFFIX) or path.suffix == PARTIAL_SUFFIX:
+        raise IncompleteCacheError(f"{path} is an unfinished cache; re-run 'featcache extract' to complete it.")
+    if not path.is_file():
+        raise FeatcacheError(f"No cache file {path}; run 'featcache extract' first.")
+    try:
+        handle = h5py.File(path, "r", rdcc_nbytes=READ_CACHE_BYTES)
+    except OSError as exc:
+        raise CacheMismatchError(f"{path} is not a readable HDF5 cache ({exc}).") from None
+    version = handle.attrs.get("format_version")
+    if not handle.attrs.get("complete", False) or "manifest" not in handle.attrs:
+        handle.close()
+        raise IncompleteCacheError(f"{path} is not marked complete; re-run 'featcache extract' to rebuild it.")
+    if version != FORMAT_VERSION:
+        handle.close()
+        raise CacheMismatchError(
+            f"{path} has cache format version {version}; this featcache reads version {FORMAT_VERSION}. "
+            "Re-run 'featcache extract' with a new --cache-dir."
+        )
+    return handle
+
+
+def list_caches(cache_dir: str | Path, backbone: str | None = None) -> list[Path]:
+    """Complete cache files in a folder (by name; ``open_cache`` checks the contents)."""
+    pattern = f"{backbone}-*{SUFFIX}" if backbone else f"*{SUFFIX}"
+    return sorted(p for p in Path(cache_dir).glob(pattern) if not p.name.endswith(".weights.h5"))
+
+
+def find_cache(cache_dir: str | Path, backbone: str) -> Path:
+    """The one complete cache of a backbone in a folder.
+
+    Raises:
+        IncompleteCacheError: only an unfinished extraction exists.
+        FeatcacheError: none, or several to choose from.
+    """
+    found = list_caches(cache_dir, backbone)
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise FeatcacheError(f"{cache_dir} holds {len(found)} caches for {backbone} ({names}); pass --cache FILE.")
+    if list(Path(cache_dir).glob(f"{backbone}-*{PARTIAL_SUFFIX}")):
+        raise IncompleteCacheError(
+            f"The {backbone} cache in {cache_dir} is incomplete (an extract is running or was killed); "
+            "re-run 'featcache extract' to finish it."
+        )
+    raise FeatcacheError(f"No {backbone} cache in {cache_dir}; run 'featcache extract --backbone {backbone}' first.")
+
+
+@dataclass(frozen=True)
+class PooledData:
+    """The small per-row arrays of a cache: what head training needs besides the maps."""
+
+    pooled: np.ndarray  # (n, c) float32
+    labels: np.ndarray  # (n,)
+    split: np.ndarray  # (n,) codes
+    copy_index: np.ndarray  # (n,)
+    source_index: np.ndarray  # (n,)
+    manifest: dict
+
+
+def load_pooled(path: str | Path) -> PooledData:
+    """Read pooled vectors and row columns of a cache into memory (never the 7x7 maps)."""
+    with open_cache(path) as handle:
+        return PooledData(
+            pooled=handle["pooled"][...],
+            labels=handle["labels"][...],
+            split=handle["split"][...],
+            copy_index=handle["copy_index"][...],
+            source_index=handle["source_index"][...],
+            manifest=json.loads(handle.attrs["manifest"]),
+        )
+
+
+def read_rows(dataset: h5py.Dataset, indices: np.ndarray) -> np.ndarray:
+    """Rows at increasing ``indices``, read as contiguous slices (much faster than h5py fancy indexing)."""
+    indices = np.asarray(indices)
+    if len(indices) == 0:
+        return np.empty((0, *dataset.shape[1:]), dataset.dtype)
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    parts = [dataset[int(run[0]): int(run[-1]) + 1] for run in np.split(indices, breaks)]
+    return np.concatenate(parts)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

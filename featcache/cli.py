@@ -1,0 +1,83 @@
+"""Command line: options -> config -> one library call -> summary. The only module importing typer.
+
+Expected errors (FeatcacheError) print one red line and exit 1; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from featcache.errors import FeatcacheError
+
+app = typer.Typer(
+    help="Cache frozen-backbone features once, tune heads on the cache, export the end-to-end model.",
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Folder of the feature caches and runs.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of augmentation, split, random weights and the search.")]
+
+
+def _fail(error: FeatcacheError) -> None:
+    typer.secho(f"Error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def extract(
+    data: Annotated[Path, typer.Option("--data", help="Kermany-layout folder: train/, optional val/, test/.")],
+    backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="vgg16, resnet152 (repeatable; default both) or tiny (tests).")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="imagenet, random (seeded; offline smoke runs) or PATH to a weights file.")] = "imagenet",
+    augment_copies: Annotated[int, typer.Option("--augment-copies", help="Augmented copies of each train image.")] = 5,
+    image_size: Annotated[int, typer.Option("--image-size", help="Square input side in pixels.")] = 224,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per backbone call.")] = 32,
+    seed: Seed = 0,
+    cache_dir: CacheDir = Path("cache"),
+    dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of the 7x7 maps: float16 or float32.")] = "float16",
+    compression: Annotated[str, typer.Option("--compression", help="HDF5 compression of the maps: none, lzf or gzip.")] = "none",
+    precision: Annotated[str, typer.Option("--precision", help="auto (mixed+XLA on GPU), float32 or mixed.")] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Run the frozen backbones once over every image and K augmented copies; cache the maps in HDF5."""
+    from featcache.config import ExtractConfig
+    from featcache.extract import extract_features, format_summary
+
+    try:
+        config = ExtractConfig(
+            data_dir=data, backbones=tuple(backbone or ("vgg16", "resnet152")), weights=weights,
+            augment_copies=augment_copies, image_size=image_size, batch_size=batch_size, seed=seed,
+            cache_dir=cache_dir, dtype=dtype, compression=None if compression == "none" else compression,
+            precision=precision, progress=progress,
+        )
+        summaries = extract_features(config)
+    except FeatcacheError as error:
+        _fail(error)
+    for summary in summaries:
+        typer.echo(format_summary(summary))
+
+
+@app.command()
+def info(
+    cache: Annotated[Optional[Path], typer.Argument(help="A cache file, or a folder of caches (default: cache).")] = None,
+) -> None:
+    """Print a cache's manifest and counts."""
+    from featcache.extract import describe_cache
+
+    try:
+        typer.echo(describe_cache(cache or Path("cache")))
+    except FeatcacheError as error:
+        _fail(error)
+
+
+def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    app()

@@ -1,0 +1,109 @@
+"""Frozen, validated settings of each stage; the CLI builds these from its options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featcache.augment import AugmentSpec
+from featcache.errors import FeatcacheError
+
+DTYPES = ("float16", "float32")
+COMPRESSIONS = (None, "lzf", "gzip")
+PRECISIONS = ("auto", "float32", "mixed")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of ``featcache extract``.
+
+    Attributes:
+        data_dir: Kermany-layout folder (``train/``, optional ``val/``, ``test/``).
+        backbones: registry names, each gets its own cache file.
+        weights: ``"imagenet"``, ``"random"`` or a path to a weights file.
+        augment_copies: augmented copies K of each train-split image.
+        image_size: square side the images are resized to.
+        batch_size: images per backbone call.
+        seed: seeds augmentation, the split and random weights.
+        cache_dir: where the caches go.
+        dtype: storage dtype of the maps (pooled vectors are always float32).
+        compression: HDF5 filter of the maps, or None.
+        precision: ``auto`` (mixed float16 + XLA on a GPU, float32 on a CPU), ``float32`` or ``mixed``.
+        progress: show a tqdm bar.
+    """
+
+    data_dir: Path
+    backbones: tuple[str, ...] = ("vgg16", "resnet152")
+    weights: str = "imagenet"
+    augment_copies: int = 5
+    image_size: int = 224
+    batch_size: int = 32
+    seed: int = 0
+    cache_dir: Path = Path("cache")
+    dtype: str = "float16"
+    compression: str | None = None
+    precision: str = "auto"
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.backbones:
+            raise FeatcacheError("Pass at least one --backbone. Received: backbones=()")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(self.backbones)}")
+        if self.augment_copies < 0:
+            raise FeatcacheError(f"--augment-copies must be >= 0. Received: augment_copies={self.augment_copies}")
+        if self.batch_size < 1:
+            raise FeatcacheError(f"--batch-size must be >= 1. Received: batch_size={self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise FeatcacheError(f"--dtype must be one of {DTYPES}. Received: dtype={self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise FeatcacheError(f"--compression must be lzf, gzip or none. Received: compression={self.compression!r}")
+        if self.precision not in PRECISIONS:
+            raise FeatcacheError(f"--precision must be one of {PRECISIONS}. Received: precision={self.precision!r}")
+
+
+@dataclass(frozen=True)
+class TrainHeadConfig:
+    """Settings of ``featcache train-head``.
+
+    Attributes:
+        cache_dir: folder of the caches; runs go to ``<cache_dir>/runs/<cache stem>/``.
+        backbones: train a head for each; empty means every backbone with a complete cache.
+        cache: one cache file to train on (overrides the search by backbone).
+        trials: finished trials the study should hold; a study that has fewer gets the rest.
+        seed: seeds the sampler, the initialisers, dropout and the per-epoch view draws.
+        storage: Optuna RDB URL of a shared study; None keeps a journal file in the run folder.
+        min_sensitivity: pick the highest threshold with at least this validation sensitivity
+            instead of Youden's J.
+        max_epochs: epoch limit of each trial.
+        patience: epochs without a lower validation loss before a trial stops.
+        progress: show a tqdm bar over the trials.
+    """
+
+    cache_dir: Path = Path("cache")
+    backbones: tuple[str, ...] = ()
+    cache: Path | None = None
+    trials: int = 20
+    seed: int = 0
+    storage: str | None = None
+    min_sensitivity: float | None = None
+    max_epochs: int = 30
+    patience: int = 5
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise FeatcacheError(f"--trials must be >= 1. Received: trials={self.trials}")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(self.backbones)}")
+        if self.min_sensitivity is not None and not 0 < self.min_sensitivity <= 1:
+            raise FeatcacheError(
+                f"--min-sensitivity must be in (0, 1]. Received: min_sensitivity={self.min_sensitivity}"
+            )
+        if self.max_epochs < 1 or self.patience < 1:
+            raise FeatcacheError(
+                f"max_epochs and patience must be >= 1. Received: max_epochs={self.max_epochs}, patience={self.patience}"
+            )
+        if self.storage is not None and not self.storage.strip():
+            raise FeatcacheError(f"--storage must be an Optuna RDB URL. Received: storage={self.storage!r}")

@@ -1,0 +1,440 @@
+"""Orchestration of ``featcache extract``: images -> augment -> backbone batches -> cache.
+
+Decoding and augmentation run in a thread pool ahead of the backbone, finished batches are
+written by a background thread, and the cache file is assembled once every row exists.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from featcache import __version__
+from featcache.augment import augment_image
+from featcache.backbones import (
+    CAFFE_MEAN_BGR, build_extractor, check_image_size, get_backbone_spec, hash_weights, load_backbone,
+)
+from featcache.cache import (
+    FORMAT_VERSION, BatchStore, CacheLock, CachePaths, CacheWriter, FileTable, compute_fingerprint,
+    list_caches, open_cache, read_rows, read_split_registry, write_split_registry,
+)
+from featcache.config import ExtractConfig
+from featcache.data import PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image
+from featcache.errors import DataError, FeatcacheError
+
+log = logging.getLogger(__name__)
+
+ASSEMBLE_ROWS = 256  # rows copied per step when the cache file is assembled
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A readable image file of the data folder, with its content hash."""
+
+    record: ImageRecord
+    sha256: str
+
+
+@dataclass
+class ExtractSummary:
+    backbone: str
+    cache_path: Path
+    counts: dict
+    skipped: list[dict]
+    computed_rows: int
+    reused_rows: int
+    seconds: float
+    size_bytes: int
+    images_per_second: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
+    """Extract (or complete, or update) one cache per backbone.
+
+    Raises:
+        DataError, WeightsError, CacheLockedError: bad folder, weights or a second writer.
+    """
+    for name in config.backbones:
+        check_image_size(get_backbone_spec(name), config.image_size)
+    with CacheLock(Path(config.cache_dir) / ".split.lock"):
+        previous = read_split_registry(config.cache_dir, config.seed)
+        folder = find_images(config.data_dir, config.seed, previous_split=previous)
+        assigned = {r.patient: r.split for r in folder.records if r.split != "test"}
+        write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
+    files, unreadable = _hash_files(folder)
+    return [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
+
+
+def _hash_files(folder) -> tuple[list[SourceFile], list[dict]]:
+    files, unreadable = [], []
+    for record in folder.records:
+        try:
+            files.append(SourceFile(record, hash_file(folder.root / record.path)))
+        except OSError as exc:
+            unreadable.append({"path": record.path, "error": f"cannot read: {exc.strerror}"})
+    return files, unreadable
+
+
+def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], unreadable: list[dict],
+                      name: str) -> ExtractSummary:
+    started = time.perf_counter()
+    spec = get_backbone_spec(name)
+    precision = _effective_precision(config.precision)
+    backbone = load_backbone(spec, config.image_size, config.weights, config.seed, mixed=precision == "mixed")
+    settings = _feature_settings(config, spec, hash_weights(backbone), precision)
+    fingerprint = compute_fingerprint(settings)
+    paths = CachePaths.for_fingerprint(config.cache_dir, name, fingerprint)
+    with CacheLock(Path(config.cache_dir) / f".{name}.lock"):
+        old = _OldCache.open(paths.final, fingerprint)
+        store = BatchStore(paths.partial)
+        if config.weights == "random" and not paths.weights.exists():
+            store.folder.mkdir(parents=True, exist_ok=True)
+            _save_weights(backbone, store.folder / "backbone.weights.h5")
+        known_bad = old.skipped if old else {}
+        good = [f for f in files if (f.record.path, f.sha256) not in known_bad]
+        wanted = [(f, k) for f in good for k in range(config.augment_copies + 1 if f.record.split == "train" else 1)]
+        available = {**(old.index if old else {}), **store.index()}
+        missing = [(f, k) for f, k in wanted if (f.record.path, f.sha256, k) not in available]
+        reused = len(wanted) - len(missing)
+        skipped = [{"path": p, "error": e} for (p, _), e in known_bad.items() if p in {f.record.path for f in files}]
+        skipped += unreadable
+        extractor = build_extractor(spec, backbone, config.image_size)
+        compute_seconds, bad = _compute_batches(config, folder.root, extractor, missing, store, precision)
+        skipped += bad
+        bad_paths = {s["path"] for s in bad}
+        rows = [(f, k) for f, k in wanted if f.record.path not in bad_paths]
+        manifest = _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision)
+        if old is None or missing or len(rows) != old.n_rows or old.skipped_paths != {s["path"] for s in skipped}:
+            _assemble(paths, rows, old, store, manifest, config)
+        if old is not None:
+            old.close()
+        store.remove()
+    computed = len(missing) - sum(1 for f, _ in missing if f.record.path in bad_paths)
+    return ExtractSummary(
+        backbone=name, cache_path=paths.final, counts=manifest["counts"], skipped=skipped,
+        computed_rows=computed, reused_rows=reused, seconds=time.perf_counter() - started,
+        size_bytes=paths.final.stat().st_size,
+        images_per_second=computed / compute_seconds if compute_seconds > 0 else 0.0,
+    )
+
+
+def _effective_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import tensorflow as tf
+
+    return "mixed" if tf.config.list_physical_devices("GPU") else "float32"
+
+
+def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precision: str) -> dict:
+    """Everything that changes the cached features; hashed into the fingerprint and the file name."""
+    return {
+        "backbone": spec.name,
+        "weights_sha256": weights_sha256,
+        "image_size": config.image_size,
+        "preprocessing": {"mode": spec.preprocessing, "mean_bgr": list(CAFFE_MEAN_BGR)},
+        "resize": RESIZE,
+        "augment": config.augment.describe(),
+        "seed": config.seed,
+        "split": {"method": "patients in sha256(seed, id) order, greedy per class to val_fraction; "
+                            "earlier assignments kept (split-seed<S>.json)",
+                  "val_fraction": VAL_FRACTION, "patient_pattern": PATIENT_PATTERN},
+        "dtype": config.dtype,
+        "precision": precision,
+    }
+
+
+def _save_weights(backbone, path: Path) -> None:
+    tmp = path.with_name("tmp-" + path.name)
+    backbone.save_weights(str(tmp))
+    os.replace(tmp, path)
+
+
+class _OldCache:
+    """A complete cache of the same fingerprint, whose rows can be reused."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        files = handle["files"]
+        paths = files["path"].asstr()[...].tolist()
+        shas = files["sha256"][...].astype(str).tolist()
+        source, copy = handle["source_index"][...], handle["copy_index"][...]
+        self.index = {(paths[s], shas[s], int(k)): ("old", i) for i, (s, k) in enumerate(zip(source, copy))}
+        self.n_rows = len(source)
+        manifest = json.loads(handle.attrs["manifest"])
+        self.skipped = {(s["path"], s.get("sha256")): s["error"] for s in manifest.get("skipped", []) if s.get("sha256")}
+        self.skipped_paths = {s["path"] for s in manifest.get("skipped", [])}
+
+    @classmethod
+    def open(cls, path: Path, fingerprint: str) -> "_OldCache | None":
+        if not path.exists():
+            return None
+        handle = open_cache(path)
+        if handle.attrs["fingerprint"] != fingerprint:  # cannot happen: the name holds the fingerprint
+            handle.close()
+            raise FeatcacheError(f"{path} has fingerprint {handle.attrs['fingerprint']}, expected {fingerprint}.")
+        return cls(handle)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _plan_batches(missing: list, batch_size: int) -> list[tuple[str, list]]:
+    """Fixed batches in canonical order; the id hashes the rows, so a resumed run finds them again."""
+    batches = []
+    for start in range(0, len(missing), batch_size):
+        rows = missing[start:start + batch_size]
+        key = "\n".join(f"{f.record.path}|{f.sha256}|{k}" for f, k in rows)
+        batches.append((hashlib.sha256(key.encode()).hexdigest()[:20], rows))
+    return batches
+
+
+def _prepare_batch(root: Path, rows: list, config: ExtractConfig, pool: cf.Executor):
+    """Decode and augment the images of one batch; files that fail to decode are dropped and reported."""
+    by_file: dict[str, list] = {}
+    for f, k in rows:
+        by_file.setdefault(f.record.path, []).append((f, k))
+
+    def load(group):
+        f = group[0][0]
+        try:
+            image = load_image(root / f.record.path, config.image_size)
+        except DataError as exc:
+            return f, None, str(exc)
+        return f, [image if k == 0 else augment_image(image, k, config.seed, f.sha256, config.augment)
+                   for _, k in group], None
+
+    images, kept, bad = [], [], []
+    for (f, copies, error), group in zip(pool.map(load, by_file.values()), by_file.values()):
+        if error:
+            bad.append({"path": f.record.path, "sha256": f.sha256, "error": error})
+            continue
+        images.extend(copies)
+        kept.extend(group)
+    return images, kept, bad
+
+
+def _compute_batches(config, root, extractor, missing, store: BatchStore, precision) -> tuple[float, list[dict]]:
+    """Run the backbone over the missing rows; each finished batch goes to ``store``."""
+    if not missing:
+        return 0.0, []
+    forward = _make_forward(extractor, precision)
+    batches = _plan_batches(missing, config.batch_size)
+    prepared: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    bad: list[dict] = []
+
+    def produce():
+        with cf.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+            for batch_id, rows in batches:
+                if stop.is_set():
+                    break
+                prepared.put((batch_id, len(rows), *_prepare_batch(root, rows, config, pool)))
+        prepared.put(None)
+
+    producer = threading.Thread(target=produce, daemon=True, name="featcache-decode")
+    producer.start()
+    started = time.perf_counter()
+    bar = tqdm(total=len(missing), unit="img", desc=extractor.name.replace("_extractor", ""),
+               disable=not config.progress, dynamic_ncols=True)
+    try:
+        with cf.ThreadPoolExecutor(max_workers=1) as writer:
+            pending: list[cf.Future] = []
+            while (item := prepared.get()) is not None:
+                batch_id, planned, images, kept, batch_bad = item
+                bad.extend(batch_bad)
+                if kept:
+                    maps, pooled = forward(_pad(np.stack(images), config.batch_size))
+                    maps, pooled = maps[:len(kept)], pooled[:len(kept)]
+                    pending.append(writer.submit(
+                        store.write, batch_id, maps.astype(config.dtype), pooled,
+                        [f.record.path for f, _ in kept], [f.sha256 for f, _ in kept], np.array([k for _, k in kept]),
+                    ))
+                for done in [p for p in pending if p.done()] + pending[:-2]:
+                    done.result()  # surface write errors; keep at most two writes in flight
+                pending = [p for p in pending if not p.done()]
+                bar.update(planned)
+            for p in pending:
+                p.result()
+    finally:
+        stop.set()
+        bar.close()
+    return time.perf_counter() - started, bad
+
+
+def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Pad a short batch with blank images: one input shape means one trace (and one XLA compile), and
+    a row's features never depend on how full its batch was."""
+    if len(images) == batch_size:
+        return images
+    blank = np.zeros((batch_size - len(images), *images.shape[1:]), images.dtype)
+    return np.concatenate([images, blank])
+
+
+def _make_forward(extractor, precision: str):
+    """A compiled ``images -> (maps, pooled)``; pooled is averaged from float32 maps."""
+    import tensorflow as tf
+
+    use_xla = bool(tf.config.list_physical_devices("GPU"))
+
+    @tf.function(jit_compile=use_xla)
+    def step(images):
+        maps = tf.cast(extractor(images, training=False), tf.float32)
+        return maps, tf.reduce_mean(maps, axis=(1, 2))
+
+    def forward(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, pooled = step(tf.convert_to_tensor(images))
+        return maps.numpy(), pooled.numpy()
+
+    return forward
+
+
+def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision) -> dict:
+    import h5py
+    import keras
+    import tensorflow as tf
+
+    originals = {f.record.path: f.record.split for f, k in rows if k == 0}
+    counts = {split: sum(1 for s in originals.values() if s == split) for split in SPLIT_CODES}
+    counts.update(train_copies=sum(1 for _, k in rows if k > 0), rows=len(rows), skipped=len(skipped))
+    weights = {"source": config.weights if config.weights in ("imagenet", "random") else "file",
+               "sha256": settings["weights_sha256"],
+               "path": None if config.weights in ("imagenet", "random") else str(Path(config.weights).resolve())}
+    return {
+        "featcache_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "backbone": spec.name,
+        "weights": weights,
+        "image_size": config.image_size,
+        "feature_shape": list(spec.feature_shape(config.image_size)),
+        "dtype": config.dtype,
+        "precision": precision,
+        "preprocessing": settings["preprocessing"],
+        "resize": settings["resize"],
+        "augment": {**settings["augment"], "copies": config.augment_copies},
+        "seed": config.seed,
+        "split": settings["split"],
+        "class_names": list(folder.class_names),
+        "counts": counts,
+        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "data_dir": str(Path(folder.root).resolve()),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "h5py": h5py.__version__,
+                     "numpy": np.__version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _assemble(paths: CachePaths, rows: list, old: "_OldCache | None", store: BatchStore, manifest: dict,
+              config: ExtractConfig) -> None:
+    """Write the complete cache from reusable old rows and finished batches, then rename it into place."""
+    files: list[SourceFile] = list({f.record.path: f for f, _ in rows}.values())
+    position = {f.record.path: i for i, f in enumerate(files)}
+    table = FileTable(
+        path=[f.record.path for f in files], sha256=[f.sha256 for f in files],
+        label=np.array([f.record.label for f in files]), split=np.array([SPLIT_CODES[f.record.split] for f in files]),
+        patient=[f.record.patient for f in files],
+    )
+    available = {**(old.index if old else {}), **store.index()}
+    writer = CacheWriter(paths.final, table, len(rows), tuple(manifest["feature_shape"]), config.dtype,
+                         config.compression)
+    loaded: dict[Path, dict] = {}
+    try:
+        for start in range(0, len(rows), ASSEMBLE_ROWS):
+            chunk = rows[start:start + ASSEMBLE_ROWS]
+            sources = [available[(f.record.path, f.sha256, k)] for f, k in chunk]
+            features, pooled = _gather(sources, old, loaded)
+            writer.write_rows(
+                start, features, pooled,
+                labels=np.array([f.record.label for f, _ in chunk]),
+                split=np.array([SPLIT_CODES[f.record.split] for f, _ in chunk]),
+                source_index=np.array([position[f.record.path] for f, _ in chunk]),
+                copy_index=np.array([k for _, k in chunk]),
+            )
+        saved_weights = store.folder / "backbone.weights.h5"
+        if saved_weights.exists():
+            os.replace(saved_weights, paths.weights)  # before the cache: a whole cache always has its weights
+        writer.commit(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _gather(sources: list, old: "_OldCache | None", loaded: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Features and pooled rows from ("old", row) or (batch file, offset) sources, in order."""
+    features, pooled = [], []
+    old_rows = [row for kind, row in sources if kind == "old"]
+    if old_rows:
+        old_features = read_rows(old.handle["features"], np.array(old_rows))
+        old_pooled = read_rows(old.handle["pooled"], np.array(old_rows))
+    taken = 0
+    for kind, row in sources:
+        if kind == "old":
+            features.append(old_features[taken])
+            pooled.append(old_pooled[taken])
+            taken += 1
+            continue
+        if kind not in loaded:
+            if len(loaded) >= 4:
+                loaded.pop(next(iter(loaded)))
+            with np.load(kind) as data:
+                loaded[kind] = {"features": data["features"], "pooled": data["pooled"]}
+        features.append(loaded[kind]["features"][row])
+        pooled.append(loaded[kind]["pooled"][row])
+    return np.stack(features), np.stack(pooled)
+
+
+def format_summary(summary: ExtractSummary) -> str:
+    c = summary.counts
+    lines = [
+        f"{summary.backbone}: {summary.cache_path} ({summary.size_bytes / 2**20:.1f} MiB, {summary.seconds:.1f} s)",
+        f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; augmented copies {c['train_copies']}; "
+        f"rows {c['rows']}",
+        f"  computed {summary.computed_rows} rows"
+        + (f" at {summary.images_per_second:.1f} img/s" if summary.computed_rows else "")
+        + f", reused {summary.reused_rows}",
+    ]
+    if summary.skipped:
+        lines.append(f"  skipped {len(summary.skipped)} unreadable files:")
+        lines += [f"    {s['path']}: {s['error']}" for s in summary.skipped]
+    return "\n".join(lines)
+
+
+def describe_cache(path: str | Path) -> str:
+    """A readable account of one cache file, or of every cache in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        caches = list_caches(path)
+        partial = sorted(p.name for p in path.glob("*.partial"))
+        if not caches and not partial:
+            raise FeatcacheError(f"No caches in {path}; run 'featcache extract' first.")
+        parts = [describe_cache(p) for p in caches]
+        parts += [f"{name}: incomplete (an extract is running or was killed)" for name in partial]
+        return "\n\n".join(parts)
+    with open_cache(path) as handle:
+        manifest = json.loads(handle.attrs["manifest"])
+        shape, dtype = handle["features"].shape, handle["features"].dtype
+    c = manifest["counts"]
+    return "\n".join([
+        f"{path} ({path.stat().st_size / 2**20:.1f} MiB)",
+        f"  backbone {manifest['backbone']}, weights {manifest['weights']['source']} "
+        f"(sha256 {manifest['weights']['sha256'][:12]}), image size {manifest['image_size']}",
+        f"  features {tuple(shape)} {dtype}, fingerprint {manifest['fingerprint'][:12]}",
+        f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; copies {c['train_copies']}; "
+        f"skipped {c['skipped']}",
+        f"  classes {manifest['class_names']}, seed {manifest['seed']}, created {manifest['created']}",
+        "  manifest: " + json.dumps(manifest, sort_keys=True),
+    ])

@@ -1,0 +1,143 @@
+"""Shared fixtures: the real dev X-rays, small copies of them, synthetic image folders, extraction configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the default suite is CPU-only, even where a GPU exists
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FEATCACHE_SHARED_DATA", REPO.parent / "shared" / "data"))
+DEV_DATA = SHARED_DATA / "chest_xray_dev"
+BAD_INPUTS = SHARED_DATA / "bad_inputs"
+
+
+@pytest.fixture(scope="session")
+def dev_data() -> Path:
+    """The real development X-rays (read-only)."""
+    assert DEV_DATA.is_dir(), f"expected the dev data at {DEV_DATA} (set FEATCACHE_SHARED_DATA)"
+    return DEV_DATA
+
+
+@pytest.fixture(scope="session")
+def bad_inputs() -> Path:
+    assert BAD_INPUTS.is_dir(), f"expected the broken files at {BAD_INPUTS}"
+    return BAD_INPUTS
+
+
+def copy_subset(source: Path, target: Path, per_class: dict[str, int]) -> Path:
+    """Copy the first N images of each ``split/class`` folder (sorted by name) into ``target``."""
+    for key, count in per_class.items():
+        folder = source / key
+        (target / key).mkdir(parents=True, exist_ok=True)
+        for file in sorted(folder.iterdir())[:count]:
+            shutil.copyfile(file, target / key / file.name)
+    return target
+
+
+@pytest.fixture
+def small_xrays(tmp_path, dev_data) -> Path:
+    """A writable Kermany-layout folder of 24 train and 8 test real X-rays."""
+    return copy_subset(dev_data, tmp_path / "xrays", {
+        "train/NORMAL": 8, "train/PNEUMONIA": 16, "test/NORMAL": 4, "test/PNEUMONIA": 4,
+    })
+
+
+@pytest.fixture
+def extract_config(tmp_path):
+    """Factory of fast ExtractConfigs: the tiny backbone, 64 px, random weights, caches under tmp_path."""
+    from featcache.config import ExtractConfig
+
+    def make(data_dir: Path, **overrides) -> ExtractConfig:
+        settings = dict(data_dir=data_dir, backbones=("tiny",), weights="random", augment_copies=2, image_size=64,
+                        batch_size=8, seed=0, cache_dir=tmp_path / "cache", progress=False)
+        settings.update(overrides)
+        return ExtractConfig(**settings)
+
+    return make
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    """Encode an (h, w, c) uint8/uint16 array as PNG with TensorFlow (no Pillow needed)."""
+    import tensorflow as tf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tf.io.encode_png(array).numpy())
+    return path
+
+
+def read_datasets(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset of an HDF5 file, by name, for whole-file comparisons."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as handle:
+        handle.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+# --- synthetic caches (train-head tests) -------------------------------------------------------
+
+
+def write_synthetic_cache(cache_dir: Path, backbone: str = "tiny", *, n_train: int = 80, n_val: int = 40,
+                          n_test: int = 20, copies: int = 2, feature_shape: tuple[int, int, int] = (2, 2, 16),
+                          separation: float = 2.0, seed: int = 0, dtype: str = "float16") -> Path:
+    """A complete cache written through CacheWriter, with maps whose spatial mean is a class signal.
+
+    Each image's pooled vector is ``relu(separation * direction * (label - 0.5) + noise)``; augmented
+    copies add a little noise to it. The maps are that vector plus a fixed zero-mean spatial pattern, so
+    their spatial average is the pooled vector, and /pooled is taken from the float32 maps as extraction does.
+    About 30 % of images are NORMAL (label 0), as in the Kermany data.
+    """
+    from featcache.cache import FORMAT_VERSION, CachePaths, CacheWriter, FileTable, compute_fingerprint
+
+    rng = np.random.default_rng(seed)
+    h, w, c = feature_shape
+    splits = np.repeat([0, 1, 2], [n_train, n_val, n_test]).astype(np.uint8)
+    labels = (rng.random(len(splits)) >= 0.3).astype(np.int16)
+    labels[[0, n_train, n_train + n_val]] = 0  # every split holds both classes
+    labels[[1, n_train + 1, n_train + n_val + 1]] = 1
+    folder = {0: "train", 1: "train", 2: "test"}
+    names = ("NORMAL", "PNEUMONIA")
+    paths = [f"{folder[s]}/{names[y]}/img{i:05d}.jpeg" for i, (s, y) in enumerate(zip(splits, labels))]
+    order = np.argsort(paths, kind="stable")  # rows are ordered by file path, as extraction writes them
+    table = FileTable(path=[paths[i] for i in order], sha256=[f"{i:064x}" for i in order], label=labels[order],
+                      split=splits[order], patient=[f"p{i}" for i in order])
+    direction = rng.normal(size=c).astype(np.float32)
+    base = separation * np.outer(table.label - 0.5, direction) + rng.normal(size=(len(table), c))
+    pattern = rng.normal(size=(h, w, c)).astype(np.float32)
+    pattern -= pattern.mean(axis=(0, 1))
+    rows = [(f, k) for f in range(len(table)) for k in range(copies + 1 if table.split[f] == 0 else 1)]
+    pooled_in = np.stack([base[f] + (0.3 * rng.normal(size=c) if k else 0) for f, k in rows]).astype(np.float32)
+    maps = np.maximum(pooled_in, 0)[:, None, None, :] + 0.1 * pattern
+    settings = {"synthetic": True, "seed": seed, "separation": separation, "shape": feature_shape, "rows": len(rows),
+                "copies": copies, "backbone": backbone, "dtype": dtype}
+    fingerprint = compute_fingerprint(settings)
+    writer = CacheWriter(CachePaths.for_fingerprint(cache_dir, backbone, fingerprint).final, table, len(rows),
+                         feature_shape, dtype)
+    index = np.array([f for f, _ in rows])
+    writer.write_rows(0, maps.astype(dtype), maps.mean(axis=(1, 2)), labels=table.label[index],
+                      split=table.split[index], source_index=index.astype(np.int32),
+                      copy_index=np.array([k for _, k in rows], np.int16))
+    counts = {"train": n_train, "val": n_val, "test": n_test, "train_copies": n_train * copies, "rows": len(rows)}
+    return writer.commit({
+        "fingerprint": fingerprint, "backbone": backbone, "class_names": list(names), "image_size": 32 * h,
+        "feature_shape": list(feature_shape), "dtype": dtype, "format_version": FORMAT_VERSION, "counts": counts,
+        "weights": {"source": "random", "sha256": "0" * 64}, "seed": seed,
+    })
+
+
+@pytest.fixture
+def synthetic_cache(tmp_path):
+    """Factory: ``synthetic_cache(**overrides) -> Path`` of a complete synthetic cache in tmp_path/cache."""
+
+    def make(**overrides) -> Path:
+        return write_synthetic_cache(overrides.pop("cache_dir", tmp_path / "cache"), **overrides)
+
+    return make
