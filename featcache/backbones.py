@@ -213,3 +213,31 @@ def check_image_size(spec: BackboneSpec, image_size: int) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else ""
+
+
+def load_cached_backbone(cache_path: str | Path, manifest: dict):
+    """Rebuild the frozen backbone exactly as a cache was extracted with it.
+
+    Random weights come from ``<cache stem>.weights.h5`` beside the cache, a weights file from the
+    path in the manifest, ImageNet weights from Keras's download cache.
+
+    Raises:
+        WeightsError: the weights are gone or no longer hash to the manifest's ``weights.sha256``.
+    """
+    spec = get_backbone_spec(manifest["backbone"])
+    source = manifest["weights"]["source"]
+    cache_path = Path(cache_path)
+    if source == "random":
+        weights = str(cache_path.with_name(f"{cache_path.stem}.weights.h5"))
+    elif source == "file":
+        weights = manifest["weights"]["path"]
+    else:
+        weights = "imagenet"
+    model = load_backbone(spec, manifest["image_size"], weights, seed=manifest["seed"])
+    found = hash_weights(model)
+    if found != manifest["weights"]["sha256"]:
+        raise WeightsError(
+            f"The {spec.name} weights ({weights}) hash to {found[:12]}, but {cache_path.name} was built with "
+            f"{manifest['weights']['sha256'][:12]}; restore the original weights or re-run 'featcache extract'."
+        )
+    return model

@@ -81,3 +81,17 @@ def test_unknown_backbone_and_bad_image_size():
         get_backbone_spec("vgg19")
     with pytest.raises(FeatcacheError, match="multiple of 32"):
         check_image_size(get_backbone_spec("vgg16"), 100)
+
+
+def test_cached_backbone_is_rebuilt_and_checked(small_xrays, extract_config):
+    from featcache.cache import read_manifest
+    from featcache.backbones import load_cached_backbone
+    from featcache.extract import extract_features
+
+    (summary,) = extract_features(extract_config(small_xrays, augment_copies=0))
+    manifest = read_manifest(summary.cache_path)
+    model = load_cached_backbone(summary.cache_path, manifest)
+    assert hash_weights(model) == manifest["weights"]["sha256"]
+    tampered = {**manifest, "weights": {**manifest["weights"], "sha256": "0" * 64}}
+    with pytest.raises(WeightsError, match="re-run 'featcache extract'"):
+        load_cached_backbone(summary.cache_path, tampered)
