@@ -2,8 +2,7 @@
 
 A finished cache is ``<cache-dir>/<backbone>-<fingerprint[:12]>.h5``. It is written under a
 ``.incomplete`` name and renamed when complete, so a file with the final name is always whole.
-Work in progress lives in ``<name>.partial/``: one ``.npz`` per finished batch, each written under
-a temporary name and renamed, so a killed run loses at most the batches in flight.
+Work in progress lives in ``<name>.partial/`` (see ``featcache.partial``).
 
 Layout (n rows, m files; rows ordered by file path, then copy index)::
 
@@ -27,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,64 +180,6 @@ class CacheWriter:
         self.tmp_path.unlink(missing_ok=True)
 
 
-class BatchStore:
-    """Finished extraction batches of one cache, one ``.npz`` each, in ``<name>.partial/``."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def write(self, batch_id: str, features: np.ndarray, pooled: np.ndarray, paths: list[str],
-              sha256: list[str], copy_index: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{batch_id}.tmp.npz"
-        with open(tmp, "wb") as handle:
-            np.savez(handle, features=features, pooled=pooled, path=np.array(paths),
-                     sha256=np.array(sha256, dtype="S64"), copy_index=np.asarray(copy_index, np.int16))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.folder / f"{batch_id}.npz")
-
-    def index(self) -> dict[tuple[str, str, int], tuple[Path, int]]:
-        """(path, sha256, copy_index) -> (batch file, row in it), for every finished batch."""
-        found: dict[tuple[str, str, int], tuple[Path, int]] = {}
-        if not self.folder.is_dir():
-            return found
-        for batch in sorted(self.folder.glob("[!.]*.npz")):
-            try:
-                with np.load(batch) as data:
-                    keys = zip(data["path"].tolist(), data["sha256"].astype(str).tolist(), data["copy_index"].tolist())
-                    for offset, key in enumerate(keys):
-                        found[key] = (batch, offset)
-            except (OSError, ValueError, KeyError) as exc:  # cannot happen after an atomic rename; be safe
-                log.warning("Ignoring unreadable batch %s (%s)", batch.name, exc)
-        return found
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def split_registry_path(cache_dir: str | Path, seed: int) -> Path:
-    return Path(cache_dir) / f"split-seed{seed}.json"
-
-
-def read_split_registry(cache_dir: str | Path, seed: int) -> dict[str, str]:
-    """Patient -> 'train'|'val' assignments made by earlier runs in this cache folder (shared by backbones)."""
-    path = split_registry_path(cache_dir, seed)
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())["patients"]
-    except (ValueError, KeyError) as exc:
-        raise CacheMismatchError(f"{path} is not a featcache split file ({exc}); move it away and re-run.") from None
-
-
-def write_split_registry(cache_dir: str | Path, seed: int, patients: dict[str, str]) -> None:
-    path = split_registry_path(cache_dir, seed)
-    tmp = path.with_name(path.name + INCOMPLETE_SUFFIX)
-    tmp.write_text(json.dumps({"seed": seed, "patients": dict(sorted(patients.items()))}, indent=0))
-    os.replace(tmp, path)
-
-
 def read_manifest(path: str | Path) -> dict:
     """The manifest of a complete cache file.
 
@@ -343,3 +283,30 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def describe_cache(path: str | Path) -> str:
+    """A readable account of one cache file, or of every cache in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        caches = list_caches(path)
+        partial = sorted(p.name for p in path.glob("*.partial"))
+        if not caches and not partial:
+            raise FeatcacheError(f"No caches in {path}; run 'featcache extract' first.")
+        parts = [describe_cache(p) for p in caches]
+        parts += [f"{name}: incomplete (an extract is running or was killed)" for name in partial]
+        return "\n\n".join(parts)
+    with open_cache(path) as handle:
+        manifest = json.loads(handle.attrs["manifest"])
+        shape, dtype = handle["features"].shape, handle["features"].dtype
+    c = manifest["counts"]
+    return "\n".join([
+        f"{path} ({path.stat().st_size / 2**20:.1f} MiB)",
+        f"  backbone {manifest['backbone']}, weights {manifest['weights']['source']} "
+        f"(sha256 {manifest['weights']['sha256'][:12]}), image size {manifest['image_size']}",
+        f"  features {tuple(shape)} {dtype}, fingerprint {manifest['fingerprint'][:12]}",
+        f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; copies {c['train_copies']}; "
+        f"skipped {c['skipped']}",
+        f"  classes {manifest['class_names']}, seed {manifest['seed']}, created {manifest['created']}",
+        "  manifest: " + json.dumps(manifest, sort_keys=True),
+    ])

@@ -69,12 +69,37 @@ def info(
     cache: Annotated[Optional[Path], typer.Argument(help="A cache file, or a folder of caches (default: cache).")] = None,
 ) -> None:
     """Print a cache's manifest and counts."""
-    from featcache.extract import describe_cache
+    from featcache.cache import describe_cache
 
     try:
         typer.echo(describe_cache(cache or Path("cache")))
     except FeatcacheError as error:
         _fail(error)
+
+
+@app.command("train-head")
+def train_head(
+    cache_dir: CacheDir = Path("cache"),
+    backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="vgg16, resnet152 or tiny (repeatable; default: every backbone with a complete cache).")] = None,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="One cache FILE to train on (when a folder holds several).")] = None,
+    trials: Annotated[int, typer.Option("--trials", help="Finished trials the study should hold; a rerun with more continues it.")] = 20,
+    seed: Seed = 0,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL of a shared study (default: a journal file in the run folder).")] = None,
+    min_sensitivity: Annotated[Optional[float], typer.Option("--min-sensitivity", help="Use the highest threshold with this validation sensitivity (default: Youden's J).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Search the GAP -> Dense -> Dropout -> Dense head on cached pooled features; save the best head and its threshold."""
+    from featcache.config import TrainHeadConfig
+    from featcache.tune import format_summary, train_heads
+
+    try:
+        config = TrainHeadConfig(cache_dir=cache_dir, backbones=tuple(backbone or ()), cache=cache, trials=trials,
+                                 seed=seed, storage=storage, min_sensitivity=min_sensitivity, progress=progress)
+        summaries = train_heads(config)
+    except FeatcacheError as error:
+        _fail(error)
+    for summary in summaries:
+        typer.echo(format_summary(summary))
 
 
 def main() -> None:

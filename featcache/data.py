@@ -7,7 +7,9 @@ exported serving signature run the very same definition.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +163,28 @@ def _check_patients_disjoint(records: list[ImageRecord]) -> None:
     shared = sorted({r.patient for r in records if r.split != "test"} & test)
     if shared:
         log.warning("%d patient ids appear in both test/ and train/val/ (e.g. %s)", len(shared), shared[0])
+
+
+def split_registry_path(cache_dir: str | Path, seed: int) -> Path:
+    return Path(cache_dir) / f"split-seed{seed}.json"
+
+
+def read_split_registry(cache_dir: str | Path, seed: int) -> dict[str, str]:
+    """Patient -> 'train'|'val' assignments made by earlier runs in this cache folder (shared by backbones)."""
+    path = split_registry_path(cache_dir, seed)
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())["patients"]
+    except (ValueError, KeyError) as exc:
+        raise DataError(f"{path} is not a featcache split file ({exc}); move it away and re-run.") from None
+
+
+def write_split_registry(cache_dir: str | Path, seed: int, patients: dict[str, str]) -> None:
+    path = split_registry_path(cache_dir, seed)
+    tmp = path.with_name(path.name + ".incomplete")
+    tmp.write_text(json.dumps({"seed": seed, "patients": dict(sorted(patients.items()))}, indent=0))
+    os.replace(tmp, path)
 
 
 def hash_file(path: Path) -> str:

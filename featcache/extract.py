@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import datetime
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -26,18 +25,16 @@ from featcache.augment import augment_image
 from featcache.backbones import (
     CAFFE_MEAN_BGR, build_extractor, check_image_size, get_backbone_spec, hash_weights, load_backbone,
 )
-from featcache.cache import (
-    FORMAT_VERSION, BatchStore, CacheLock, CachePaths, CacheWriter, FileTable, compute_fingerprint,
-    list_caches, open_cache, read_rows, read_split_registry, write_split_registry,
-)
+from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, compute_fingerprint
+from featcache.partial import BatchStore, ReusableCache, assemble_cache
 from featcache.config import ExtractConfig
-from featcache.data import PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image
-from featcache.errors import DataError, FeatcacheError
+from featcache.data import (
+    PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image,
+    read_split_registry, write_split_registry,
+)
+from featcache.errors import DataError
 
 log = logging.getLogger(__name__)
-
-ASSEMBLE_ROWS = 256  # rows copied per step when the cache file is assembled
-
 
 @dataclass(frozen=True)
 class SourceFile:
@@ -98,7 +95,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
     fingerprint = compute_fingerprint(settings)
     paths = CachePaths.for_fingerprint(config.cache_dir, name, fingerprint)
     with CacheLock(Path(config.cache_dir) / f".{name}.lock"):
-        old = _OldCache.open(paths.final, fingerprint)
+        old = ReusableCache.open(paths.final, fingerprint)
         store = BatchStore(paths.partial)
         if config.weights == "random" and not paths.weights.exists():
             store.folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +115,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         rows = [(f, k) for f, k in wanted if f.record.path not in bad_paths]
         manifest = _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision)
         if old is None or missing or len(rows) != old.n_rows or old.skipped_paths != {s["path"] for s in skipped}:
-            _assemble(paths, rows, old, store, manifest, config)
+            assemble_cache(paths, rows, old, store, manifest, config)
         if old is not None:
             old.close()
         store.remove()
@@ -161,35 +158,6 @@ def _save_weights(backbone, path: Path) -> None:
     tmp = path.with_name("tmp-" + path.name)
     backbone.save_weights(str(tmp))
     os.replace(tmp, path)
-
-
-class _OldCache:
-    """A complete cache of the same fingerprint, whose rows can be reused."""
-
-    def __init__(self, handle):
-        self.handle = handle
-        files = handle["files"]
-        paths = files["path"].asstr()[...].tolist()
-        shas = files["sha256"][...].astype(str).tolist()
-        source, copy = handle["source_index"][...], handle["copy_index"][...]
-        self.index = {(paths[s], shas[s], int(k)): ("old", i) for i, (s, k) in enumerate(zip(source, copy))}
-        self.n_rows = len(source)
-        manifest = json.loads(handle.attrs["manifest"])
-        self.skipped = {(s["path"], s.get("sha256")): s["error"] for s in manifest.get("skipped", []) if s.get("sha256")}
-        self.skipped_paths = {s["path"] for s in manifest.get("skipped", [])}
-
-    @classmethod
-    def open(cls, path: Path, fingerprint: str) -> "_OldCache | None":
-        if not path.exists():
-            return None
-        handle = open_cache(path)
-        if handle.attrs["fingerprint"] != fingerprint:  # cannot happen: the name holds the fingerprint
-            handle.close()
-            raise FeatcacheError(f"{path} has fingerprint {handle.attrs['fingerprint']}, expected {fingerprint}.")
-        return cls(handle)
-
-    def close(self) -> None:
-        self.handle.close()
 
 
 def _plan_batches(missing: list, batch_size: int) -> list[tuple[str, list]]:
@@ -338,65 +306,6 @@ def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precis
     }
 
 
-def _assemble(paths: CachePaths, rows: list, old: "_OldCache | None", store: BatchStore, manifest: dict,
-              config: ExtractConfig) -> None:
-    """Write the complete cache from reusable old rows and finished batches, then rename it into place."""
-    files: list[SourceFile] = list({f.record.path: f for f, _ in rows}.values())
-    position = {f.record.path: i for i, f in enumerate(files)}
-    table = FileTable(
-        path=[f.record.path for f in files], sha256=[f.sha256 for f in files],
-        label=np.array([f.record.label for f in files]), split=np.array([SPLIT_CODES[f.record.split] for f in files]),
-        patient=[f.record.patient for f in files],
-    )
-    available = {**(old.index if old else {}), **store.index()}
-    writer = CacheWriter(paths.final, table, len(rows), tuple(manifest["feature_shape"]), config.dtype,
-                         config.compression)
-    loaded: dict[Path, dict] = {}
-    try:
-        for start in range(0, len(rows), ASSEMBLE_ROWS):
-            chunk = rows[start:start + ASSEMBLE_ROWS]
-            sources = [available[(f.record.path, f.sha256, k)] for f, k in chunk]
-            features, pooled = _gather(sources, old, loaded)
-            writer.write_rows(
-                start, features, pooled,
-                labels=np.array([f.record.label for f, _ in chunk]),
-                split=np.array([SPLIT_CODES[f.record.split] for f, _ in chunk]),
-                source_index=np.array([position[f.record.path] for f, _ in chunk]),
-                copy_index=np.array([k for _, k in chunk]),
-            )
-        saved_weights = store.folder / "backbone.weights.h5"
-        if saved_weights.exists():
-            os.replace(saved_weights, paths.weights)  # before the cache: a whole cache always has its weights
-        writer.commit(manifest)
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def _gather(sources: list, old: "_OldCache | None", loaded: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Features and pooled rows from ("old", row) or (batch file, offset) sources, in order."""
-    features, pooled = [], []
-    old_rows = [row for kind, row in sources if kind == "old"]
-    if old_rows:
-        old_features = read_rows(old.handle["features"], np.array(old_rows))
-        old_pooled = read_rows(old.handle["pooled"], np.array(old_rows))
-    taken = 0
-    for kind, row in sources:
-        if kind == "old":
-            features.append(old_features[taken])
-            pooled.append(old_pooled[taken])
-            taken += 1
-            continue
-        if kind not in loaded:
-            if len(loaded) >= 4:
-                loaded.pop(next(iter(loaded)))
-            with np.load(kind) as data:
-                loaded[kind] = {"features": data["features"], "pooled": data["pooled"]}
-        features.append(loaded[kind]["features"][row])
-        pooled.append(loaded[kind]["pooled"][row])
-    return np.stack(features), np.stack(pooled)
-
-
 def format_summary(summary: ExtractSummary) -> str:
     c = summary.counts
     lines = [
@@ -411,30 +320,3 @@ def format_summary(summary: ExtractSummary) -> str:
         lines.append(f"  skipped {len(summary.skipped)} unreadable files:")
         lines += [f"    {s['path']}: {s['error']}" for s in summary.skipped]
     return "\n".join(lines)
-
-
-def describe_cache(path: str | Path) -> str:
-    """A readable account of one cache file, or of every cache in a folder."""
-    path = Path(path)
-    if path.is_dir():
-        caches = list_caches(path)
-        partial = sorted(p.name for p in path.glob("*.partial"))
-        if not caches and not partial:
-            raise FeatcacheError(f"No caches in {path}; run 'featcache extract' first.")
-        parts = [describe_cache(p) for p in caches]
-        parts += [f"{name}: incomplete (an extract is running or was killed)" for name in partial]
-        return "\n\n".join(parts)
-    with open_cache(path) as handle:
-        manifest = json.loads(handle.attrs["manifest"])
-        shape, dtype = handle["features"].shape, handle["features"].dtype
-    c = manifest["counts"]
-    return "\n".join([
-        f"{path} ({path.stat().st_size / 2**20:.1f} MiB)",
-        f"  backbone {manifest['backbone']}, weights {manifest['weights']['source']} "
-        f"(sha256 {manifest['weights']['sha256'][:12]}), image size {manifest['image_size']}",
-        f"  features {tuple(shape)} {dtype}, fingerprint {manifest['fingerprint'][:12]}",
-        f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; copies {c['train_copies']}; "
-        f"skipped {c['skipped']}",
-        f"  classes {manifest['class_names']}, seed {manifest['seed']}, created {manifest['created']}",
-        "  manifest: " + json.dumps(manifest, sort_keys=True),
-    ])

@@ -1,14 +1,25 @@
-import json
 
 import h5py
 import numpy as np
 import pytest
 
 from featcache.cache import (
-    FORMAT_VERSION, BatchStore, CacheLock, CachePaths, CacheWriter, FileTable, chunk_rows, compute_fingerprint,
-    find_cache, list_caches, load_pooled, open_cache, read_manifest, read_rows,
+    FORMAT_VERSION,
+    CacheLock,
+    CachePaths,
+    CacheWriter,
+    FileTable,
+    chunk_rows,
+    compute_fingerprint,
+    find_cache,
+    list_caches,
+    load_pooled,
+    open_cache,
+    read_manifest,
+    read_rows,
 )
 from featcache.errors import CacheLockedError, CacheMismatchError, FeatcacheError, IncompleteCacheError
+from featcache.partial import BatchStore
 
 
 def _table(n):

@@ -2,9 +2,17 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import write_png
-from featcache.data import decode_bytes, find_images, load_image, patient_id, split_patients
+
+from featcache.data import (
+    decode_bytes,
+    find_images,
+    load_image,
+    patient_id,
+    read_split_registry,
+    split_patients,
+    write_split_registry,
+)
 from featcache.errors import DataError
 
 
@@ -117,3 +125,13 @@ def test_broken_files_raise_data_error(bad_inputs):
             load_image(file, 32)
     with pytest.raises(DataError, match="empty"):
         decode_bytes(b"", 32)
+
+
+def test_split_registry_round_trip_and_corruption(tmp_path):
+    assert read_split_registry(tmp_path, seed=3) == {}
+    write_split_registry(tmp_path, 3, {"p2": "val", "p1": "train"})
+    assert read_split_registry(tmp_path, seed=3) == {"p1": "train", "p2": "val"}
+    assert read_split_registry(tmp_path, seed=4) == {}
+    (tmp_path / "split-seed3.json").write_text("{broken")
+    with pytest.raises(DataError, match="not a featcache split file"):
+        read_split_registry(tmp_path, seed=3)

@@ -1,4 +1,3 @@
-import json
 import os
 import shutil
 import signal
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import copy_subset, read_datasets
-from featcache.cache import CacheLock, list_caches, load_pooled, open_cache, read_manifest
+from featcache.cache import CacheLock, list_caches, open_cache, read_manifest
 from featcache.errors import CacheLockedError
 from featcache.extract import extract_features
 
