@@ -95,6 +95,8 @@ class TrainHeadConfig:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise FeatcacheError(f"--trials must be >= 1. Received: trials={self.trials}")
+        if self.seed < 0:
+            raise FeatcacheError(f"--seed must be >= 0. Received: seed={self.seed}")
         if len(set(self.backbones)) != len(self.backbones):
             raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(self.backbones)}")
         if self.min_sensitivity is not None and not 0 < self.min_sensitivity <= 1:

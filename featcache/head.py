@@ -1,0 +1,282 @@
+"""The reference head (GAP -> Dense -> Dropout -> Dense sigmoid), its training on cached pooled
+vectors, and the validation scores that drive early stopping, pruning and the decision threshold.
+
+Global average pooling has no parameters, so ``dense(mean(maps))`` trained on the cached pooled
+vectors is the very function ``head(maps)``: the two models here share their Dense layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+
+log = logging.getLogger(__name__)
+
+EPSILON = 1e-7  # probability clip of the validation loss, as keras.losses.BinaryCrossentropy
+ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # keras.optimizers.Adam defaults
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """Hyperparameters of one head. The defaults are the reference head (128 units)."""
+
+    units: int = 128
+    dropout: float = 0.5
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+    l2: float = 0.0
+    class_weight: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class HeadModels:
+    """Two views of one head, sharing every weight.
+
+    Attributes:
+        maps: (n, h, w, c) feature maps -> (n, 1) probability; what is saved and exported.
+        pooled: (n, c) pooled vectors -> (n, 1) probability; what is trained.
+    """
+
+    maps: "keras.Model"  # noqa: F821
+    pooled: "keras.Model"  # noqa: F821
+
+
+@dataclass(frozen=True)
+class TrainViews:
+    """Training rows: several views (original + augmented copies) of each training image.
+
+    Attributes:
+        pooled: (n, c) float32 pooled vectors.
+        labels: (n,) 0/1.
+        source_index: (n,) the image each row is a view of.
+    """
+
+    pooled: np.ndarray
+    labels: np.ndarray
+    source_index: np.ndarray
+
+
+@dataclass
+class FitResult:
+    """Outcome of ``fit_head``; ``scores`` and ``probs`` are at the restored (best) weights."""
+
+    scores: dict
+    probs: np.ndarray
+    best_epoch: int
+    epochs: int
+    stopped: bool  # the ``on_epoch`` callback asked to stop (pruning)
+    history: list[dict] = field(default_factory=list)
+
+
+def build_head(feature_shape: tuple[int, int, int], params: HeadParams) -> HeadModels:
+    """The reference head on (h, w, c) maps and its pooled twin; seed with keras.utils.set_random_seed first.
+
+    With ``units=128`` it has 65,793 trainable parameters on VGG16 maps (c=512) and 262,401 on
+    ResNet152 maps (c=2048). L2 (``params.l2`` > 0) applies to both Dense kernels.
+
+    Args:
+        feature_shape: (h, w, c) of the backbone's maps.
+        params: units, dropout rate and L2 of the layers.
+
+    Returns:
+        HeadModels whose ``maps`` and ``pooled`` models share the same Dense and Dropout layers.
+    """
+    import keras
+
+    regularizer = keras.regularizers.L2(params.l2) if params.l2 > 0 else None
+    dense = keras.layers.Dense(params.units, activation="relu", kernel_regularizer=regularizer, name="head_dense")
+    dropout = keras.layers.Dropout(params.dropout, name="head_dropout")
+    output = keras.layers.Dense(1, activation="sigmoid", kernel_regularizer=regularizer, name="head_output")
+    maps_in = keras.Input(tuple(feature_shape), name="features")
+    pooled = keras.layers.GlobalAveragePooling2D(name="head_pool")(maps_in)
+    maps = keras.Model(maps_in, output(dropout(dense(pooled))), name="head")
+    pooled_in = keras.Input((feature_shape[-1],), name="pooled")
+    twin = keras.Model(pooled_in, output(dropout(dense(pooled_in))), name="head_pooled")
+    return HeadModels(maps=maps, pooled=twin)
+
+
+def sample_views(source_index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One row per image, drawn uniformly among its views, in shuffled order: one epoch.
+
+    Args:
+        source_index: (n,) image of each row.
+        rng: numpy generator, advanced in place.
+
+    Returns:
+        (m,) int32 row indices, m = number of distinct images.
+    """
+    order = np.argsort(source_index, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(source_index[order]) != 0])
+    counts = np.diff(np.r_[starts, len(order)])
+    picks = order[starts + (rng.random(len(starts)) * counts).astype(np.int64)]
+    return rng.permutation(picks).astype(np.int32)
+
+
+def class_weights(labels: np.ndarray) -> np.ndarray:
+    """Balanced weights ``n / (2 n_class)`` for classes 0 and 1, as sklearn's ``class_weight='balanced'``."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2)[:2]
+    return (len(labels) / (2.0 * np.maximum(counts, 1))).astype(np.float32)
+
+
+def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_labels: np.ndarray,
+             params: HeadParams, *, seed: int, max_epochs: int = 30, patience: int = 5,
+             on_epoch: Callable[[int, dict], bool] | None = None) -> FitResult:
+    """Train the head on pooled vectors: BCE, Adam, early stopping on validation loss, best weights restored.
+
+    Each epoch draws one view of every training image (``sample_views``), so an epoch sees each image
+    once, as the reference ImageDataGenerator loop did, and each view is one of the cached augmentations.
+    The arithmetic is Keras's (Dense, Dropout, L2, BinaryCrossentropy, Adam; ``test_head`` checks it step
+    by step) written once as graphs that take the weights as arguments, so they are traced once per
+    process rather than once per trial; the result is assigned to ``models``.
+
+    Args:
+        models: from ``build_head``, holding the seeded initial weights; trained in place.
+        train: training views; ``train.pooled`` may already be a tf.Tensor (converted once by the caller).
+        val_pooled: (m, c) validation pooled vectors (originals only).
+        val_labels: (m,) 0/1.
+        params: hyperparameters (the layer sizes must match ``models``).
+        seed: seeds the per-epoch view draws, the shuffling and dropout.
+        max_epochs: epoch limit.
+        patience: epochs without a lower validation loss before stopping.
+        on_epoch: ``on_epoch(epoch, scores) -> stop``, called after each epoch (1-based) with that
+            epoch's validation scores; returning True stops training (used for pruning).
+
+    Returns:
+        FitResult with validation scores of the restored weights.
+    """
+    import tensorflow as tf
+
+    train_epoch, predict = _graphs()
+    weights = tuple(tf.convert_to_tensor(v.numpy()) for v in models.pooled.trainable_variables)
+    state = (weights, tuple(tf.zeros_like(w) for w in weights), tuple(tf.zeros_like(w) for w in weights),
+             tf.constant(0, tf.int64))
+    class_weight = class_weights(train.labels) if params.class_weight else np.ones(2, np.float32)
+    labels = np.asarray(train.labels, np.int64)
+    x_all, y_all = tf.convert_to_tensor(train.pooled, tf.float32), tf.constant(labels, tf.float32)
+    w_all = tf.constant(class_weight[labels])
+    hyper = [tf.constant(v, dtype) for v, dtype in ((params.batch_size, tf.int32), (params.learning_rate, tf.float32),
+                                                    (params.l2, tf.float32), (params.dropout, tf.float32),
+                                                    (seed, tf.int64))]
+    val_x = tf.convert_to_tensor(val_pooled, tf.float32)
+    rng = np.random.default_rng(seed)
+    best_loss, best_epoch, best, history, stopped = np.inf, 0, weights, [], False
+    for epoch in range(1, max_epochs + 1):
+        state = train_epoch(state, x_all, y_all, w_all, tf.constant(sample_views(train.source_index, rng)), *hyper)
+        scores = score_probs(val_labels, predict(state[0], val_x).numpy())
+        history.append({"epoch": epoch, **scores})
+        if scores["loss"] < best_loss:
+            best_loss, best_epoch, best = scores["loss"], epoch, state[0]  # tensors are immutable: no copy
+        stopped = bool(on_epoch(epoch, scores)) if on_epoch else False
+        if stopped or epoch - best_epoch >= patience:
+            break
+    for variable, value in zip(models.pooled.trainable_variables, best):
+        variable.assign(value)
+    probs = predict(best, val_x).numpy()
+    return FitResult(score_probs(val_labels, probs), probs, best_epoch, epoch, stopped, history)
+
+
+@functools.cache
+def _graphs():
+    """(train_epoch, predict) as tf.functions with fixed signatures: traced once, for any head size."""
+    import tensorflow as tf
+
+    vector, matrix = tf.TensorSpec([None], tf.float32), tf.TensorSpec([None, None], tf.float32)
+    weights_spec = (matrix, vector, matrix, vector)  # dense kernel, bias; output kernel (units, 1), bias (1,)
+    scalar = tf.TensorSpec([], tf.float32)
+
+    def logits(weights, x, rate=None, seed=None):
+        kernel, bias, out_kernel, out_bias = weights
+        hidden = tf.nn.relu(tf.matmul(x, kernel) + bias)
+        if rate is not None:  # inverted dropout, as keras.layers.Dropout
+            keep = tf.random.stateless_uniform(tf.shape(hidden), seed=seed) >= rate
+            hidden = tf.where(keep, hidden / (1.0 - rate), tf.zeros_like(hidden))
+        return tf.matmul(hidden, out_kernel)[:, 0] + out_bias[0]
+
+    @tf.function(input_signature=[(weights_spec, weights_spec, weights_spec, tf.TensorSpec([], tf.int64)),
+                                  matrix, vector, vector, tf.TensorSpec([None], tf.int32),
+                                  tf.TensorSpec([], tf.int32), scalar, scalar, scalar, tf.TensorSpec([], tf.int64)])
+    def train_epoch(state, x_all, y_all, w_all, rows, batch_size, learning_rate, l2, rate, seed):
+        n_batches = (tf.size(rows) + batch_size - 1) // batch_size
+
+        def step(i, state):
+            weights, m, v, t = state
+            batch = rows[i * batch_size:(i + 1) * batch_size]
+            x, y, w = tf.gather(x_all, batch), tf.gather(y_all, batch), tf.gather(w_all, batch)
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                z = logits(weights, x, rate, tf.stack([seed, t]))
+                # BinaryCrossentropy (on the sigmoid's logits, as Keras does) with sample weights, mean
+                # over the batch, plus L2 of both kernels.
+                loss = tf.reduce_sum(w * tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z))
+                loss = loss / tf.cast(tf.size(batch), tf.float32)
+                loss += l2 * (tf.reduce_sum(tf.square(weights[0])) + tf.reduce_sum(tf.square(weights[2])))
+            grads = tape.gradient(loss, weights)
+            t = t + 1  # keras.optimizers.Adam defaults: beta_1 0.9, beta_2 0.999, epsilon 1e-7
+            step_size = learning_rate * tf.sqrt(1 - ADAM_BETA_2 ** tf.cast(t, tf.float32)) / \
+                (1 - ADAM_BETA_1 ** tf.cast(t, tf.float32))
+            m = tuple(a + (g - a) * (1 - ADAM_BETA_1) for a, g in zip(m, grads))
+            v = tuple(b + (tf.square(g) - b) * (1 - ADAM_BETA_2) for b, g in zip(v, grads))
+            weights = tuple(p - step_size * a / (tf.sqrt(b) + ADAM_EPSILON) for p, a, b in zip(weights, m, v))
+            return i + 1, (weights, m, v, t)
+
+        return tf.while_loop(lambda i, _: i < n_batches, step, (tf.constant(0), state))[1]
+
+    @tf.function(input_signature=[weights_spec, matrix])
+    def predict(weights, x):
+        return tf.sigmoid(logits(weights, x))
+
+    return train_epoch, predict
+
+
+def score_probs(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
+    """Validation scores of probabilities: mean BCE, ROC-AUC and, at ``threshold`` (positive if
+    ``prob >= threshold``), accuracy, sensitivity and specificity.
+
+    Raises:
+        FeatcacheError: ``labels`` lacks one of the classes (ROC-AUC is undefined).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(np.unique(labels)) < 2:
+        raise FeatcacheError(f"Validation needs both classes to score a head. Received: labels={np.unique(labels).tolist()}")
+    clipped = np.clip(probs, EPSILON, 1 - EPSILON)
+    loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+    predicted = probs >= threshold
+    positive = labels == 1
+    return {
+        "loss": float(loss),
+        "roc_auc": float(roc_auc_score(labels, probs)),
+        "accuracy": float(np.mean(predicted == positive)),
+        "sensitivity": float(np.mean(predicted[positive])),
+        "specificity": float(np.mean(~predicted[~positive])),
+    }
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, min_sensitivity: float | None = None) -> tuple[float, str]:
+    """Decision threshold on validation scores (positive if ``prob >= threshold``).
+
+    Youden's J (max sensitivity + specificity - 1) by default; with ``min_sensitivity``, the highest
+    threshold whose sensitivity is at least that (so the best specificity among those meeting it).
+
+    Returns:
+        (threshold, method) with method ``"youden"`` or ``"min_sensitivity=<x>"``.
+    """
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(np.asarray(labels).astype(np.int64), probs, drop_intermediate=False)
+    if min_sensitivity is None:
+        index, method = int(np.argmax(tpr - fpr)), "youden"
+    else:
+        index, method = int(np.flatnonzero(tpr >= min_sensitivity)[0]), f"min_sensitivity={min_sensitivity:g}"
+    return float(min(thresholds[index], 1.0)), method

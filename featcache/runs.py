@@ -1,0 +1,224 @@
+"""Run folders of ``train-head``: the Optuna study storage, the trials tables, the saved head and its
+record (``head.json``), and the check that a head belongs to the cache a later stage reads.
+
+Layout of ``<cache-dir>/runs/<cache stem>/``::
+
+    study.journal   Optuna journal storage (default; several processes may share it)
+    trials.csv      one row per finished trial (also trials.jsonl, one JSON object per line)
+    head.keras      the best head: (h, w, c) maps -> sigmoid probability of class_names[1]
+    head.json       its parameters, threshold, validation metrics and the cache fingerprint
+    .write.lock     flock that serialises writers of head.keras + head.json
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from featcache import __version__
+from featcache.cache import SUFFIX, read_manifest
+from featcache.errors import CacheMismatchError, FeatcacheError
+
+log = logging.getLogger(__name__)
+
+RUNS = "runs"
+HEAD_FILE = "head.keras"
+RECORD_FILE = "head.json"
+JOURNAL_FILE = "study.journal"
+METRICS = ("loss", "accuracy", "roc_auc", "sensitivity", "specificity")
+PARAMS = ("units", "dropout", "learning_rate", "batch_size", "l2", "class_weight")
+COLUMNS = ("number", "state", "pruned", *PARAMS, *(f"val_{m}" for m in METRICS), "epochs", "best_epoch", "seconds")
+
+
+def run_dir_for(cache_path: str | Path) -> Path:
+    """``<cache folder>/runs/<cache file stem>``."""
+    cache_path = Path(cache_path)
+    return cache_path.parent / RUNS / cache_path.stem
+
+
+def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, reference: dict):
+    """Create or continue the study of one cache (name = cache file stem); a new one gets ``reference`` first.
+
+    Raises:
+        FeatcacheError: the storage cannot be opened.
+        CacheMismatchError: the study was started on a cache with another fingerprint.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = _open_storage(config.storage, run_dir)
+    name = Path(cache_path).stem
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction="maximize", load_if_exists=True,
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+        )
+        existing = len(study.trials)
+    except Exception as exc:  # noqa: BLE001 - any failure here means this storage cannot hold the study
+        raise FeatcacheError(f"Cannot open study {name} ({type(exc).__name__}: {_first_line(exc)}). "
+                             f"Received: storage={_redact(config.storage)!r}") from exc
+    # Seeded by (seed, trials so far): a fresh study is reproducible, and a continued one does not
+    # replay the draws of the run before it. Workers sharing a study should use different --seed.
+    sampler_seed = int(np.random.SeedSequence([config.seed, existing]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+    recorded = study.user_attrs.get("cache_fingerprint")
+    if recorded is not None and recorded != fingerprint:
+        raise CacheMismatchError(f"Study {name} was run on a cache with fingerprint {recorded[:12]}; {cache_path} "
+                                 f"has {fingerprint[:12]}. Use another --storage. Received: cache={str(cache_path)!r}")
+    if not existing:  # new study: the reference head is trial 0
+        study.set_user_attr("cache_fingerprint", fingerprint)
+        study.enqueue_trial(reference)
+    return study
+
+
+def _open_storage(url: str | None, run_dir: Path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None:
+        path = run_dir / JOURNAL_FILE
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except Exception as exc:  # noqa: BLE001
+            raise FeatcacheError(f"Cannot open the study journal {path} ({type(exc).__name__}: "
+                                 f"{_first_line(exc)}). Received: storage=None") from exc
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - bad scheme, missing driver, unreachable server, ...
+        raise FeatcacheError(
+            f"Cannot open --storage {_redact(url)} ({type(exc).__name__}: {_first_line(exc)}); pass an Optuna RDB "
+            f"URL such as sqlite:///cache/study.db or postgresql://host/db. Received: storage={_redact(url)!r}"
+        ) from exc
+
+
+def study_rows(study) -> list[dict]:
+    """Every finished (complete or pruned) trial as a record, by trial number."""
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    rows = []
+    for trial in sorted(study.get_trials(deepcopy=False, states=states), key=lambda t: t.number):
+        metrics, fit = trial.user_attrs.get("metrics", {}), trial.user_attrs.get("fit", {})
+        rows.append({
+            "number": trial.number, "state": trial.state.name.lower(),
+            "pruned": trial.state == optuna.trial.TrialState.PRUNED,
+            "params": {key: trial.params[key] for key in PARAMS if key in trial.params},
+            **{f"val_{m}": metrics.get(m) for m in METRICS},
+            **{key: fit.get(key) for key in ("epochs", "best_epoch", "seconds", "seed", "max_epochs", "patience")},
+        })
+    return rows
+
+
+def write_tables(run_dir: Path, rows: list[dict]) -> None:
+    """``trials.csv`` (flat columns) and ``trials.jsonl`` (one record a line), each replaced atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, **row["params"]})
+    _write_atomic(run_dir / "trials.csv", text.getvalue())
+    _write_atomic(run_dir / "trials.jsonl", "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict, threshold: float, method: str,
+               val_metrics: dict, study_name: str) -> Path:
+    """Save ``head.keras`` then ``head.json`` (with the head's SHA-256), each via a temporary name + rename,
+    under a lock, so readers see either the old pair or the new one."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".write.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocking: concurrent workers take turns
+        tmp = run_dir / f".head-{os.getpid()}.tmp.keras"
+        head.save(tmp)
+        digest = _sha256(tmp)
+        os.replace(tmp, run_dir / HEAD_FILE)
+        record = {
+            "backbone": manifest["backbone"], "cache_file": Path(cache_path).name,
+            "cache_fingerprint": manifest["fingerprint"], "feature_shape": list(manifest["feature_shape"]),
+            "class_names": list(manifest["class_names"]), "positive_class": manifest["class_names"][1],
+            "params": best["params"], "threshold": threshold, "threshold_method": method,
+            "val_metrics": val_metrics, "trial_number": best["number"], "seed": best["seed"],
+            "epochs": best["epochs"], "best_epoch": best["best_epoch"], "study_name": study_name,
+            "head_file": HEAD_FILE, "head_sha256": digest, "featcache_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_atomic(run_dir / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return run_dir / HEAD_FILE
+
+
+def load_head_record(path: str | Path) -> dict:
+    """The record of a trained head, from its run folder, its ``head.json`` or the cache file it was trained on.
+
+    Returns:
+        head.json's contents plus ``run_dir`` and ``head_path`` (absolute paths as strings).
+
+    Raises:
+        FeatcacheError: no trained head there.
+        CacheMismatchError: head.keras is not the file head.json describes (changed or half replaced).
+    """
+    path = Path(path)
+    run_dir = run_dir_for(path) if path.suffix == SUFFIX else path.parent if path.suffix == ".json" else path
+    record_path = run_dir / RECORD_FILE
+    if not record_path.is_file():
+        raise FeatcacheError(f"No trained head in {run_dir}; run 'featcache train-head' first. Received: path={str(path)!r}")
+    record = json.loads(record_path.read_text())
+    head_path = run_dir / record["head_file"]
+    if not head_path.is_file() or _sha256(head_path) != record["head_sha256"]:
+        raise CacheMismatchError(f"{head_path} is not the head {record_path.name} describes; re-run "
+                                 f"'featcache train-head'. Received: path={str(path)!r}")
+    return {**record, "run_dir": str(run_dir.resolve()), "head_path": str(head_path.resolve())}
+
+
+def check_head_matches_cache(record: dict, cache_path: str | Path) -> dict:
+    """Refuse a head trained on another cache; returns the cache's manifest.
+
+    Raises:
+        CacheMismatchError: the fingerprints differ (or the cache is of another format version).
+        IncompleteCacheError: the cache is unfinished.
+    """
+    manifest = read_manifest(cache_path)
+    if manifest["fingerprint"] != record["cache_fingerprint"]:
+        raise CacheMismatchError(
+            f"The head in {record.get('run_dir', '?')} was trained on cache {record['cache_file']} (fingerprint "
+            f"{record['cache_fingerprint'][:12]}); {Path(cache_path).name} has fingerprint {manifest['fingerprint'][:12]}. "
+            f"Run 'featcache train-head --cache {cache_path}' first. Received: cache={str(cache_path)!r}"
+        )
+    return manifest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _redact(url: str | None) -> str | None:
+    """Hide a password in a URL (``scheme://user:secret@host`` -> ``scheme://user:***@host``)."""
+    return None if url is None else re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""

@@ -1,0 +1,260 @@
+"""The head search: cached pooled vectors -> Optuna trials (TPE, median pruning) -> the best head,
+its decision threshold and the trials table, written to ``<cache-dir>/runs/<cache stem>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache.cache import find_cache, list_caches, open_cache, read_manifest, read_rows
+from featcache.config import TrainHeadConfig
+from featcache.errors import FeatcacheError, IncompleteCacheError
+from featcache.head import (HeadModels, HeadParams, TrainViews, build_head, choose_threshold, fit_head,
+                            score_probs)
+from featcache.runs import open_study, run_dir_for, study_rows, write_head, write_tables
+
+log = logging.getLogger(__name__)
+
+UNITS = (32, 64, 128, 256)
+BATCH_SIZES = (64, 128, 256, 512)
+L2 = (0.0, 1e-5, 1e-4, 1e-3)
+REFERENCE = HeadParams()  # 128 units: always the first trial of a new study
+
+
+@dataclass(frozen=True)
+class HeadData:
+    """What head training reads from a cache: train views, validation originals, the manifest."""
+
+    train: TrainViews
+    val_pooled: np.ndarray  # (m, c) float32
+    val_labels: np.ndarray  # (m,)
+    manifest: dict
+
+
+@dataclass(frozen=True)
+class TrainHeadSummary:
+    backbone: str
+    cache_path: Path
+    run_dir: Path
+    rows: list[dict]  # every finished trial of the study, by number
+    best: dict  # the chosen trial's row
+    threshold: float
+    threshold_method: str
+    val_metrics: dict  # of the chosen head at its threshold
+    new_trials: int
+    seconds: float
+
+
+def train_heads(config: TrainHeadConfig) -> list[TrainHeadSummary]:
+    """Search a head for each selected cache (``select_caches``), one after another; see ``train_head``."""
+    return [train_head(path, config) for path in select_caches(config)]
+
+
+def select_caches(config: TrainHeadConfig) -> list[Path]:
+    """The cache files to train on: ``config.cache``, one per ``config.backbones``, or one per backbone found.
+
+    Raises:
+        IncompleteCacheError: only unfinished extractions exist.
+        FeatcacheError: no cache, or several for one backbone.
+    """
+    if config.cache is not None:
+        backbone = read_manifest(config.cache)["backbone"]
+        if config.backbones and backbone not in config.backbones:
+            raise FeatcacheError(f"{config.cache} is a {backbone} cache, not {', '.join(config.backbones)}. "
+                                 f"Received: cache={str(config.cache)!r}, backbones={list(config.backbones)}")
+        return [Path(config.cache)]
+    if config.backbones:
+        return [find_cache(config.cache_dir, name) for name in config.backbones]
+    names = sorted({path.stem.rsplit("-", 1)[0] for path in list_caches(config.cache_dir)})
+    if names:
+        return [find_cache(config.cache_dir, name) for name in names]
+    if list(Path(config.cache_dir).glob("*.partial")):
+        raise IncompleteCacheError(
+            f"The caches in {config.cache_dir} are incomplete (an extract is running or was killed); "
+            f"re-run 'featcache extract' to finish them. Received: cache_dir={str(config.cache_dir)!r}"
+        )
+    raise FeatcacheError(
+        f"No cache in {config.cache_dir}; run 'featcache extract' first. Received: cache_dir={str(config.cache_dir)!r}"
+    )
+
+
+def load_head_data(path: str | Path) -> HeadData:
+    """Pooled vectors of train rows (originals and copies) and validation originals; never /features
+    and nothing of test rows but their split code.
+
+    Raises:
+        IncompleteCacheError, CacheMismatchError: from ``open_cache``.
+        FeatcacheError: a split without rows or classes other than two.
+    """
+    with open_cache(path) as handle:
+        split, copy = handle["split"][...], handle["copy_index"][...]
+        rows = np.flatnonzero((split == 0) | ((split == 1) & (copy == 0)))
+        pooled = read_rows(handle["pooled"], rows)
+        labels = read_rows(handle["labels"], rows).astype(np.int64)
+        source = read_rows(handle["source_index"], rows)
+        manifest = json.loads(handle.attrs["manifest"])
+    if len(manifest["class_names"]) != 2:
+        raise FeatcacheError(f"The head is binary; {path} has classes {manifest['class_names']}. "
+                             f"Received: class_names={manifest['class_names']}")
+    is_train = split[rows] == 0
+    for name, mask in (("train", is_train), ("validation", ~is_train)):
+        if len(np.unique(labels[mask])) < 2:
+            raise FeatcacheError(f"The {name} split of {path} lacks a class; add images or change the split seed. "
+                                 f"Received: {name}_labels={np.unique(labels[mask]).tolist()}")
+    train = TrainViews(pooled[is_train], labels[is_train], source[is_train])
+    return HeadData(train, pooled[~is_train], labels[~is_train], manifest)
+
+
+def suggest_params(trial) -> HeadParams:
+    """One point of the search space (epochs come from early stopping)."""
+    return HeadParams(
+        units=trial.suggest_categorical("units", UNITS),
+        dropout=trial.suggest_float("dropout", 0.0, 0.6),
+        learning_rate=trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
+        batch_size=trial.suggest_categorical("batch_size", BATCH_SIZES),
+        l2=trial.suggest_categorical("l2", L2),
+        class_weight=trial.suggest_categorical("class_weight", (False, True)),
+    )
+
+
+def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
+    """Run the trials the study still lacks on one cache, then save the best head and the tables.
+
+    Args:
+        cache_path: a complete cache file; the run folder is ``<its folder>/runs/<its stem>/``.
+        config: trials, seed, storage, threshold rule, epoch limits, progress.
+
+    Returns:
+        TrainHeadSummary of the study's finished trials and the saved head.
+
+    Raises:
+        IncompleteCacheError, CacheMismatchError: the cache is unfinished or of another format.
+        FeatcacheError: the storage cannot be opened, or the data cannot train a binary head.
+    """
+    import optuna
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    data = load_head_data(cache_path)  # checks the cache before anything is written
+    manifest = data.manifest
+    run_dir = run_dir_for(cache_path)
+    study = open_study(config, cache_path, manifest["fingerprint"], run_dir, reference=REFERENCE.to_dict())
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    todo = max(0, config.trials - len(study.get_trials(deepcopy=False, states=finished)))
+    log.info("%s: %d trials to run on %s (study %s)", manifest["backbone"], todo, cache_path.name, study.study_name)
+    train = TrainViews(tf.convert_to_tensor(data.train.pooled), data.train.labels, data.train.source_index)
+    kept: dict = {}  # the best head trained in this process: {"row": ..., "head": (models, probs)}
+    if todo:
+        _optimize(study, _objective(config, data, train, kept), todo, config, manifest["backbone"])
+    rows = study_rows(study)
+    best = min((r for r in rows if not r["pruned"]), key=_rank, default=None)
+    if best is None:
+        raise FeatcacheError(f"Every trial of study {study.study_name} was pruned; run more --trials. "
+                             f"Received: trials={config.trials}")
+    models, probs = kept["head"] if kept.get("row", {}).get("number") == best["number"] else \
+        _refit(best, data, train, manifest["feature_shape"])
+    threshold, method = choose_threshold(data.val_labels, probs, config.min_sensitivity)
+    val_metrics = score_probs(data.val_labels, probs, threshold)
+    write_tables(run_dir, rows)
+    write_head(run_dir, models.maps, cache_path, manifest, best, threshold, method, val_metrics, study.study_name)
+    return TrainHeadSummary(manifest["backbone"], Path(cache_path), run_dir, rows, best, threshold, method,
+                            val_metrics, todo, time.perf_counter() - started)
+
+
+def _objective(config: TrainHeadConfig, data: HeadData, train: TrainViews, kept: dict):
+    """Optuna's objective: fit one head, record its scores, keep it in ``kept`` if it ranks first."""
+    import optuna
+
+    def objective(trial) -> float:
+        seed = config.seed + trial.number
+        result, models, seconds = _fit(suggest_params(trial), seed, config.max_epochs, config.patience, data, train,
+                                       data.manifest["feature_shape"], trial)
+        trial.set_user_attr("metrics", result.scores)
+        trial.set_user_attr("fit", {"epochs": result.epochs, "best_epoch": result.best_epoch, "seconds": seconds,
+                                    "seed": seed, "max_epochs": config.max_epochs, "patience": config.patience})
+        if result.stopped:
+            raise optuna.TrialPruned()
+        row = {"number": trial.number, **_flat(result.scores)}
+        if not kept or _rank(row) < _rank(kept["row"]):
+            kept.update(row=row, head=(models, result.probs))
+        return result.scores["roc_auc"]
+
+    return objective
+
+
+def _fit(params: HeadParams, seed: int, max_epochs: int, patience: int, data: HeadData, train: TrainViews,
+         feature_shape, trial=None) -> tuple:
+    """Build and fit one head from ``seed``; with a trial, report validation AUC each epoch to its pruner."""
+    import keras
+
+    def on_epoch(epoch: int, scores: dict) -> bool:
+        trial.report(scores["roc_auc"], epoch)
+        return trial.should_prune()
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(seed)  # initialisers and dropout
+    models = build_head(tuple(feature_shape), params)
+    result = fit_head(models, train, data.val_pooled, data.val_labels, params, seed=seed, max_epochs=max_epochs,
+                      patience=patience, on_epoch=on_epoch if trial is not None else None)
+    return result, models, time.perf_counter() - started
+
+
+def _refit(best: dict, data: HeadData, train: TrainViews, feature_shape) -> tuple[HeadModels, np.ndarray]:
+    """Retrain a trial run elsewhere (an earlier run, another worker) from its parameters and seed."""
+    result, models, _ = _fit(HeadParams(**best["params"]), best["seed"], best["max_epochs"], best["patience"],
+                             data, train, feature_shape)
+    if abs(result.scores["roc_auc"] - best["val_roc_auc"]) > 1e-6:
+        log.warning("Retrained trial %d scores val ROC-AUC %.6f, recorded %.6f (another machine or version?)",
+                    best["number"], result.scores["roc_auc"], best["val_roc_auc"])
+    return models, result.probs
+
+
+def _optimize(study, objective, todo: int, config: TrainHeadConfig, backbone: str) -> None:
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from tqdm.auto import tqdm
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    with tqdm(total=todo, desc=f"train-head {backbone}", unit="trial", disable=not config.progress) as bar:
+        def advance(study, trial) -> None:
+            values = [t.value for t in study.get_trials(deepcopy=False, states=states[:1])]
+            bar.set_postfix(best_val_auc=f"{max(values):.4f}" if values else "-")
+            bar.update(1)
+
+        study.optimize(objective, n_trials=todo, callbacks=[MaxTrialsCallback(config.trials, states=states), advance])
+
+
+def _flat(scores: dict) -> dict:
+    return {f"val_{key}": value for key, value in scores.items()}
+
+
+def _rank(row: dict) -> tuple:
+    """Selection order: higher validation ROC-AUC, then lower validation loss, then earlier trial."""
+    return (-row["val_roc_auc"], row["val_loss"], row["number"])
+
+
+def format_summary(summary: TrainHeadSummary, top: int = 5) -> str:
+    """The chosen head, its threshold, and the ``top`` best finished trials as a table."""
+    pruned = sum(r["pruned"] for r in summary.rows)
+    m = summary.val_metrics
+    lines = [
+        f"{summary.backbone}: {len(summary.rows)} trials ({summary.new_trials} new, {pruned} pruned) on "
+        f"{summary.cache_path.name} in {summary.seconds:.1f} s; best trial {summary.best['number']}",
+        f"  threshold {summary.threshold:.4f} ({summary.threshold_method}): val ROC-AUC {m['roc_auc']:.4f}, "
+        f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, accuracy {m['accuracy']:.3f}",
+        f"  head {summary.run_dir / 'head.keras'}",
+        f"  {'trial':>5} {'val_auc':>8} {'val_loss':>8} {'units':>5} {'dropout':>7} {'lr':>8} {'batch':>5} "
+        f"{'l2':>7} {'cw':>3} {'epochs':>6}",
+    ]
+    for r in sorted((r for r in summary.rows if not r["pruned"]), key=_rank)[:top]:
+        p = r["params"]
+        lines.append(f"  {r['number']:>5} {r['val_roc_auc']:>8.4f} {r['val_loss']:>8.4f} {p['units']:>5} "
+                     f"{p['dropout']:>7.3f} {p['learning_rate']:>8.2e} {p['batch_size']:>5} {p['l2']:>7.0e} "
+                     f"{'y' if p['class_weight'] else 'n':>3} {r['epochs']:>6}")
+    return "\n".join(lines)
