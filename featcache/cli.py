@@ -102,6 +102,66 @@ def train_head(
         typer.echo(format_summary(summary))
 
 
+@app.command()
+def evaluate(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Data folder holding test/ (default: the one each cache was extracted from).")] = None,
+    cache_dir: CacheDir = Path("cache"),
+    backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="Backbone to evaluate (repeatable; default: every backbone with a trained head).")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples of the test set for the 95 % intervals.")] = 1000,
+    seed: Seed = 0,
+) -> None:
+    """Score the reassembled end-to-end models on the raw test images, check parity with the cache, pick the best backbone by validation AUC."""
+    from featcache.evaluate import EvaluateConfig, evaluate_backbones
+    from featcache.reports import format_summary
+
+    try:
+        config = EvaluateConfig(cache_dir=cache_dir, data_dir=data, backbones=tuple(backbone or ()),
+                                n_bootstrap=bootstrap, seed=seed)
+        reports, selection = evaluate_backbones(config)
+    except FeatcacheError as error:
+        _fail(error)
+    typer.echo(format_summary(reports, selection))
+
+
+@app.command()
+def export(
+    backbone: Annotated[str, typer.Option("--backbone", help="Backbone to export, or 'best': the one 'featcache evaluate' selected.")] = "best",
+    out: Annotated[Path, typer.Option("--out", help="Folder to create: model.keras, model.export/ (SavedModel), model.json.")] = Path("model"),
+    cache_dir: CacheDir = Path("cache"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out.")] = False,
+) -> None:
+    """Save the evaluated end-to-end model: Keras file, SavedModel taking image bytes, and a model card."""
+    from featcache.export import ExportConfig, export_model
+
+    try:
+        summary = export_model(ExportConfig(cache_dir=cache_dir, backbone=backbone, out=out, force=force))
+    except FeatcacheError as error:
+        _fail(error)
+    card = summary.card
+    typer.echo(f"{card['backbone']}: {summary.out} (model.keras, model.export/, model.json); threshold "
+               f"{card['threshold']:.4f}, test accuracy {card['test_metrics']['at_threshold']['accuracy']:.3f}")
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    model: Annotated[Path, typer.Option("--model", help="Export folder written by 'featcache export'.")] = Path("model"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of lines.")] = False,
+) -> None:
+    """Label and probability per image at the exported threshold. Exit 0: all read; 2: some skipped; 1: error."""
+    from featcache.predict import format_predictions, predict_files
+
+    try:
+        result = predict_files(inputs, model)
+    except FeatcacheError as error:
+        _fail(error)
+    typer.echo(format_predictions(result, as_json))
+    for item in result.skipped if not as_json else []:
+        typer.secho(f"skipped {item['path']}: {item['error']}", fg=typer.colors.YELLOW, err=True)
+    if result.skipped:
+        raise typer.Exit(code=2)
+
+
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
     logging.basicConfig(level=logging.INFO, format="%(message)s")

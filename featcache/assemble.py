@@ -1,0 +1,142 @@
+"""The end-to-end model: raw uint8 RGB image -> the backbone's preprocessing layers -> the frozen backbone
+with the cache's weights -> the trained head; and the parity check that it computes, image for image,
+what the head computes on the cached features.
+
+Every piece is a definition extraction already uses (``data.decode_and_resize``,
+``backbones.build_extractor``, ``backbones.load_cached_backbone``), so parity holds by construction and
+the check guards it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache.backbones import build_extractor, get_backbone_spec, hash_weights, load_cached_backbone
+from featcache.errors import CacheMismatchError, FeatcacheError
+
+log = logging.getLogger(__name__)
+
+# Largest |end-to-end prob - head(cached maps) prob| allowed, by cache dtype: float16 maps carry a
+# relative rounding of 2**-11, float32 maps only the last-bit noise of other batch compositions.
+PARITY_TOLERANCE = {"float16": 1e-3, "float32": 1e-5}
+
+
+@dataclass
+class EndToEnd:
+    """The reassembled model and what it was built from.
+
+    Attributes:
+        model: (n, s, s, 3) uint8 RGB -> (n, 1) probability of ``class_names[1]``.
+        head: (n, h, w, c) maps -> (n, 1), the very head inside ``model``.
+        weights_sha256: hash of the backbone weights in ``model`` (equal to the manifest's).
+        manifest: the cache's manifest.
+        record: the head's record (``runs.load_head_record``).
+    """
+
+    model: keras.Model  # noqa: F821
+    head: keras.Model  # noqa: F821
+    weights_sha256: str
+    manifest: dict
+    record: dict
+
+
+def load_head(record: dict, manifest: dict):
+    """The trained head of ``record``, loaded in safe mode, checked against the cache's feature shape.
+
+    Raises:
+        CacheMismatchError: the head takes maps of another shape than the cache holds.
+    """
+    import keras
+
+    head = keras.saving.load_model(record["head_path"], compile=False)
+    expected = tuple(manifest["feature_shape"])
+    found = tuple(head.input_shape[1:])
+    if found != expected:
+        raise CacheMismatchError(
+            f"The head {record['head_path']} takes maps of shape {found}, but the cache holds {expected}; re-run "
+            f"'featcache train-head'. Received: feature_shape={list(found)}"
+        )
+    return head
+
+
+def assemble_model(cache_path: str | Path, record: dict, manifest: dict) -> EndToEnd:
+    """Reassemble preprocessing + the cache's frozen backbone + the trained head into one Keras model.
+
+    Args:
+        cache_path: the cache file the head was trained on.
+        record: from ``runs.load_head_record``, already checked against the cache
+            (``runs.check_head_matches_cache``).
+        manifest: the cache's manifest.
+
+    Returns:
+        EndToEnd with the model, named ``featcache_<backbone>``.
+
+    Raises:
+        WeightsError: the backbone weights are gone or no longer hash to the manifest's.
+        CacheMismatchError: the head does not fit the cache's feature shape.
+    """
+    import keras
+
+    spec = get_backbone_spec(manifest["backbone"])
+    backbone = load_cached_backbone(cache_path, manifest)  # refuses weights of another hash
+    head = load_head(record, manifest)
+    extractor = build_extractor(spec, backbone, manifest["image_size"])
+    model = keras.Model(extractor.input, head(extractor.output), name=f"featcache_{spec.name}")
+    return EndToEnd(model, head, hash_weights(backbone), manifest, record)
+
+
+def predict_images(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """(n, s, s, 3) uint8 -> (n,) float32 probabilities."""
+    if not len(images):
+        return np.empty((0,), np.float32)
+    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), np.float32)[:, 0]
+
+
+def predict_features(head, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """(n, h, w, c) cached maps (any float dtype, cast to float32) -> (n,) float32 probabilities."""
+    probs = [np.asarray(head.predict(features[i:i + batch_size].astype(np.float32), verbose=0))[:, 0]
+             for i in range(0, len(features), batch_size)]
+    return np.concatenate(probs).astype(np.float32) if probs else np.empty((0,), np.float32)
+
+
+def check_parity(end_to_end: np.ndarray, cached: np.ndarray, dtype: str, names: list[str],
+                 precision: str = "float32") -> dict:
+    """Compare the end-to-end probabilities with the head's on the cached maps, image by image.
+
+    Args:
+        end_to_end: (n,) probabilities of the reassembled model on the raw images.
+        cached: (n,) probabilities of the head on those images' cached maps.
+        dtype: storage dtype of the cache ("float16" or "float32"), which sets the tolerance.
+        names: (n,) image names, to name the worst one.
+        precision: the precision the cache was extracted in (manifest ``precision``); the end-to-end
+            model always computes in float32, so a ``mixed`` cache also carries float16 compute error.
+
+    Returns:
+        ``{"images", "max_abs_diff", "mean_abs_diff", "tolerance", "cache_dtype", "cache_precision", "worst"}``.
+
+    Raises:
+        FeatcacheError: the largest difference exceeds the tolerance: the end-to-end model does not
+            compute what the cache holds (preprocessing, resizing or weights differ).
+    """
+    tolerance = PARITY_TOLERANCE[dtype]
+    diff = np.abs(np.asarray(end_to_end, np.float64) - np.asarray(cached, np.float64))
+    worst = int(np.argmax(diff)) if len(diff) else -1
+    result = {"images": len(diff), "max_abs_diff": float(diff.max()) if len(diff) else 0.0,
+              "mean_abs_diff": float(diff.mean()) if len(diff) else 0.0, "tolerance": tolerance,
+              "cache_dtype": dtype, "cache_precision": precision, "worst": names[worst] if worst >= 0 else None}
+    if result["max_abs_diff"] > tolerance:
+        cause = ("the cache was extracted with --precision mixed (float16 arithmetic); re-extract with "
+                 "--precision float32" if precision == "mixed" else
+                 "the images or preprocessing changed since extraction; re-run 'featcache extract'")
+        raise FeatcacheError(
+            f"Parity check failed: the end-to-end probability of {result['worst']} differs from the head's on its "
+            f"cached features by {result['max_abs_diff']:.3g} (tolerance {tolerance:g} for a {dtype} cache): "
+            f"{cause}. Received: max_abs_diff={result['max_abs_diff']:.3g}"
+        )
+    log.info("parity: %d test images, max |end-to-end - cached| = %.3g (tolerance %g)",
+             result["images"], result["max_abs_diff"], tolerance)
+    return result

@@ -1,0 +1,319 @@
+"""``featcache evaluate``: reassemble each backbone's end-to-end model, score it on the reserved test
+images read from their raw files, prove parity with the cached path, and select the backbone by
+validation ROC-AUC (never by test score) as the default of ``export``.
+
+Per run folder ``<cache-dir>/runs/<cache stem>/``: report.json, report.md, roc.png, confusion.png,
+trials.png. Across backbones, in ``<cache-dir>/runs/``: selection.json, comparison.md, roc.png.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache import __version__
+from featcache.assemble import assemble_model, check_parity, predict_features, predict_images
+from featcache.cache import find_cache, list_caches, open_cache, read_rows
+from featcache.data import IMAGE_EXTENSIONS, SPLIT_CODES, decode_bytes
+from featcache.errors import CacheMismatchError, DataError, FeatcacheError
+from featcache.metrics import N_BOOTSTRAP, majority_baseline, score_with_intervals
+from featcache.reports import format_comparison, format_report
+from featcache.runs import RECORD_FILE, RUNS, check_head_matches_cache, load_head_record, run_dir_for
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.json"
+SELECTION_FILE = "selection.json"
+CRITERION = "highest validation ROC-AUC of the chosen head (head.json val_metrics.roc_auc); test scores are not used"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of ``featcache evaluate``.
+
+    Attributes:
+        cache_dir: folder of the caches and their ``runs/``.
+        data_dir: data folder holding ``test/``; None reads the one recorded in each cache.
+        backbones: evaluate these; empty means every cache with a trained head.
+        n_bootstrap: bootstrap resamples of the test set for the confidence intervals.
+        seed: seed of the resamples.
+        batch_size: images per forward pass of the end-to-end model.
+    """
+
+    cache_dir: Path = Path("cache")
+    data_dir: Path | None = None
+    backbones: tuple[str, ...] = ()
+    n_bootstrap: int = N_BOOTSTRAP
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.n_bootstrap < 1:
+            raise FeatcacheError(f"--bootstrap must be >= 1. Received: n_bootstrap={self.n_bootstrap}")
+        if self.batch_size < 1:
+            raise FeatcacheError(f"--batch-size must be >= 1. Received: batch_size={self.batch_size}")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(self.backbones)}")
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """The original test rows of a cache and the raw images they came from."""
+
+    paths: list[str]  # relative to the data folder
+    labels: np.ndarray  # (n,)
+    features: np.ndarray  # (n, h, w, c) as cached
+    images: np.ndarray  # (n, s, s, 3) uint8, decoded from the files now
+    skipped: list[dict]  # cached test rows whose file is gone or unreadable now
+    train_labels: np.ndarray  # originals of the train split, for the majority baseline
+
+
+def evaluate_backbones(config: EvaluateConfig) -> tuple[list[dict], dict]:
+    """Evaluate each selected cache's head end to end, then (re)write the selection and comparison.
+
+    Returns:
+        (reports of this run, selection over every backbone with a current report).
+
+    Raises:
+        FeatcacheError: no trained head, a head of another cache, changed weights or images, a missing
+            test folder, or a parity failure. Nothing of a backbone is written before it passed.
+    """
+    reports = [evaluate_cache(path, config) for path in select_caches(config)]
+    selection = write_selection(config.cache_dir)
+    return reports, selection
+
+
+def select_caches(config: EvaluateConfig) -> list[Path]:
+    """The caches of ``config.backbones``, or every cache in the folder that has a trained head."""
+    if config.backbones:
+        return [find_cache(config.cache_dir, name) for name in config.backbones]
+    found = [p for p in list_caches(config.cache_dir) if (run_dir_for(p) / RECORD_FILE).is_file()]
+    if not found:
+        raise FeatcacheError(f"No trained head in {config.cache_dir}; run 'featcache extract' and "
+                             f"'featcache train-head' first. Received: cache_dir={str(config.cache_dir)!r}")
+    return found
+
+
+def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
+    """Score one backbone's end-to-end model on its test images; write its report files."""
+    record = load_head_record(cache_path)
+    manifest = check_head_matches_cache(record, cache_path)
+    data_dir = Path(config.data_dir) if config.data_dir is not None else Path(manifest["data_dir"])
+    test = read_test_set(cache_path, data_dir, manifest)
+    assembled = assemble_model(cache_path, record, manifest)
+    probs = predict_images(assembled.model, test.images, config.batch_size)
+    cached = predict_features(assembled.head, test.features)
+    parity = check_parity(probs, cached, manifest["dtype"], test.paths, manifest.get("precision", "float32"))
+    threshold = float(record["threshold"])
+    scored = {
+        "at_threshold": score_with_intervals(test.labels, probs, threshold, n_bootstrap=config.n_bootstrap,
+                                             seed=config.seed),
+        "at_0.5": score_with_intervals(test.labels, probs, 0.5, n_bootstrap=config.n_bootstrap, seed=config.seed),
+    }
+    report = _report(cache_path, record, manifest, data_dir, test, assembled.weights_sha256, parity, scored)
+    report["predictions"] = {"path": test.paths, "label": test.labels.tolist(),
+                             "probability": probs.tolist(), "cached_probability": cached.tolist()}
+    write_report_files(Path(record["run_dir"]), report, test.labels, probs)
+    return report
+
+
+def read_test_set(cache_path: Path, data_dir: Path, manifest: dict) -> TestSet:
+    """The cache's original test rows, and their images decoded again from ``data_dir``.
+
+    Raises:
+        DataError: no data folder or no ``test/`` in it, or none of the test images can be read.
+        CacheMismatchError: a test file's content changed since extraction.
+    """
+    if not (data_dir / "test").is_dir():
+        raise DataError(f"No test folder {data_dir / 'test'}; pass --data DIR, the folder 'featcache extract' "
+                        f"read. Received: data={str(data_dir)!r}")
+    with open_cache(cache_path) as handle:
+        split, copy = handle["split"][...], handle["copy_index"][...]
+        rows = np.flatnonzero((split == SPLIT_CODES["test"]) & (copy == 0))
+        source = read_rows(handle["source_index"], rows)
+        labels = read_rows(handle["labels"], rows).astype(np.int64)
+        features = read_rows(handle["features"], rows)
+        train_labels = handle["labels"][...][(split == SPLIT_CODES["train"]) & (copy == 0)]
+        paths = handle["files/path"].asstr()[...][source].tolist()
+        hashes = handle["files/sha256"][...][source].astype(str).tolist()
+    _warn_uncached(data_dir, set(paths))
+    kept, images, skipped = _load_images(data_dir, paths, hashes, manifest["image_size"], cache_path)
+    for item in skipped:
+        log.warning("skipped test image %s: %s", item["path"], item["error"])
+    rows = np.array(kept)
+    return TestSet([paths[i] for i in kept], labels[rows], features[rows], images, skipped, train_labels)
+
+
+def _load_images(data_dir: Path, paths: list[str], hashes: list[str], size: int, cache_path: Path):
+    """Decode the files behind the cached rows; refuse changed contents, skip (and list) unreadable files."""
+    images, kept, skipped, changed = [], [], [], []
+    for i, (path, digest) in enumerate(zip(paths, hashes)):
+        try:
+            encoded = (data_dir / path).read_bytes()
+        except OSError as exc:
+            skipped.append({"path": path, "error": f"cannot read: {exc.strerror}"})
+            continue
+        if hashlib.sha256(encoded).hexdigest() != digest:
+            changed.append(path)
+            continue
+        try:
+            images.append(decode_bytes(encoded, size, name=path))
+            kept.append(i)
+        except DataError as exc:
+            skipped.append({"path": path, "error": str(exc)})
+    if changed:
+        raise CacheMismatchError(
+            f"{len(changed)} test images in {data_dir} changed since the cache was built (e.g. {changed[0]}); "
+            f"re-run 'featcache extract' to update {cache_path.name}. Received: data={str(data_dir)!r}")
+    if not kept:
+        raise DataError(f"None of the {len(paths)} cached test images can be read from {data_dir} (e.g. "
+                        f"{skipped[0]['path'] if skipped else '-'}); pass --data DIR. Received: data={str(data_dir)!r}")
+    return kept, np.stack(images), skipped
+
+
+def _warn_uncached(data_dir: Path, cached: set[str]) -> None:
+    found = {p.relative_to(data_dir).as_posix() for p in (data_dir / "test").rglob("*")
+             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")}
+    extra = sorted(found - cached)
+    if extra:
+        log.warning("%d test images are not in the cache (e.g. %s) and are not evaluated; re-run 'featcache "
+                    "extract' to include them", len(extra), extra[0])
+
+
+def _report(cache_path, record, manifest, data_dir, test: TestSet, weights_sha256, parity, scored) -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "backbone": manifest["backbone"],
+        "cache_file": Path(cache_path).name,
+        "cache_fingerprint": manifest["fingerprint"],
+        "run_dir": record["run_dir"],
+        "image_size": manifest["image_size"],
+        "dtype": manifest["dtype"],
+        "class_names": manifest["class_names"],
+        "weights": {**manifest["weights"], "verified_sha256": weights_sha256},
+        "head": {key: record[key] for key in ("head_sha256", "trial_number", "params", "threshold",
+                                              "threshold_method", "study_name")},
+        "validation": record["val_metrics"],
+        "data_dir": str(Path(data_dir).resolve()),
+        "test": {"images": len(test.paths), "positives": int(test.labels.sum()),
+                 "negatives": int(len(test.labels) - test.labels.sum()), "skipped": test.skipped,
+                 "skipped_at_extraction": [s for s in manifest.get("skipped", []) if s["path"].startswith("test/")]},
+        **scored,
+        "baseline": majority_baseline(test.train_labels, test.labels),
+        "parity": parity,
+        "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_report_files(run_dir: Path, report: dict, labels: np.ndarray, probs: np.ndarray) -> None:
+    """report.json, report.md and the plots of one backbone, each replaced atomically."""
+    from featcache.plots import plot_confusions, plot_roc, plot_trials
+
+    names = report["class_names"]
+    plot_roc([(report["backbone"], labels, probs)], run_dir / "roc.png", f"Test ROC, {report['backbone']}")
+    plot_confusions([(f"threshold {report['at_threshold']['threshold']:.3f}",
+                      report["at_threshold"]["confusion"]["matrix"]),
+                     ("threshold 0.5", report["at_0.5"]["confusion"]["matrix"])], names, run_dir / "confusion.png")
+    trials = run_dir / "trials.jsonl"
+    if trials.is_file():
+        rows = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
+        plot_trials(rows, run_dir / "trials.png", f"Head search, {report['backbone']}")
+    write_atomic(run_dir / "report.md", format_report(report))
+    write_atomic(run_dir / REPORT_FILE, json.dumps(_finite(report), indent=1, sort_keys=True) + "\n")
+
+
+def _finite(value):
+    """NaN (a metric undefined on this test set) -> None, so report.json is strict JSON."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def current_reports(cache_dir: Path) -> list[dict]:
+    """Reports still valid: the report's head and cache are the ones in the run folder now."""
+    reports = []
+    for cache_path in list_caches(cache_dir):
+        run_dir = run_dir_for(cache_path)
+        if not (run_dir / REPORT_FILE).is_file() or not (run_dir / RECORD_FILE).is_file():
+            continue
+        report = json.loads((run_dir / REPORT_FILE).read_text())
+        head = json.loads((run_dir / RECORD_FILE).read_text())
+        if (report.get("head", {}).get("head_sha256") == head.get("head_sha256")
+                and report.get("cache_fingerprint") == head.get("cache_fingerprint")
+                and report.get("cache_file") == cache_path.name):
+            reports.append(report)
+        else:
+            log.info("ignoring the stale report in %s (the head changed since); re-run 'featcache evaluate'", run_dir)
+    return reports
+
+
+def select_backbone(reports: list[dict]) -> dict:
+    """The report with the highest validation ROC-AUC (then lower validation loss, then name).
+
+    Test metrics are listed for context only; they take no part in the choice.
+    """
+    if not reports:
+        raise FeatcacheError("No evaluated backbone to select from; run 'featcache evaluate' first. Received: reports=[]")
+    def key(r: dict) -> tuple:
+        return (-r["validation"]["roc_auc"], r["validation"].get("loss", 0.0), r["cache_file"])
+
+    best = min(reports, key=key)
+    return {
+        "backbone": best["backbone"], "cache_file": best["cache_file"], "cache_fingerprint": best["cache_fingerprint"],
+        "head_sha256": best["head"]["head_sha256"], "criterion": CRITERION,
+        "candidates": [{"backbone": r["backbone"], "cache_file": r["cache_file"],
+                        "val_roc_auc": r["validation"]["roc_auc"],
+                        "test_accuracy": r["at_threshold"]["metrics"]["accuracy"]["value"],
+                        "test_roc_auc": r["at_threshold"]["metrics"]["roc_auc"]["value"]}
+                       for r in sorted(reports, key=key)],
+    }
+
+
+def write_selection(cache_dir: Path) -> dict:
+    """selection.json, comparison.md and the ROC curves of every backbone with a current report."""
+    from featcache.plots import plot_roc
+
+    reports = current_reports(cache_dir)
+    selection = select_backbone(reports)
+    runs = Path(cache_dir) / RUNS
+    curves = [(r["backbone"], np.array(r["predictions"]["label"]), np.array(r["predictions"]["probability"]))
+              for r in reports]
+    plot_roc(curves, runs / "roc.png", "Test ROC, all backbones")
+    write_atomic(runs / "comparison.md", format_comparison(reports, selection))
+    write_atomic(runs / SELECTION_FILE, json.dumps(selection, indent=1, sort_keys=True) + "\n")
+    log.info("selected %s (%s)", selection["backbone"], CRITERION)
+    return selection
+
+
+def read_selection(cache_dir: Path) -> dict:
+    """The backbone ``evaluate`` selected.
+
+    Raises:
+        FeatcacheError: ``evaluate`` has not run in this cache folder.
+    """
+    path = Path(cache_dir) / RUNS / SELECTION_FILE
+    if not path.is_file():
+        raise FeatcacheError(f"No {path}; run 'featcache evaluate' first, or pass --backbone NAME. "
+                             f"Received: cache_dir={str(cache_dir)!r}")
+    return json.loads(path.read_text())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

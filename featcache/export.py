@@ -1,0 +1,268 @@
+"""``featcache export``: the evaluated end-to-end model of one backbone as model.keras (plain Keras, safe
+mode, no custom objects), a TensorFlow SavedModel whose serving signature takes encoded image bytes,
+and model.json, the model card. Everything is written to a temporary folder, checked, then renamed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache import __version__
+from featcache.assemble import EndToEnd, assemble_model, predict_images
+from featcache.cache import find_cache
+from featcache.data import decode_and_resize, decode_bytes
+from featcache.errors import CacheMismatchError, FeatcacheError
+from featcache.evaluate import REPORT_FILE, read_selection
+from featcache.runs import check_head_matches_cache, load_head_record
+
+log = logging.getLogger(__name__)
+
+KERAS_FILE = "model.keras"
+SAVED_MODEL_DIR = "model.export"
+CARD_FILE = "model.json"
+SIGNATURE = "serving_default"
+VERIFY_IMAGES = 8
+VERIFY_TOLERANCE = 1e-5  # reloaded artifacts vs the in-memory model: the same graph, last-bit noise only
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Settings of ``featcache export``.
+
+    Attributes:
+        cache_dir: folder of the caches and runs.
+        backbone: a backbone name, or ``"best"`` for the one ``evaluate`` selected.
+        out: the folder to create (model.keras, model.export/, model.json).
+        force: replace ``out`` if it exists.
+    """
+
+    cache_dir: Path = Path("cache")
+    backbone: str = "best"
+    out: Path = Path("model")
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    out: Path
+    card: dict
+
+
+def export_model(config: ExportConfig) -> ExportSummary:
+    """Write the export folder of the selected (or named) backbone.
+
+    Raises:
+        FeatcacheError: ``out`` exists without ``force``; no evaluation of this head yet.
+        CacheMismatchError: the head, the cache or the report do not belong together.
+        WeightsError: the backbone weights changed since extraction.
+    """
+    out = Path(config.out)
+    _check_out(out, config.force)
+    cache_path = _resolve_cache(config)
+    record = load_head_record(cache_path)
+    manifest = check_head_matches_cache(record, cache_path)
+    report = _read_report(Path(record["run_dir"]), record)
+    assembled = assemble_model(cache_path, record, manifest)
+    _remove_stale(out)
+    tmp = out.with_name(f".{out.name}.incomplete-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        assembled.model.save(tmp / KERAS_FILE)
+        write_saved_model(assembled.model, tmp / SAVED_MODEL_DIR, manifest["image_size"], float(record["threshold"]),
+                          manifest["class_names"])
+        verification = verify_export(tmp, assembled, _verification_images(report, manifest["image_size"]))
+        card = model_card(assembled, cache_path, report, verification, _sha256(tmp / KERAS_FILE))
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s to %s", manifest["backbone"], out)
+    return ExportSummary(out, card)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an existing ``out`` unless ``force``; even then, replace only an earlier export or an empty folder."""
+    if not out.exists():
+        return
+    if not force:
+        raise FeatcacheError(f"{out} exists; pass --force to replace it or choose another --out. Received: out={str(out)!r}")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / CARD_FILE).is_file()):
+        raise FeatcacheError(f"{out} is not a featcache export (no {CARD_FILE}); --force replaces only an earlier "
+                             f"export. Choose another --out. Received: out={str(out)!r}")
+
+
+def _resolve_cache(config: ExportConfig) -> Path:
+    if config.backbone != "best":
+        return find_cache(config.cache_dir, config.backbone)
+    selection = read_selection(config.cache_dir)
+    path = Path(config.cache_dir) / selection["cache_file"]
+    if not path.is_file():
+        raise FeatcacheError(f"The selected cache {path} is gone; re-run 'featcache evaluate'. "
+                             f"Received: cache_dir={str(config.cache_dir)!r}")
+    return path
+
+
+def _read_report(run_dir: Path, record: dict) -> dict:
+    """The evaluation of exactly this head (the model card carries its test metrics)."""
+    path = run_dir / REPORT_FILE
+    if not path.is_file():
+        raise FeatcacheError(f"The head in {run_dir} has not been evaluated; run 'featcache evaluate --backbone "
+                             f"{record['backbone']}' first. Received: run_dir={str(run_dir)!r}")
+    report = json.loads(path.read_text())
+    if report["head"]["head_sha256"] != record["head_sha256"] or report["cache_fingerprint"] != record["cache_fingerprint"]:
+        raise CacheMismatchError(f"{path} evaluated another head than {run_dir}/head.keras (trained again since?); "
+                                 f"re-run 'featcache evaluate'. Received: run_dir={str(run_dir)!r}")
+    return report
+
+
+def write_saved_model(model, path: Path, image_size: int, threshold: float, class_names: list[str]) -> None:
+    """A SavedModel whose ``serving_default`` takes a batch of encoded JPEG/PNG bytes (any size, gray or
+    colour) as ``image_bytes`` (shape (None,), tf.string) and returns ``probability`` (None,) float32 of
+    ``class_names[1]`` and ``label`` (None,) tf.string at ``threshold``.
+
+    Decoding and resizing are ``data.decode_and_resize``, the very function extraction used.
+    """
+    import keras
+    import tensorflow as tf
+
+    names = tf.constant(list(class_names))
+    image_spec = tf.TensorSpec((image_size, image_size, 3), tf.uint8)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(image_bytes):
+        images = tf.map_fn(lambda encoded: decode_and_resize(encoded, image_size), image_bytes,
+                           fn_output_signature=image_spec)
+        probability = model(images, training=False)[:, 0]
+        return {"probability": probability, "label": tf.gather(names, tf.cast(probability >= threshold, tf.int32))}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE, serve)
+    tf_log = logging.getLogger("tensorflow")
+    level = tf_log.level
+    tf_log.setLevel(logging.WARNING)  # "Assets written to <temporary folder>" would only confuse
+    try:
+        archive.write_out(str(path), verbose=False)
+    finally:
+        tf_log.setLevel(level)
+
+
+def _verification_images(report: dict, image_size: int) -> list[tuple[str, bytes]]:
+    """Encoded images to check the artifacts on: the first evaluated test files if still there, else
+    synthetic PNG/JPEG images (gray and colour, not square), so export works without the data folder."""
+    import tensorflow as tf
+
+    found = []
+    for path in report["predictions"]["path"][:VERIFY_IMAGES]:
+        file = Path(report["data_dir"]) / path
+        if file.is_file():
+            found.append((path, file.read_bytes()))
+    if found:
+        return found
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (image_size + 7, image_size * 2, 1), dtype=np.uint8)
+    colour = rng.integers(0, 256, (image_size * 2, image_size + 3, 3), dtype=np.uint8)
+    return [("synthetic-gray.png", tf.io.encode_png(gray).numpy()),
+            ("synthetic-colour.jpeg", tf.io.encode_jpeg(colour).numpy())]
+
+
+def verify_export(folder: Path, assembled: EndToEnd, encoded: list[tuple[str, bytes]]) -> dict:
+    """Reload model.keras (safe mode) and the SavedModel; both must reproduce the in-memory model.
+
+    Raises:
+        FeatcacheError: a reloaded artifact disagrees by more than ``VERIFY_TOLERANCE``.
+    """
+    import keras
+    import tensorflow as tf
+
+    size = assembled.manifest["image_size"]
+    images = np.stack([decode_bytes(data, size, name=name) for name, data in encoded])
+    expected = predict_images(assembled.model, images)
+    reloaded = predict_images(keras.saving.load_model(folder / KERAS_FILE, safe_mode=True), images)
+    serving = tf.saved_model.load(str(folder / SAVED_MODEL_DIR)).signatures[SIGNATURE]
+    served = serving(image_bytes=tf.constant([data for _, data in encoded]))["probability"].numpy()
+    result = {"images": [name for name, _ in encoded], "tolerance": VERIFY_TOLERANCE,
+              "max_abs_diff_model_keras": float(np.max(np.abs(reloaded - expected))),
+              "max_abs_diff_saved_model": float(np.max(np.abs(served - expected)))}
+    for key in ("max_abs_diff_model_keras", "max_abs_diff_saved_model"):
+        if result[key] > VERIFY_TOLERANCE:
+            raise FeatcacheError(f"The exported {key[13:]} does not reproduce the evaluated model ({result[key]:.3g} > "
+                                 f"{VERIFY_TOLERANCE:g}); nothing was written. Received: {key}={result[key]:.3g}")
+    return result
+
+
+def model_card(assembled: EndToEnd, cache_path: Path, report: dict, verification: dict, keras_sha256: str) -> dict:
+    """model.json: what the model is, what it was built from, how it scored."""
+    import keras
+    import tensorflow as tf
+
+    manifest, record = assembled.manifest, assembled.record
+    return {
+        "backbone": manifest["backbone"],
+        "weights": {"source": manifest["weights"]["source"], "sha256": assembled.weights_sha256},
+        "cache_file": Path(cache_path).name,
+        "cache_fingerprint": manifest["fingerprint"],
+        "image_size": manifest["image_size"],
+        "preprocessing": {"decode_and_resize": manifest.get("resize"), "backbone": manifest.get("preprocessing")},
+        "class_names": manifest["class_names"],
+        "positive_class": manifest["class_names"][1],
+        "threshold": float(record["threshold"]),
+        "threshold_method": record["threshold_method"],
+        "head": {"params": record["params"], "trial_number": record["trial_number"],
+                 "study_name": record.get("study_name"), "head_sha256": record["head_sha256"]},
+        "validation_metrics": record["val_metrics"],
+        "test_metrics": {key: {name: m["value"] for name, m in report[key]["metrics"].items()}
+                         for key in ("at_threshold", "at_0.5")},
+        "test_metrics_ci": {key: report[key]["metrics"] for key in ("at_threshold", "at_0.5")},
+        "test_images": report["test"]["images"],
+        "parity": report["parity"],
+        "verification": verification,
+        "files": {"keras": KERAS_FILE, "keras_sha256": keras_sha256, "saved_model": SAVED_MODEL_DIR,
+                  "signature": SIGNATURE, "inputs": {"image_bytes": "(None,) tf.string, encoded JPEG or PNG"},
+                  "outputs": {"probability": f"(None,) float32, P({manifest['class_names'][1]})",
+                              "label": "(None,) tf.string, class name at the threshold"},
+                  "keras_input": f"(None, {manifest['image_size']}, {manifest['image_size']}, 3) uint8 RGB"},
+        "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporary folders of earlier exports to ``out`` whose process is gone (killed mid-export)."""
+    for folder in out.parent.glob(f".{out.name}.incomplete-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (``--force``) is moved aside first, then removed."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

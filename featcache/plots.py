@@ -1,0 +1,81 @@
+"""PNG plots of an evaluation: ROC curves, confusion matrices, the trial history of the head search.
+
+Figures are made with ``matplotlib.figure.Figure`` and the Agg canvas, never pyplot, so no display
+and no global backend state are involved. Each file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _save(figure, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_roc(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title: str = "Test ROC") -> Path:
+    """ROC curves, one per ``(name, labels (n,), probs (n,))``, with their AUC in the legend."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    figure = Figure(figsize=(5, 5))
+    axes = figure.add_subplot()
+    for name, labels, probs in curves:
+        fpr, tpr, _ = roc_curve(labels, probs)
+        axes.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {roc_auc_score(labels, probs):.3f})")
+    axes.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    axes.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+             xlim=(0, 1), ylim=(0, 1.01), title=title)
+    axes.legend(loc="lower right", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_confusions(matrices: list[tuple[str, list[list[int]]]], class_names: list[str], path: Path) -> Path:
+    """Side-by-side 2x2 confusion matrices (rows: true class, columns: predicted), counts annotated."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.8 * len(matrices), 4), layout="constrained")
+    for i, (title, matrix) in enumerate(matrices):
+        axes = figure.add_subplot(1, len(matrices), i + 1)
+        matrix = np.asarray(matrix)
+        axes.imshow(matrix, cmap="Blues", vmin=0)
+        for (row, col), count in np.ndenumerate(matrix):
+            dark = count > matrix.max() / 2
+            axes.text(col, row, str(count), ha="center", va="center", color="white" if dark else "black")
+        axes.set(xticks=[0, 1], yticks=[0, 1], xticklabels=class_names, yticklabels=class_names,
+                 xlabel="predicted", ylabel="true", title=title)
+    return _save(figure, path)
+
+
+def plot_trials(rows: list[dict], path: Path, title: str = "Head search") -> Path:
+    """Validation ROC-AUC of each trial (pruned ones hollow) and the best so far."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.5))
+    axes = figure.add_subplot()
+    rows = sorted((r for r in rows if r.get("val_roc_auc") is not None), key=lambda r: r["number"])
+    done = [r for r in rows if not r.get("pruned")]
+    pruned = [r for r in rows if r.get("pruned")]
+    axes.scatter([r["number"] for r in done], [r["val_roc_auc"] for r in done], s=22, label="complete")
+    if pruned:
+        axes.scatter([r["number"] for r in pruned], [r["val_roc_auc"] for r in pruned], s=22, facecolors="none",
+                     edgecolors="grey", label="pruned (last reported)")
+    if done:
+        best = np.maximum.accumulate([r["val_roc_auc"] for r in done])
+        axes.step([r["number"] for r in done], best, where="post", color="C1", label="best so far")
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set(xlabel="trial", ylabel="validation ROC-AUC", title=title)
+    axes.legend(loc="lower right", fontsize=8)
+    return _save(figure, path)

@@ -1,0 +1,115 @@
+"""Markdown renderings of evaluation reports: one backbone's report.md and the cross-backbone
+comparison.md. Pure string formatting of the dicts ``evaluate`` builds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from featcache.metrics import METRICS
+
+LABELS = {"accuracy": "Accuracy", "sensitivity": "Sensitivity (recall of {pos})", "specificity": "Specificity",
+          "precision": "Precision", "f1": "F1", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC (average precision)"}
+
+
+def _num(value, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _ci(entry: dict) -> str:
+    return f"{_num(entry['value'])} [{_num(entry['ci_low'])}, {_num(entry['ci_high'])}]"
+
+
+def _confusion(confusion: dict, names: list[str]) -> list[str]:
+    return [
+        f"| true \\ predicted | {names[0]} | {names[1]} |", "| --- | ---: | ---: |",
+        f"| {names[0]} | {confusion['tn']} | {confusion['fp']} |",
+        f"| {names[1]} | {confusion['fn']} | {confusion['tp']} |",
+    ]
+
+
+def format_report(report: dict) -> str:
+    """report.md of one backbone."""
+    names, test = report["class_names"], report["test"]
+    at_t, at_half, base = report["at_threshold"], report["at_0.5"], report["baseline"]
+    boot = at_t["bootstrap"]
+    head, parity = report["head"], report["parity"]
+    lines = [
+        f"# Evaluation: {report['backbone']}", "",
+        f"- cache `{report['cache_file']}` (fingerprint `{report['cache_fingerprint'][:12]}`, {report['dtype']} maps, "
+        f"{report['image_size']} px)",
+        f"- backbone weights: {report['weights']['source']}, SHA-256 `{report['weights']['verified_sha256'][:16]}` "
+        "(verified against the cache)",
+        f"- head: trial {head['trial_number']} of study `{head['study_name']}`, parameters `{head['params']}`",
+        f"- threshold {head['threshold']:.4f} ({head['threshold_method']}, chosen on validation)",
+        f"- test images: {test['images']} ({test['positives']} {names[1]}, {test['negatives']} {names[0]}) from "
+        f"`{report['data_dir']}`, read from their raw files",
+        f"- parity: max |end-to-end - head(cached maps)| = {parity['max_abs_diff']:.2e} over {parity['images']} "
+        f"images (tolerance {parity['tolerance']:g})", "",
+        f"## Test metrics (95 % bootstrap CI, {boot['resamples']} resamples of the test images)", "",
+        f"| metric | at threshold {at_t['threshold']:.3f} | at 0.5 | majority baseline ({names[base['class_index']]}) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in METRICS:
+        label = LABELS[name].format(pos=names[1])
+        lines.append(f"| {label} | {_ci(at_t['metrics'][name])} | {_ci(at_half['metrics'][name])} | "
+                     f"{_num(base['metrics'][name])} |")
+    lines += ["", f"Validation (the head's own split): ROC-AUC {_num(report['validation']['roc_auc'])}, "
+              f"accuracy {_num(report['validation']['accuracy'])} at the threshold.", "",
+              f"## Confusion matrix at threshold {at_t['threshold']:.3f}", ""]
+    lines += _confusion(at_t["confusion"], names)
+    lines += ["", "## Confusion matrix at 0.5", ""] + _confusion(at_half["confusion"], names)
+    skipped = test["skipped"] + test["skipped_at_extraction"]
+    if skipped:
+        lines += ["", "## Skipped test images", ""] + [f"- `{s['path']}`: {s['error']}" for s in skipped]
+    lines += ["", "Plots: [ROC](roc.png), [confusion matrices](confusion.png), [trial history](trials.png).", ""]
+    return "\n".join(lines)
+
+
+def format_comparison(reports: list[dict], selection: dict) -> str:
+    """comparison.md: a table per backbone; the selection is by validation ROC-AUC."""
+    lines = [
+        "# Backbone comparison", "",
+        f"Selected for export: **{selection['backbone']}** (`{selection['cache_file']}`): {selection['criterion']}.", "",
+        "| Backbone | Val ROC-AUC | Threshold | Test Accuracy | Test Accuracy at 0.5 | Test ROC-AUC | Sensitivity "
+        "| Specificity |",
+        "| --- | ---: | ---: | --- | --- | --- | --- | --- |",
+    ]
+    for report in sorted(reports, key=lambda r: r["cache_file"]):
+        m, half = report["at_threshold"]["metrics"], report["at_0.5"]["metrics"]
+        mark = " (selected)" if report["cache_file"] == selection["cache_file"] else ""
+        lines.append(f"| {report['backbone']}{mark} | {_num(report['validation']['roc_auc'])} | "
+                     f"{report['at_threshold']['threshold']:.3f} | {_ci(m['accuracy'])} | {_ci(half['accuracy'])} | "
+                     f"{_ci(m['roc_auc'])} | {_ci(m['sensitivity'])} | {_ci(m['specificity'])} |")
+    if reports:
+        base, names = reports[0]["baseline"], reports[0]["class_names"]
+        lines += ["", f"Majority-class baseline (always {names[base['class_index']]}, the training majority): test "
+                  f"accuracy {_num(base['metrics']['accuracy'])}, sensitivity {_num(base['metrics']['sensitivity'])}, "
+                  f"specificity {_num(base['metrics']['specificity'])}."]
+    lines += ["", "Sensitivity and specificity at each head's validation-chosen threshold; brackets: 95 % bootstrap "
+              "CI. ROC curves: [roc.png](roc.png).", ""]
+    return "\n".join(lines)
+
+
+def format_summary(reports: list[dict], selection: dict) -> str:
+    """What ``featcache evaluate`` prints: one block per backbone and the selection."""
+    lines = []
+    for r in reports:
+        m = r["at_threshold"]["metrics"]
+        lines += [
+            f"{r['backbone']}: {r['test']['images']} test images, threshold {r['at_threshold']['threshold']:.3f}: "
+            f"accuracy {_ci(m['accuracy'])}, ROC-AUC {_ci(m['roc_auc'])}, sensitivity {_num(m['sensitivity']['value'])}, "
+            f"specificity {_num(m['specificity']['value'])}",
+            f"  at 0.5: accuracy {_num(r['at_0.5']['metrics']['accuracy']['value'])}; majority baseline accuracy "
+            f"{_num(r['baseline']['metrics']['accuracy'])}; parity max diff {r['parity']['max_abs_diff']:.2e}",
+        ]
+        if r["test"]["skipped"]:
+            lines.append(f"  skipped {len(r['test']['skipped'])} unreadable test images: "
+                         + ", ".join(s["path"] for s in r["test"]["skipped"]))
+        lines.append(f"  report {r['run_dir']}/report.md")
+    chosen = next(c for c in selection["candidates"] if c["cache_file"] == selection["cache_file"])
+    lines.append(f"selected {selection['backbone']} ({selection['cache_file']}) by validation ROC-AUC "
+                 f"{chosen['val_roc_auc']:.4f}, the default of 'featcache export'")
+    if reports:
+        lines.append(f"comparison {Path(reports[0]['run_dir']).parent / 'comparison.md'}")
+    return "\n".join(lines)

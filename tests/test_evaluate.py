@@ -1,0 +1,137 @@
+"""``featcache evaluate`` end to end on the dev X-rays: the report's numbers, parity, selection by
+validation, report files, and the CLI's errors and exit codes."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from pipeline import copy_run, dev_pipeline, run_cli
+from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, recall_score, roc_auc_score
+from test_reports import fake_report
+
+from featcache.errors import FeatcacheError
+from featcache.evaluate import select_backbone
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, dev_data):
+    return dev_pipeline(tmp_path_factory, dev_data)
+
+
+def test_report_numbers_agree_with_sklearn_on_its_predictions(run):
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    p = report["predictions"]
+    labels, probs, cached = np.array(p["label"]), np.array(p["probability"]), np.array(p["cached_probability"])
+    assert report["test"] == {"images": 150, "positives": 111, "negatives": 39, "skipped": [],
+                              "skipped_at_extraction": []}
+    assert len(set(p["path"])) == 150 and all(path.startswith("test/") for path in p["path"])
+    head = json.loads((run["run_dir"] / "head.json").read_text())
+    threshold = head["threshold"]
+    for key, t in (("at_threshold", threshold), ("at_0.5", 0.5)):
+        m = report[key]["metrics"]
+        called = (probs >= t).astype(int)
+        assert report[key]["threshold"] == t
+        assert m["accuracy"]["value"] == pytest.approx(accuracy_score(labels, called))
+        assert m["sensitivity"]["value"] == pytest.approx(recall_score(labels, called))
+        assert m["specificity"]["value"] == pytest.approx(recall_score(1 - labels, 1 - called))
+        assert m["roc_auc"]["value"] == pytest.approx(roc_auc_score(labels, probs))
+        assert m["pr_auc"]["value"] == pytest.approx(average_precision_score(labels, probs))
+        assert report[key]["confusion"]["matrix"] == confusion_matrix(labels, called).tolist()
+        assert all(v["ci_low"] <= v["value"] <= v["ci_high"] for v in m.values())
+    assert report["parity"]["max_abs_diff"] == pytest.approx(np.abs(probs - cached).max(), abs=1e-7)
+    assert report["parity"]["max_abs_diff"] <= 1e-3 and report["parity"]["tolerance"] == 1e-3
+    assert report["baseline"]["class_index"] == 1  # PNEUMONIA is the training majority
+    assert report["baseline"]["metrics"]["accuracy"] == pytest.approx(111 / 150)
+    assert report["validation"] == head["val_metrics"]
+    assert report["weights"]["verified_sha256"] == report["weights"]["sha256"]
+
+
+def test_report_files_and_selection(run):
+    for name in ("report.json", "report.md", "roc.png", "confusion.png", "trials.png"):
+        assert (run["run_dir"] / name).stat().st_size > 0, name
+    runs = run["cache_dir"] / "runs"
+    selection = json.loads((runs / "selection.json").read_text())
+    assert selection["backbone"] == "tiny" and selection["cache_file"] == run["cache"].name
+    assert "validation ROC-AUC" in selection["criterion"]
+    assert (runs / "roc.png").is_file() and "Test Accuracy" in (runs / "comparison.md").read_text()
+    out = run["outputs"]["evaluate"]
+    assert "tiny: 150 test images" in out and "selected tiny" in out and "parity max diff" in out
+
+
+def test_selection_uses_validation_not_test():
+    strong_val = fake_report("vgg16", val_auc=0.97, test_probs_quality=0.05, seed=1)  # weak on test
+    strong_test = fake_report("resnet152", val_auc=0.93, test_probs_quality=0.95, seed=2)
+    assert (strong_test["at_threshold"]["metrics"]["roc_auc"]["value"]
+            > strong_val["at_threshold"]["metrics"]["roc_auc"]["value"])
+    for order in ([strong_val, strong_test], [strong_test, strong_val]):
+        assert select_backbone(order)["backbone"] == "vgg16"
+    tied = fake_report("resnet152", val_auc=0.97, test_probs_quality=0.95, seed=3)
+    tied["validation"]["loss"] = 0.1  # equal AUC: the lower validation loss wins
+    assert select_backbone([strong_val, tied])["backbone"] == "resnet152"
+    with pytest.raises(FeatcacheError, match="run 'featcache evaluate' first"):
+        select_backbone([])
+
+
+def _one_line_error(result, message):
+    assert result.exit_code == 1, result.output
+    assert message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_no_test_folder(run, tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    result = run_cli("evaluate", "--cache-dir", run["cache_dir"], "--data", tmp_path / "data")
+    _one_line_error(result, "No test folder")
+
+
+def test_head_trained_on_another_cache(run, tmp_path):
+    copy = copy_run(run, tmp_path)
+    record = json.loads((copy["run_dir"] / "head.json").read_text())
+    record["cache_fingerprint"] = "f" * 64
+    (copy["run_dir"] / "head.json").write_text(json.dumps(record))
+    before = (copy["run_dir"] / "report.json").read_bytes()
+    _one_line_error(run_cli("evaluate", "--cache-dir", copy["cache_dir"]), "was trained on cache")
+    assert (copy["run_dir"] / "report.json").read_bytes() == before  # nothing rewritten
+
+
+def test_weights_that_no_longer_match(run, tmp_path):
+    copy = copy_run(run, tmp_path)
+    weights = copy["cache"].with_name(f"{copy['cache'].stem}.weights.h5")
+    import h5py
+
+    with h5py.File(weights, "r+") as handle:  # nudge one kernel value
+        kernels = []
+        handle.visititems(lambda n, o: kernels.append(o) if isinstance(o, h5py.Dataset) and o.ndim == 4 else None)
+        kernels[0][0, 0, 0, 0] += 0.5
+    _one_line_error(run_cli("evaluate", "--cache-dir", copy["cache_dir"]), "restore the original weights")
+
+
+def test_changed_and_missing_test_images(run, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(run["data"] / "test", data / "test")
+    gone = min((data / "test" / "NORMAL").iterdir())
+    gone.unlink()
+    copy = copy_run(run, tmp_path)
+    result = run_cli("evaluate", "--cache-dir", copy["cache_dir"], "--data", data, "--bootstrap", "20")
+    assert result.exit_code == 0, result.output
+    assert f"skipped 1 unreadable test images: test/NORMAL/{gone.name}" in result.output
+    report = json.loads((copy["run_dir"] / "report.json").read_text())
+    assert report["test"]["images"] == 149 and report["test"]["skipped"][0]["path"] == f"test/NORMAL/{gone.name}"
+    changed = sorted((data / "test" / "PNEUMONIA").iterdir())[3]
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    _one_line_error(run_cli("evaluate", "--cache-dir", copy["cache_dir"], "--data", data),
+                    "1 test images in")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bootstrap", "0"], "--bootstrap must be >= 1"),
+    (["--backbone", "vgg16"], "No vgg16 cache"),
+    (["--backbone", "tiny", "--backbone", "tiny"], "Each --backbone once"),
+])
+def test_bad_options(run, args, message):
+    _one_line_error(run_cli("evaluate", "--cache-dir", run["cache_dir"], *args), message)
+
+
+def test_no_trained_head(tmp_path):
+    _one_line_error(run_cli("evaluate", "--cache-dir", tmp_path), "No trained head")

@@ -1,0 +1,173 @@
+"""``featcache export``: model.keras loads with plain Keras in a process without featcache, the SavedModel
+scores raw image bytes, the model card, and refusals that leave nothing half-written."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pipeline import copy_run, dev_pipeline, run_cli
+
+from featcache.data import load_image
+from featcache.errors import FeatcacheError
+
+N = 10
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, dev_data):
+    return dev_pipeline(tmp_path_factory, dev_data)
+
+
+@pytest.fixture(scope="module")
+def evaluated(run):
+    """The first N test images of the report and the end-to-end probabilities ``evaluate`` recorded."""
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    return report["predictions"]["path"][:N], np.array(report["predictions"]["probability"][:N])
+
+
+def _python(tmp_path, script: str, *args) -> dict:
+    """Run ``script`` in a fresh interpreter, outside the repository, and parse its last stdout line as JSON."""
+    result = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, check=False, env={"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
+                                                         "PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+PLAIN_KERAS = """
+import json, sys
+import keras, numpy as np
+model = keras.saving.load_model(sys.argv[1])  # safe_mode=True is the default; no custom_objects
+probs = model.predict(np.load(sys.argv[2]), verbose=0)[:, 0]
+print(json.dumps({"probs": probs.tolist(), "featcache": sorted(m for m in sys.modules if m.startswith("featcache")),
+                  "dtype": str(model.input.dtype)}))
+"""
+
+
+def test_model_keras_loads_with_plain_keras_without_featcache(run, evaluated, tmp_path):
+    paths, expected = evaluated
+    np.save(tmp_path / "images.npy", np.stack([load_image(run["data"] / p, 64) for p in paths]))
+    out = _python(tmp_path, PLAIN_KERAS, run["model"] / "model.keras", tmp_path / "images.npy")
+    assert out["featcache"] == [] and out["dtype"] == "uint8"
+    np.testing.assert_allclose(out["probs"], expected, atol=1e-5)
+
+
+SAVED_MODEL = """
+import json, sys
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+files = sys.argv[2:]
+jpegs = [open(f, "rb").read() for f in files]
+gray = tf.io.decode_image(jpegs[0], channels=1)  # the same pixels, re-encoded losslessly
+extra = [tf.io.encode_png(gray).numpy(), tf.io.encode_png(tf.image.grayscale_to_rgb(gray)).numpy()]
+out = serve(image_bytes=tf.constant(jpegs + extra))
+print(json.dumps({"probability": out["probability"].numpy().tolist(),
+                  "label": [b.decode() for b in out["label"].numpy()],
+                  "inputs": {k: v.dtype.name for k, v in serve.structured_input_signature[1].items()},
+                  "featcache": sorted(m for m in sys.modules if m.startswith("featcache"))}))
+"""
+
+
+def test_saved_model_scores_encoded_bytes(run, evaluated, tmp_path):
+    paths, expected = evaluated
+    card = json.loads((run["model"] / "model.json").read_text())
+    out = _python(tmp_path, SAVED_MODEL, run["model"] / "model.export", *[run["data"] / p for p in paths])
+    assert out["featcache"] == [] and out["inputs"] == {"image_bytes": "string"}
+    probs = np.array(out["probability"])
+    np.testing.assert_allclose(probs[:N], expected, atol=1e-5)
+    np.testing.assert_allclose(probs[N:], probs[0], atol=1e-6)  # gray or RGB PNG of the same pixels: same answer
+    names = card["class_names"]
+    assert out["label"] == [names[int(p >= card["threshold"])] for p in probs]
+
+
+def test_model_card(run):
+    card = json.loads((run["model"] / "model.json").read_text())
+    head = json.loads((run["run_dir"] / "head.json").read_text())
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    assert card["backbone"] == "tiny" and card["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert card["weights"]["sha256"] == report["weights"]["sha256"] and card["weights"]["source"] == "random"
+    assert card["cache_fingerprint"] == head["cache_fingerprint"] == report["cache_fingerprint"]
+    assert card["head"]["params"] == head["params"] and card["threshold"] == head["threshold"]
+    assert card["validation_metrics"] == head["val_metrics"]
+    assert card["test_metrics"]["at_threshold"]["accuracy"] == report["at_threshold"]["metrics"]["accuracy"]["value"]
+    assert set(card["versions"]) == {"featcache", "tensorflow", "keras"}
+    assert card["verification"]["max_abs_diff_model_keras"] <= 1e-5
+    assert card["verification"]["max_abs_diff_saved_model"] <= 1e-5
+    assert card["files"]["keras_sha256"] == hashlib.sha256((run["model"] / "model.keras").read_bytes()).hexdigest()
+    assert sorted(p.name for p in run["model"].iterdir()) == ["model.export", "model.json", "model.keras"]
+
+
+def _one_line_error(result, message):
+    assert result.exit_code == 1, result.output
+    assert message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_existing_folder_needs_force(run, tmp_path):
+    copy = copy_run(run, tmp_path)
+    before = (copy["model"] / "model.json").read_text()
+    _one_line_error(run_cli("export", "--cache-dir", copy["cache_dir"], "--out", copy["model"]), "pass --force")
+    assert (copy["model"] / "model.json").read_text() == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    _one_line_error(run_cli("export", "--cache-dir", copy["cache_dir"], "--out", tmp_path / "mine", "--force"),
+                    "not a featcache export")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "keep me"
+    result = run_cli("export", "--cache-dir", copy["cache_dir"], "--out", copy["model"], "--force", "--backbone", "tiny")
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy["model"] / "model.json").read_text())["created"] >= json.loads(before)["created"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "mine", "model"]  # no temporary folders left
+
+
+def test_failed_export_leaves_nothing(run, tmp_path, monkeypatch):
+    import featcache.export
+
+    def broken(*args, **kwargs):
+        raise FeatcacheError("verification failed (simulated)")
+
+    monkeypatch.setattr(featcache.export, "verify_export", broken)
+    copy = copy_run(run, tmp_path)
+    _one_line_error(run_cli("export", "--cache-dir", copy["cache_dir"], "--out", tmp_path / "new"), "simulated")
+    before = (copy["model"] / "model.keras").read_bytes()
+    _one_line_error(run_cli("export", "--cache-dir", copy["cache_dir"], "--out", copy["model"], "--force"), "simulated")
+    assert (copy["model"] / "model.keras").read_bytes() == before  # the earlier export is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "model"]
+
+
+def test_export_needs_an_evaluation_of_this_very_head(run, tmp_path):
+    from featcache.head import HeadParams, build_head
+
+    copy = copy_run(run, tmp_path)
+    out = tmp_path / "out"
+    # the head is trained again after evaluate: the report (and the selection) no longer describe it
+    build_head((2, 2, 16), HeadParams(units=8)).maps.save(copy["run_dir"] / "head.keras")
+    record = json.loads((copy["run_dir"] / "head.json").read_text())
+    record["head_sha256"] = hashlib.sha256((copy["run_dir"] / "head.keras").read_bytes()).hexdigest()
+    (copy["run_dir"] / "head.json").write_text(json.dumps(record))
+    _one_line_error(run_cli("export", "--cache-dir", copy["cache_dir"], "--out", out), "re-run 'featcache evaluate'")
+    (copy["run_dir"] / "report.json").unlink()
+    _one_line_error(run_cli("export", "--cache-dir", copy["cache_dir"], "--out", out, "--backbone", "tiny"),
+                    "has not been evaluated")
+    (copy["cache_dir"] / "runs" / "selection.json").unlink()
+    _one_line_error(run_cli("export", "--cache-dir", copy["cache_dir"], "--out", out), "run 'featcache evaluate' first")
+    assert not out.exists()
+
+
+def test_export_without_the_data_folder_checks_synthetic_images(run, tmp_path):
+    copy = copy_run(run, tmp_path)
+    report = json.loads((copy["run_dir"] / "report.json").read_text())
+    report["data_dir"] = str(tmp_path / "moved-away")
+    (copy["run_dir"] / "report.json").write_text(json.dumps(report))
+    leftover = tmp_path / ".m2.incomplete-999999999"  # left by an export that was killed (no such process now)
+    (leftover / "model.export").mkdir(parents=True)
+    result = run_cli("export", "--cache-dir", copy["cache_dir"], "--out", tmp_path / "m2")
+    assert result.exit_code == 0, result.output
+    assert not leftover.exists()
+    card = json.loads((tmp_path / "m2" / "model.json").read_text())
+    assert card["verification"]["images"] == ["synthetic-gray.png", "synthetic-colour.jpeg"]
+    assert card["verification"]["max_abs_diff_saved_model"] <= 1e-5
+
