@@ -111,7 +111,8 @@ def evaluate(
     seed: Seed = 0,
 ) -> None:
     """Score the reassembled end-to-end models on the raw test images, check parity with the cache, pick the best backbone by validation AUC."""
-    from featcache.evaluate import EvaluateConfig, evaluate_backbones
+    from featcache.config import EvaluateConfig
+    from featcache.evaluate import evaluate_backbones
     from featcache.reports import format_summary
 
     try:
@@ -131,7 +132,8 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out.")] = False,
 ) -> None:
     """Save the evaluated end-to-end model: Keras file, SavedModel taking image bytes, and a model card."""
-    from featcache.export import ExportConfig, export_model
+    from featcache.config import ExportConfig
+    from featcache.export import export_model
 
     try:
         summary = export_model(ExportConfig(cache_dir=cache_dir, backbone=backbone, out=out, force=force))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from featcache.augment import AugmentSpec
 from featcache.errors import FeatcacheError
+from featcache.metrics import N_BOOTSTRAP
 
 DTYPES = ("float16", "float32")
 COMPRESSIONS = (None, "lzf", "gzip")
@@ -109,3 +110,49 @@ class TrainHeadConfig:
             )
         if self.storage is not None and not self.storage.strip():
             raise FeatcacheError(f"--storage must be an Optuna RDB URL. Received: storage={self.storage!r}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of ``featcache evaluate``.
+
+    Attributes:
+        cache_dir: folder of the caches and their ``runs/``.
+        data_dir: data folder holding ``test/``; None reads the one recorded in each cache.
+        backbones: evaluate these; empty means every cache with a trained head.
+        n_bootstrap: bootstrap resamples of the test set for the confidence intervals.
+        seed: seed of the resamples.
+        batch_size: images per forward pass of the end-to-end model.
+    """
+
+    cache_dir: Path = Path("cache")
+    data_dir: Path | None = None
+    backbones: tuple[str, ...] = ()
+    n_bootstrap: int = N_BOOTSTRAP
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.n_bootstrap < 1:
+            raise FeatcacheError(f"--bootstrap must be >= 1. Received: n_bootstrap={self.n_bootstrap}")
+        if self.batch_size < 1:
+            raise FeatcacheError(f"--batch-size must be >= 1. Received: batch_size={self.batch_size}")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(self.backbones)}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Settings of ``featcache export``.
+
+    Attributes:
+        cache_dir: folder of the caches and runs.
+        backbone: a backbone name, or ``"best"`` for the one ``evaluate`` selected.
+        out: the folder to create (model.keras, model.export/, model.json).
+        force: replace ``out`` if it exists.
+    """
+
+    cache_dir: Path = Path("cache")
+    backbone: str = "best"
+    out: Path = Path("model")
+    force: bool = False

@@ -23,7 +23,8 @@ from featcache.assemble import assemble_model, check_parity, predict_features, p
 from featcache.cache import find_cache, list_caches, open_cache, read_rows
 from featcache.data import IMAGE_EXTENSIONS, SPLIT_CODES, decode_bytes
 from featcache.errors import CacheMismatchError, DataError, FeatcacheError
-from featcache.metrics import N_BOOTSTRAP, majority_baseline, score_with_intervals
+from featcache.config import EvaluateConfig
+from featcache.metrics import majority_baseline, score_with_intervals
 from featcache.reports import format_comparison, format_report
 from featcache.runs import RECORD_FILE, RUNS, check_head_matches_cache, load_head_record, run_dir_for
 
@@ -32,35 +33,6 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"
 SELECTION_FILE = "selection.json"
 CRITERION = "highest validation ROC-AUC of the chosen head (head.json val_metrics.roc_auc); test scores are not used"
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Settings of ``featcache evaluate``.
-
-    Attributes:
-        cache_dir: folder of the caches and their ``runs/``.
-        data_dir: data folder holding ``test/``; None reads the one recorded in each cache.
-        backbones: evaluate these; empty means every cache with a trained head.
-        n_bootstrap: bootstrap resamples of the test set for the confidence intervals.
-        seed: seed of the resamples.
-        batch_size: images per forward pass of the end-to-end model.
-    """
-
-    cache_dir: Path = Path("cache")
-    data_dir: Path | None = None
-    backbones: tuple[str, ...] = ()
-    n_bootstrap: int = N_BOOTSTRAP
-    seed: int = 0
-    batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        if self.n_bootstrap < 1:
-            raise FeatcacheError(f"--bootstrap must be >= 1. Received: n_bootstrap={self.n_bootstrap}")
-        if self.batch_size < 1:
-            raise FeatcacheError(f"--batch-size must be >= 1. Received: batch_size={self.batch_size}")
-        if len(set(self.backbones)) != len(self.backbones):
-            raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(self.backbones)}")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from featcache.cache import find_cache
 from featcache.data import decode_and_resize, decode_bytes
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.evaluate import REPORT_FILE, read_selection
+from featcache.config import ExportConfig
 from featcache.runs import check_head_matches_cache, load_head_record
 
 log = logging.getLogger(__name__)
@@ -32,23 +33,6 @@ CARD_FILE = "model.json"
 SIGNATURE = "serving_default"
 VERIFY_IMAGES = 8
 VERIFY_TOLERANCE = 1e-5  # reloaded artifacts vs the in-memory model: the same graph, last-bit noise only
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Settings of ``featcache export``.
-
-    Attributes:
-        cache_dir: folder of the caches and runs.
-        backbone: a backbone name, or ``"best"`` for the one ``evaluate`` selected.
-        out: the folder to create (model.keras, model.export/, model.json).
-        force: replace ``out`` if it exists.
-    """
-
-    cache_dir: Path = Path("cache")
-    backbone: str = "best"
-    out: Path = Path("model")
-    force: bool = False
 
 
 @dataclass(frozen=True)
