@@ -54,7 +54,12 @@ class ExtractSummary:
     reused_rows: int
     seconds: float
     size_bytes: int
-    images_per_second: float = 0.0
+    timing: "ComputeTiming | None" = None
+
+    @property
+    def images_per_second(self) -> float:
+        """Rows per second of the backbone phase, decoding, augmentation and batch writes included."""
+        return self.timing.rate(self.computed_rows) if self.timing else 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -109,7 +114,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         skipped = [{"path": p, "error": e} for (p, _), e in known_bad.items() if p in {f.record.path for f in files}]
         skipped += unreadable
         extractor = build_extractor(spec, backbone, config.image_size)
-        compute_seconds, bad = _compute_batches(config, folder.root, extractor, missing, store, precision)
+        timing, bad = _compute_batches(config, folder.root, extractor, missing, store, precision)
         skipped += bad
         bad_paths = {s["path"] for s in bad}
         rows = [(f, k) for f, k in wanted if f.record.path not in bad_paths]
@@ -124,7 +129,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         backbone=name, cache_path=paths.final, counts=manifest["counts"], skipped=skipped,
         computed_rows=computed, reused_rows=reused, seconds=time.perf_counter() - started,
         size_bytes=paths.final.stat().st_size,
-        images_per_second=computed / compute_seconds if compute_seconds > 0 else 0.0,
+        timing=timing,
     )
 
 
@@ -195,10 +200,28 @@ def _prepare_batch(root: Path, rows: list, config: ExtractConfig, pool: cf.Execu
     return images, kept, bad
 
 
-def _compute_batches(config, root, extractor, missing, store: BatchStore, precision) -> tuple[float, list[dict]]:
+@dataclass
+class ComputeTiming:
+    """Seconds of the backbone phase; the first batch also pays the trace and graph optimisation."""
+
+    seconds: float = 0.0
+    first_batch_seconds: float = 0.0
+    first_batch_rows: int = 0
+
+    def rate(self, rows: int) -> float:
+        return rows / self.seconds if self.seconds > 0 else 0.0
+
+    def steady_rate(self, rows: int) -> float:
+        """Rows per second after the first batch (the one-time trace excluded)."""
+        rest = self.seconds - self.first_batch_seconds
+        return (rows - self.first_batch_rows) / rest if rest > 0 and rows > self.first_batch_rows else 0.0
+
+
+def _compute_batches(config, root, extractor, missing, store: BatchStore, precision) -> tuple[ComputeTiming, list[dict]]:
     """Run the backbone over the missing rows; each finished batch goes to ``store``."""
+    timing = ComputeTiming()
     if not missing:
-        return 0.0, []
+        return timing, []
     forward = _make_forward(extractor, precision)
     batches = _plan_batches(missing, config.batch_size)
     prepared: queue.Queue = queue.Queue(maxsize=2)
@@ -227,6 +250,8 @@ def _compute_batches(config, root, extractor, missing, store: BatchStore, precis
                 if kept:
                     maps, pooled = forward(_pad(np.stack(images), config.batch_size))
                     maps, pooled = maps[:len(kept)], pooled[:len(kept)]
+                    if not timing.first_batch_rows:
+                        timing.first_batch_seconds, timing.first_batch_rows = time.perf_counter() - started, len(kept)
                     pending.append(writer.submit(
                         store.write, batch_id, maps.astype(config.dtype), pooled,
                         [f.record.path for f, _ in kept], [f.sha256 for f, _ in kept], np.array([k for _, k in kept]),
@@ -240,7 +265,8 @@ def _compute_batches(config, root, extractor, missing, store: BatchStore, precis
     finally:
         stop.set()
         bar.close()
-    return time.perf_counter() - started, bad
+    timing.seconds = time.perf_counter() - started
+    return timing, bad
 
 
 def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -313,7 +339,8 @@ def format_summary(summary: ExtractSummary) -> str:
         f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; augmented copies {c['train_copies']}; "
         f"rows {c['rows']}",
         f"  computed {summary.computed_rows} rows"
-        + (f" at {summary.images_per_second:.1f} img/s" if summary.computed_rows else "")
+        + (f" at {summary.images_per_second:.1f} img/s ({summary.timing.steady_rate(summary.computed_rows):.1f} "
+           f"after a {summary.timing.first_batch_seconds:.1f} s first batch)" if summary.computed_rows else "")
         + f", reused {summary.reused_rows}",
     ]
     if summary.skipped:
