@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -83,14 +82,21 @@ def write_full_scale_cache(cache_dir: Path, seed: int = 0) -> Path:
 def run_cli(cache_dir: Path, trials: int) -> tuple[float, float, str]:
     """Fresh study: (wall seconds, peak RSS GiB, output) of one ``featcache train-head`` subprocess."""
     shutil.rmtree(cache_dir / "runs", ignore_errors=True)
-    command = [sys.executable, "-m", "featcache", "train-head", "--cache-dir", str(cache_dir),
-               "--backbone", "resnet152", "--trials", str(trials), "--no-progress"]
+    # The child reports its own VmHWM: getrusage's ru_maxrss survives fork+exec on Linux, so
+    # RUSAGE_CHILDREN would report this (large, cache-writing) parent's peak instead.
+    argv = ["featcache", "train-head", "--cache-dir", str(cache_dir), "--backbone", "resnet152",
+            "--trials", str(trials), "--no-progress"]
+    code = (f"import runpy, sys; sys.argv = {argv!r}\n"
+            "try:\n    runpy.run_module('featcache', run_name='__main__')\n"
+            "finally:\n    print('VmHWM', [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1],"
+            " file=sys.stderr)")
+    command = [sys.executable, "-c", code]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"train-head failed ({done.returncode}):\n{done.stderr}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    peak = int(done.stderr.rsplit("VmHWM", 1)[1].split()[0]) / 2**20  # KiB -> GiB
     return wall, peak, done.stdout
 
 
