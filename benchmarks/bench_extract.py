@@ -9,6 +9,7 @@
 Reproduce:
     python benchmarks/bench_extract.py                       # both parts, VGG16 + ResNet152 at 224 px
     python benchmarks/bench_extract.py --part speed --images 96 --backbone vgg16
+    python benchmarks/bench_extract.py --part speed --batch-size 64 --images 400   # on a GPU
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def make_subset(target: Path, n_train: int, n_test: int, copies_of_dev: int = 0)
     return target
 
 
-def bench_speed(backbone: str, images: int, batch_size: int, image_size: int, rounds: int) -> dict:
+def bench_speed(backbone: str, images: int, batch_size: int, image_size: int, rounds: int,
+                precision: str = "auto") -> dict:
     import numpy as np
 
     from featcache.backbones import build_extractor, get_backbone_spec, load_backbone
     from featcache.config import ExtractConfig
     from featcache.data import find_images, load_image
-    from featcache.extract import _make_forward, _pad, extract_features
+    from featcache.extract import _effective_precision, _make_forward, _pad, extract_features
 
     work = Path(tempfile.mkdtemp(prefix="fc-bench-"))
     data = make_subset(work / "data", n_train=images // 2, n_test=images // 2)
@@ -59,8 +61,10 @@ def bench_speed(backbone: str, images: int, batch_size: int, image_size: int, ro
     folder = find_images(data, seed=0)
     decoded = [load_image(data / r.path, image_size) for r in folder.records]
     spec = get_backbone_spec(backbone)
-    extractor = build_extractor(spec, load_backbone(spec, image_size, "random", 0), image_size)
-    forward = _make_forward(extractor, "float32")
+    precision = _effective_precision(precision)  # both sides compute alike: mixed + XLA on a GPU
+    backbone_model = load_backbone(spec, image_size, "random", 0, mixed=precision == "mixed")
+    extractor = build_extractor(spec, backbone_model, image_size)
+    forward = _make_forward(extractor, precision)
     started = time.perf_counter()
     forward(_pad(np.stack(decoded[:batch_size]), batch_size))  # the bare side is timed after its trace
     first_call = time.perf_counter() - started
@@ -72,7 +76,7 @@ def bench_speed(backbone: str, images: int, batch_size: int, image_size: int, ro
             if side == "pipeline":
                 config = ExtractConfig(data_dir=data, backbones=(backbone,), weights="random", augment_copies=1,
                                        image_size=image_size, batch_size=batch_size,
-                                       cache_dir=work / f"cache{round_}", progress=False)
+                                       cache_dir=work / f"cache{round_}", precision=precision, progress=False)
                 started = time.perf_counter()
                 (summary,) = extract_features(config)
                 wall = time.perf_counter() - started
@@ -92,6 +96,7 @@ def bench_speed(backbone: str, images: int, batch_size: int, image_size: int, ro
     shutil.rmtree(work, ignore_errors=True)
     best = lambda xs: max(xs)  # noqa: E731  best of rounds: the least disturbed measurement of each side
     return {"backbone": backbone, "image_size": image_size, "batch_size": batch_size, "rows": rows,
+            "precision": precision,
             "bare_img_s": best(bare_rates), "pipeline_img_s": best(pipe_rates), "whole_run_img_s": best(wall_rates),
             "first_call_s": first_call, "steady_img_s": best(steady_rates), "fixed_s": min(fixed),
             "pipeline_over_bare": best(pipe_rates) / best(bare_rates),
@@ -131,11 +136,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precision", choices=("auto", "float32", "mixed"), default="auto",
+                        help="as extract's --precision; auto = mixed + XLA on a GPU")
     args = parser.parse_args()
     print(f"# {' '.join(sys.argv)}  (cores: {os.cpu_count()})")
     if args.part in ("speed", "all"):
         for backbone in args.backbone or ("vgg16", "resnet152"):
-            r = bench_speed(backbone, args.images, args.batch_size, args.image_size, args.rounds)
+            r = bench_speed(backbone, args.images, args.batch_size, args.image_size, args.rounds, args.precision)
             dev_rows = 1656  # the dev set with K=5 (451 originals + 5 copies of 241 train images), as README runs it
             projected = dev_rows / (dev_rows / r["steady_img_s"] + r["fixed_s"]) / r["bare_img_s"]
             print(f"speed {backbone} {r['image_size']}px batch {r['batch_size']}, {r['rows']} rows: "

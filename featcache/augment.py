@@ -11,9 +11,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import ndimage
 
-AUGMENT_VERSION = 1
+AUGMENT_VERSION = 2  # 2: TF ImageProjectiveTransformV3 instead of scipy.ndimage (1)
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,7 @@ class AugmentSpec:
         rotation: degrees, drawn from [-rotation, rotation].
         zoom: scale drawn from [1 - zoom, 1 + zoom]; above 1 zooms in.
         shift: fraction of the side, drawn per axis from [-shift, shift].
-        fill: how pixels outside the source are filled (scipy.ndimage mode).
+        fill: how pixels outside the source are filled: nearest, reflect, wrap or constant (0).
     """
 
     rotation: float = 10.0
@@ -38,29 +37,49 @@ class AugmentSpec:
 
 def augment_image(image: np.ndarray, copy_index: int, seed: int, content_sha256: str,
                   spec: AugmentSpec = AugmentSpec()) -> np.ndarray:
-    """One augmented copy of an image.
+    """One augmented copy of an image: ``augment_copies`` for a single copy index."""
+    return augment_copies(image, [copy_index], seed, content_sha256, spec)[0]
+
+
+def augment_copies(image: np.ndarray, copy_indices: list[int], seed: int, content_sha256: str,
+                   spec: AugmentSpec = AugmentSpec()) -> np.ndarray:
+    """Augmented copies of one image, all in one TensorFlow call.
 
     Args:
         image: (s, s, 3) uint8, already at the cache's image size.
-        copy_index: 1, 2, ... (0 is the original and is never augmented).
+        copy_indices: 1, 2, ... (0 is the original and is never augmented).
         seed: the run's seed.
         content_sha256: hex SHA-256 of the source file, so identical content gives identical copies.
         spec: transform ranges.
 
     Returns:
-        (s, s, 3) uint8.
+        (len(copy_indices), s, s, 3) uint8.
     """
-    if copy_index < 1:
-        raise ValueError(f"copy_index must be >= 1 for augmented copies. Received: copy_index={copy_index}")
+    import tensorflow as tf
+
+    if min(copy_indices, default=1) < 1:
+        raise ValueError(f"copy indices must be >= 1 for augmented copies. Received: copy_indices={copy_indices}")
+    transforms = np.stack([_transform(image.shape, k, seed, content_sha256, spec) for k in copy_indices])
+    images = tf.repeat(tf.convert_to_tensor(image[None], tf.float32), len(copy_indices), axis=0)
+    # The kernel of keras.layers.RandomRotation/RandomZoom: bilinear, C++, all channels at once.
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=tf.convert_to_tensor(transforms, tf.float32),
+        output_shape=tf.constant(image.shape[:2], tf.int32), fill_value=tf.constant(0.0),
+        interpolation="BILINEAR", fill_mode=spec.fill.upper(),
+    )
+    return np.clip(np.rint(out.numpy()), 0, 255).astype(np.uint8)
+
+
+def _transform(shape: tuple[int, ...], copy_index: int, seed: int, content_sha256: str,
+               spec: AugmentSpec) -> np.ndarray:
+    """The 8 projective parameters mapping output pixel (x=col, y=row) to its source pixel."""
     rng = np.random.default_rng([seed, copy_index, int(content_sha256[:16], 16)])
     angle = math.radians(rng.uniform(-spec.rotation, spec.rotation))
     scale = rng.uniform(1.0 - spec.zoom, 1.0 + spec.zoom)
-    side = image.shape[0]
-    shift = rng.uniform(-spec.shift, spec.shift, size=2) * side
-    # affine_transform maps output coordinates to input ones: input = matrix @ output + offset.
+    shift = rng.uniform(-spec.shift, spec.shift, size=2) * np.array(shape[:2])
+    # source = R(angle) / scale @ (output - center - shift) + center, in (x, y) pixel coordinates
     cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
-    matrix = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])
-    center = np.array([(side - 1) / 2, (image.shape[1] - 1) / 2, 0.0])
-    offset = center - matrix @ (center + np.array([shift[0], shift[1], 0.0]))
-    out = ndimage.affine_transform(image.astype(np.float32), matrix, offset=offset, order=1, mode=spec.fill)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    matrix = np.array([[cos, -sin], [sin, cos]])
+    center = (np.array([shape[1], shape[0]], dtype=float) - 1) / 2
+    offset = center - matrix @ (center + shift[::-1])
+    return np.array([matrix[0, 0], matrix[0, 1], offset[0], matrix[1, 0], matrix[1, 1], offset[1], 0.0, 0.0])

@@ -6,6 +6,7 @@ exported serving signature run the very same definition.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -219,12 +220,35 @@ def load_image(path: str | Path, image_size: int) -> np.ndarray:
 
 
 def decode_bytes(encoded: bytes, image_size: int, name: str = "image") -> np.ndarray:
+    """Decode encoded JPEG/PNG bytes to (s, s, 3) uint8 with ``decode_and_resize``.
+
+    Raises:
+        DataError: empty input or not a decodable image.
+    """
     import tensorflow as tf
 
     if not encoded:
         raise DataError(f"{name} is empty (0 bytes)")
     try:
-        return decode_and_resize(tf.constant(encoded), image_size).numpy()
+        return _compiled_decoder(image_size)(tf.constant(encoded)).numpy()
     except tf.errors.InvalidArgumentError as exc:
-        message = exc.message.split("[Op:")[0].split("}}")[-1].strip()
-        raise DataError(f"{name} is not a readable image: {message}") from None
+        raise DataError(f"{name} is not a readable image: {_decoder_message(exc.message)}") from None
+
+
+def _decoder_message(message: str) -> str:
+    """The decoder's own words in a TensorFlow error: the line before ``[[{{node ...}}]]``."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    at = next((i for i, line in enumerate(lines) if line.startswith("[[")), len(lines))
+    line = lines[at - 1] if at > 0 else message.strip()
+    return re.sub(r"^\{\{[^}]*\}\}\s*", "", line).split(" [Op:")[0].strip()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_decoder(image_size: int):
+    """``decode_and_resize`` as a tf.function: a third of the eager per-image cost."""
+    import tensorflow as tf
+
+    def decode(encoded):
+        return decode_and_resize(encoded, image_size)
+
+    return tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from featcache import __version__
-from featcache.augment import augment_image
+from featcache.augment import augment_copies
 from featcache.backbones import (
     CAFFE_MEAN_BGR, build_extractor, check_image_size, get_backbone_spec, hash_weights, load_backbone,
 )
@@ -187,8 +187,9 @@ def _prepare_batch(root: Path, rows: list, config: ExtractConfig, pool: cf.Execu
             image = load_image(root / f.record.path, config.image_size)
         except DataError as exc:
             return f, None, str(exc)
-        return f, [image if k == 0 else augment_image(image, k, config.seed, f.sha256, config.augment)
-                   for _, k in group], None
+        copies = [k for _, k in group if k > 0]
+        augmented = iter(augment_copies(image, copies, config.seed, f.sha256, config.augment) if copies else [])
+        return f, [image if k == 0 else next(augmented) for _, k in group], None
 
     images, kept, bad = [], [], []
     for (f, copies, error), group in zip(pool.map(load, by_file.values()), by_file.values()):

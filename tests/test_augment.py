@@ -37,5 +37,18 @@ def test_pure_shift_moves_pixels():
 
 
 def test_original_is_never_augmented():
-    with pytest.raises(ValueError, match="copy_index"):
+    with pytest.raises(ValueError, match="copy indices must be >= 1"):
         augment_image(_image(), 0, 0, SHA)
+
+
+def test_batched_copies_equal_single_copies_and_rotation_is_about_the_center():
+    from featcache.augment import augment_copies
+
+    image = _image()
+    batch = augment_copies(image, [1, 2, 3], seed=0, content_sha256=SHA)
+    for i, k in enumerate((1, 2, 3)):
+        assert (batch[i] == augment_image(image, k, 0, SHA)).all()
+    square = np.zeros((41, 41, 3), np.uint8)
+    square[20, 20] = 255  # the center pixel stays put under a pure rotation
+    spec = AugmentSpec(rotation=30.0, zoom=0.0, shift=0.0)
+    assert augment_image(square, 1, 0, SHA, spec)[20, 20].max() == 255

@@ -117,3 +117,11 @@ def test_read_rows_and_chunking(tmp_path):
         assert read_rows(ds, np.array([], int)).shape == (0,)
     assert chunk_rows((7, 7, 2048), "float16") == 5
     assert chunk_rows((7, 7, 512), "float16") == 20
+
+
+def test_batch_cut_short_is_ignored_and_recomputed(tmp_path):
+    store = BatchStore(tmp_path / "x.partial")
+    store.folder.mkdir(parents=True)
+    (store.folder / "b0.npz").write_bytes(b"")  # renamed before its data reached the disk (power loss)
+    (store.folder / "b1.npz").write_bytes(b"PK\x03\x04 torn")
+    assert store.index() == {}

@@ -135,3 +135,10 @@ def test_split_registry_round_trip_and_corruption(tmp_path):
     (tmp_path / "split-seed3.json").write_text("{broken")
     with pytest.raises(DataError, match="not a featcache split file"):
         read_split_registry(tmp_path, seed=3)
+
+
+def test_decoder_errors_say_what_is_wrong(bad_inputs):
+    with pytest.raises(DataError, match="Invalid JPEG data"):
+        load_image(bad_inputs / "truncated.jpeg", 32)
+    with pytest.raises(DataError, match="Unknown image file format"):
+        load_image(bad_inputs / "notes.jpeg", 32)
