@@ -119,7 +119,7 @@ def test_sigkill_mid_run_then_resume_equals_a_clean_run(dev_data, tmp_path):
     data = copy_subset(dev_data, tmp_path / "xrays", {
         "train/NORMAL": 20, "train/PNEUMONIA": 40, "test/NORMAL": 10, "test/PNEUMONIA": 10})
     args = [sys.executable, "-m", "featcache", "extract", "--data", str(data), "--backbone", "tiny",
-            "--weights", "random", "--image-size", "128", "--augment-copies", "3", "--batch-size", "4",
+            "--weights", "random", "--image-size", "192", "--augment-copies", "3", "--batch-size", "4",
             "--no-progress"]
     killed = tmp_path / "killed"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
