@@ -161,3 +161,15 @@ def _assert_same_datasets(a, b, float_tolerance=0.0):
             np.testing.assert_allclose(da[name], db[name], rtol=float_tolerance, atol=float_tolerance, err_msg=name)
         else:
             assert np.array_equal(da[name], db[name]), name
+
+
+def test_mixed_precision_gets_its_own_cache_and_stays_close(small_xrays, extract_config):
+    """The GPU default (mixed float16), run on the CPU: its own fingerprint, same storage dtypes."""
+    (full,) = extract_features(extract_config(small_xrays, augment_copies=0, precision="float32"))
+    (mixed,) = extract_features(extract_config(small_xrays, augment_copies=0, precision="mixed"))
+    assert full.cache_path != mixed.cache_path
+    assert read_manifest(mixed.cache_path)["precision"] == "mixed"
+    with open_cache(full.cache_path) as a, open_cache(mixed.cache_path) as b:
+        assert b["features"].dtype == np.float16 and b["pooled"].dtype == np.float32
+        scale = np.abs(a["pooled"][...]).max()
+        assert np.abs(a["pooled"][...] - b["pooled"][...]).max() <= 1e-2 * scale
