@@ -91,16 +91,27 @@ def assemble_model(cache_path: str | Path, record: dict, manifest: dict) -> EndT
 
 def predict_images(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """(n, s, s, 3) uint8 -> (n,) float32 probabilities."""
-    if not len(images):
-        return np.empty((0,), np.float32)
-    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), np.float32)[:, 0]
+    return _predict_padded(model, images, batch_size)
 
 
 def predict_features(head, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """(n, h, w, c) cached maps (any float dtype, cast to float32) -> (n,) float32 probabilities."""
-    probs = [np.asarray(head.predict(features[i:i + batch_size].astype(np.float32), verbose=0))[:, 0]
-             for i in range(0, len(features), batch_size)]
-    return np.concatenate(probs).astype(np.float32) if probs else np.empty((0,), np.float32)
+    return _predict_padded(head, features, batch_size, dtype=np.float32)
+
+
+def _predict_padded(model, inputs: np.ndarray, batch_size: int, dtype=None) -> np.ndarray:
+    """Batches padded to ``batch_size``: one input shape, so Keras traces its predict step once per model
+    (a retrace of a ResNet152 costs seconds, more than the padding). Fewer inputs than a batch are not padded."""
+    batch_size = max(1, min(batch_size, len(inputs)))
+    probs = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        chunk = chunk.astype(dtype) if dtype is not None else chunk
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+        probs.append(np.asarray(model.predict_on_batch(chunk), np.float32)[:n, 0])
+    return np.concatenate(probs) if probs else np.empty((0,), np.float32)
 
 
 def check_parity(end_to_end: np.ndarray, cached: np.ndarray, dtype: str, names: list[str],
