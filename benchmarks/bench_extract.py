@@ -64,7 +64,7 @@ def bench_speed(backbone: str, images: int, batch_size: int, image_size: int, ro
     precision = _effective_precision(precision)  # both sides compute alike: mixed + XLA on a GPU
     backbone_model = load_backbone(spec, image_size, "random", 0, mixed=precision == "mixed")
     extractor = build_extractor(spec, backbone_model, image_size)
-    forward = _make_forward(extractor, precision)
+    forward = _make_forward(extractor)
     started = time.perf_counter()
     forward(_pad(np.stack(decoded[:batch_size]), batch_size))  # the bare side is timed after its trace
     first_call = time.perf_counter() - started

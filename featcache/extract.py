@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,6 @@ class ExtractSummary:
     def images_per_second(self) -> float:
         """Rows per second of the backbone phase, decoding, augmentation and batch writes included."""
         return self.timing.rate(self.computed_rows) if self.timing else 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
@@ -114,7 +113,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         skipped = [{"path": p, "error": e} for (p, _), e in known_bad.items() if p in {f.record.path for f in files}]
         skipped += unreadable
         extractor = build_extractor(spec, backbone, config.image_size)
-        timing, bad = _compute_batches(config, folder.root, extractor, missing, store, precision)
+        timing, bad = _compute_batches(config, folder.root, extractor, missing, store)
         skipped += bad
         bad_paths = {s["path"] for s in bad}
         rows = [(f, k) for f, k in wanted if f.record.path not in bad_paths]
@@ -218,12 +217,12 @@ class ComputeTiming:
         return (rows - self.first_batch_rows) / rest if rest > 0 and rows > self.first_batch_rows else 0.0
 
 
-def _compute_batches(config, root, extractor, missing, store: BatchStore, precision) -> tuple[ComputeTiming, list[dict]]:
+def _compute_batches(config, root, extractor, missing, store: BatchStore) -> tuple[ComputeTiming, list[dict]]:
     """Run the backbone over the missing rows; each finished batch goes to ``store``."""
     timing = ComputeTiming()
     if not missing:
         return timing, []
-    forward = _make_forward(extractor, precision)
+    forward = _make_forward(extractor)
     batches = _plan_batches(missing, config.batch_size)
     prepared: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
@@ -279,8 +278,12 @@ def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([images, blank])
 
 
-def _make_forward(extractor, precision: str):
-    """A compiled ``images -> (maps, pooled)``; pooled is averaged from float32 maps."""
+def _make_forward(extractor):
+    """A compiled ``images -> (maps, pooled)``; pooled is averaged from float32 maps.
+
+    The extractor's dtype policy (float32 or mixed_float16) was set when its backbone was built;
+    XLA compiles the step where a GPU is visible.
+    """
     import tensorflow as tf
 
     use_xla = bool(tf.config.list_physical_devices("GPU"))
