@@ -26,7 +26,7 @@ from featcache.backbones import (
     CAFFE_MEAN_BGR, build_extractor, check_image_size, get_backbone_spec, hash_weights, load_backbone,
 )
 from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, compute_fingerprint
-from featcache.partial import BatchStore, ReusableCache, assemble_cache
+from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, assemble_cache
 from featcache.config import ExtractConfig
 from featcache.data import (
     PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image,
@@ -103,7 +103,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         store = BatchStore(paths.partial)
         if config.weights == "random" and not paths.weights.exists():
             store.folder.mkdir(parents=True, exist_ok=True)
-            _save_weights(backbone, store.folder / "backbone.weights.h5")
+            _save_weights(backbone, store.folder / SAVED_WEIGHTS)
         known_bad = old.skipped if old else {}
         good = [f for f in files if (f.record.path, f.sha256) not in known_bad]
         wanted = [(f, k) for f in good for k in range(config.augment_copies + 1 if f.record.split == "train" else 1)]
@@ -119,7 +119,9 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         rows = [(f, k) for f, k in wanted if f.record.path not in bad_paths]
         manifest = _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision)
         if old is None or missing or len(rows) != old.n_rows or old.skipped_paths != {s["path"] for s in skipped}:
-            assemble_cache(paths, rows, old, store, manifest, config)
+            assemble_cache(paths, rows, old, store, manifest, config)  # moves saved weights beside the cache
+        elif (store.folder / SAVED_WEIGHTS).exists():
+            os.replace(store.folder / SAVED_WEIGHTS, paths.weights)  # an up-to-date cache whose weights were deleted
         if old is not None:
             old.close()
         store.remove()

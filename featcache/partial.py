@@ -22,6 +22,7 @@ from featcache.errors import FeatcacheError
 log = logging.getLogger(__name__)
 
 ASSEMBLE_ROWS = 256  # rows copied per step when the cache file is assembled
+SAVED_WEIGHTS = "backbone.weights.h5"  # random initialisations, in the work folder until the cache is whole
 
 
 class BatchStore:
@@ -124,7 +125,7 @@ def assemble_cache(paths: CachePaths, rows: list, old: "ReusableCache | None", s
                 source_index=np.array([position[f.record.path] for f, _ in chunk]),
                 copy_index=np.array([k for _, k in chunk]),
             )
-        saved_weights = store.folder / "backbone.weights.h5"
+        saved_weights = store.folder / SAVED_WEIGHTS
         if saved_weights.exists():
             os.replace(saved_weights, paths.weights)  # before the cache: a whole cache always has its weights
         writer.commit(manifest)

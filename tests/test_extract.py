@@ -173,3 +173,11 @@ def test_mixed_precision_gets_its_own_cache_and_stays_close(small_xrays, extract
         assert b["features"].dtype == np.float16 and b["pooled"].dtype == np.float32
         scale = np.abs(a["pooled"][...]).max()
         assert np.abs(a["pooled"][...] - b["pooled"][...]).max() <= 1e-2 * scale
+
+
+def test_deleted_random_weights_are_restored_by_a_rerun(small_xrays, extract_config):
+    (first,) = extract_features(extract_config(small_xrays, augment_copies=0))
+    weights = first.cache_path.with_name(f"{first.cache_path.stem}.weights.h5")
+    weights.unlink()
+    (again,) = extract_features(extract_config(small_xrays, augment_copies=0))
+    assert again.computed_rows == 0 and weights.is_file()
