@@ -50,8 +50,7 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if not self.backbones:
             raise FeatcacheError("Pass at least one --backbone. Received: backbones=()")
-        if len(set(self.backbones)) != len(self.backbones):
-            raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(self.backbones)}")
+        _check_unique(self.backbones)
         if self.augment_copies < 0:
             raise FeatcacheError(f"--augment-copies must be >= 0. Received: augment_copies={self.augment_copies}")
         if self.batch_size < 1:
@@ -98,8 +97,7 @@ class TrainHeadConfig:
             raise FeatcacheError(f"--trials must be >= 1. Received: trials={self.trials}")
         if self.seed < 0:
             raise FeatcacheError(f"--seed must be >= 0. Received: seed={self.seed}")
-        if len(set(self.backbones)) != len(self.backbones):
-            raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(self.backbones)}")
+        _check_unique(self.backbones)
         if self.min_sensitivity is not None and not 0 < self.min_sensitivity <= 1:
             raise FeatcacheError(
                 f"--min-sensitivity must be in (0, 1]. Received: min_sensitivity={self.min_sensitivity}"
@@ -137,8 +135,7 @@ class EvaluateConfig:
             raise FeatcacheError(f"--bootstrap must be >= 1. Received: n_bootstrap={self.n_bootstrap}")
         if self.batch_size < 1:
             raise FeatcacheError(f"--batch-size must be >= 1. Received: batch_size={self.batch_size}")
-        if len(set(self.backbones)) != len(self.backbones):
-            raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(self.backbones)}")
+        _check_unique(self.backbones)
 
 
 @dataclass(frozen=True)
@@ -156,3 +153,8 @@ class ExportConfig:
     backbone: str = "best"
     out: Path = Path("model")
     force: bool = False
+
+
+def _check_unique(backbones: tuple[str, ...]) -> None:
+    if len(set(backbones)) != len(backbones):
+        raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(backbones)}")

@@ -188,8 +188,13 @@ def write_split_registry(cache_dir: str | Path, seed: int, patients: dict[str, s
     os.replace(tmp, path)
 
 
-def hash_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def hash_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's content, read in 1 MiB blocks (images, heads, exported models)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def decode_and_resize(encoded, image_size: int):

@@ -6,7 +6,6 @@ and model.json, the model card. Everything is written to a temporary folder, che
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import numpy as np
 from featcache import __version__
 from featcache.assemble import EndToEnd, assemble_model, predict_images
 from featcache.cache import find_cache
-from featcache.data import decode_and_resize, decode_bytes
+from featcache.data import decode_and_resize, decode_bytes, hash_file
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.evaluate import REPORT_FILE, read_selection
 from featcache.config import ExportConfig
@@ -64,7 +63,7 @@ def export_model(config: ExportConfig) -> ExportSummary:
         write_saved_model(assembled.model, tmp / SAVED_MODEL_DIR, manifest["image_size"], float(record["threshold"]),
                           manifest["class_names"])
         verification = verify_export(tmp, assembled, _verification_images(report, manifest["image_size"]))
-        card = model_card(assembled, cache_path, report, verification, _sha256(tmp / KERAS_FILE))
+        card = model_card(assembled, cache_path, report, verification, hash_file(tmp / KERAS_FILE))
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
         _replace_dir(tmp, out)
     except BaseException:
@@ -246,7 +245,3 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

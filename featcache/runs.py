@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import datetime
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -27,6 +26,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.cache import SUFFIX, read_manifest
+from featcache.data import hash_file
 from featcache.errors import CacheMismatchError, FeatcacheError
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict
         fcntl.flock(lock, fcntl.LOCK_EX)  # blocking: concurrent workers take turns
         tmp = run_dir / f".head-{os.getpid()}.tmp.keras"
         head.save(tmp)
-        digest = _sha256(tmp)
+        digest = hash_file(tmp)
         os.replace(tmp, run_dir / HEAD_FILE)
         record = {
             "backbone": manifest["backbone"], "cache_file": Path(cache_path).name,
@@ -174,7 +174,7 @@ def load_head_record(path: str | Path) -> dict:
         raise FeatcacheError(f"No trained head in {run_dir}; run 'featcache train-head' first. Received: path={str(path)!r}")
     record = json.loads(record_path.read_text())
     head_path = run_dir / record["head_file"]
-    if not head_path.is_file() or _sha256(head_path) != record["head_sha256"]:
+    if not head_path.is_file() or hash_file(head_path) != record["head_sha256"]:
         raise CacheMismatchError(f"{head_path} is not the head {record_path.name} describes; re-run "
                                  f"'featcache train-head'. Received: path={str(path)!r}")
     return {**record, "run_dir": str(run_dir.resolve()), "head_path": str(head_path.resolve())}
@@ -206,12 +206,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _redact(url: str | None) -> str | None:
