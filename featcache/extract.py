@@ -110,7 +110,8 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         available = {**(old.index if old else {}), **store.index()}
         missing = [(f, k) for f, k in wanted if (f.record.path, f.sha256, k) not in available]
         reused = len(wanted) - len(missing)
-        skipped = [{"path": p, "error": e} for (p, _), e in known_bad.items() if p in {f.record.path for f in files}]
+        present = {(f.record.path, f.sha256) for f in files}
+        skipped = [{"path": p, "sha256": sha, "error": e} for (p, sha), e in known_bad.items() if (p, sha) in present]
         skipped += unreadable
         extractor = build_extractor(spec, backbone, config.image_size)
         timing, bad = _compute_batches(config, folder.root, extractor, missing, store)

@@ -181,3 +181,17 @@ def test_deleted_random_weights_are_restored_by_a_rerun(small_xrays, extract_con
     weights.unlink()
     (again,) = extract_features(extract_config(small_xrays, augment_copies=0))
     assert again.computed_rows == 0 and weights.is_file()
+
+
+def test_a_repaired_file_leaves_the_skipped_list(small_xrays, extract_config, bad_inputs, dev_data):
+    broken = small_xrays / "train" / "PNEUMONIA" / "broken.jpeg"
+    shutil.copyfile(bad_inputs / "truncated.jpeg", broken)
+    extract_features(extract_config(small_xrays))
+    extra = sorted((dev_data / "train" / "NORMAL").iterdir())[50]
+    shutil.copyfile(extra, small_xrays / "train" / "NORMAL" / extra.name)  # forces a reassembly
+    (second,) = extract_features(extract_config(small_xrays))
+    (entry,) = read_manifest(second.cache_path)["skipped"]
+    assert entry["path"] == "train/PNEUMONIA/broken.jpeg" and len(entry["sha256"]) == 64  # still known bad
+    shutil.copyfile(sorted((dev_data / "train" / "PNEUMONIA").iterdir())[60], broken)  # repaired
+    (third,) = extract_features(extract_config(small_xrays))
+    assert read_manifest(third.cache_path)["skipped"] == [] and third.computed_rows >= 1
