@@ -26,7 +26,7 @@ from featcache.errors import CacheMismatchError, DataError, FeatcacheError
 from featcache.config import EvaluateConfig
 from featcache.metrics import majority_baseline, score_with_intervals
 from featcache.reports import format_comparison, format_report
-from featcache.runs import RECORD_FILE, RUNS, check_head_matches_cache, load_head_record, run_dir_for
+from featcache.runs import RECORD_FILE, RUNS, check_head_matches_cache, load_head_record, load_probe, run_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class TestSet:
     paths: list[str]  # relative to the data folder
     labels: np.ndarray  # (n,)
     features: np.ndarray  # (n, h, w, c) as cached
+    pooled: np.ndarray  # (n, c) as cached, for the linear probe
     images: np.ndarray  # (n, s, s, 3) uint8, decoded from the files now
     skipped: list[dict]  # cached test rows whose file is gone or unreadable now
     train_labels: np.ndarray  # originals of the train split, for the majority baseline
@@ -90,6 +91,7 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
         "at_0.5": score_with_intervals(test.labels, probs, 0.5, n_bootstrap=config.n_bootstrap, seed=config.seed),
     }
     report = _report(cache_path, record, manifest, data_dir, test, assembled.weights_sha256, parity, scored)
+    report["probe"] = score_probe(Path(record["run_dir"]), manifest, record, test, config)
     report["predictions"] = {"path": test.paths, "label": test.labels.tolist(),
                              "probability": probs.tolist(), "cached_probability": cached.tolist()}
     write_report_files(Path(record["run_dir"]), report, test.labels, probs)
@@ -112,6 +114,7 @@ def read_test_set(cache_path: Path, data_dir: Path, manifest: dict) -> TestSet:
         source = read_rows(handle["source_index"], rows)
         labels = read_rows(handle["labels"], rows).astype(np.int64)
         features = read_rows(handle["features"], rows)
+        pooled = read_rows(handle["pooled"], rows)
         train_labels = handle["labels"][...][(split == SPLIT_CODES["train"]) & (copy == 0)]
         paths = handle["files/path"].asstr()[...][source].tolist()
         hashes = handle["files/sha256"][...][source].astype(str).tolist()
@@ -120,7 +123,7 @@ def read_test_set(cache_path: Path, data_dir: Path, manifest: dict) -> TestSet:
     for item in skipped:
         log.warning("skipped test image %s: %s", item["path"], item["error"])
     rows = np.array(kept)
-    return TestSet([paths[i] for i in kept], labels[rows], features[rows], images, skipped, train_labels)
+    return TestSet([paths[i] for i in kept], labels[rows], features[rows], pooled[rows], images, skipped, train_labels)
 
 
 def _load_images(data_dir: Path, paths: list[str], hashes: list[str], size: int, cache_path: Path):
@@ -185,6 +188,26 @@ def _report(cache_path, record, manifest, data_dir, test: TestSet, weights_sha25
         "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def score_probe(run_dir: Path, manifest: dict, record: dict, test: TestSet, config: EvaluateConfig) -> dict | None:
+    """The linear probe of ``train-head`` on the same test images (their cached pooled vectors), at 0.5.
+
+    Returns:
+        ``{"c", "validation", "test", "head_below_probe_on_validation"}``, or None when the run folder has no
+        probe of this cache (a head trained by an older featcache).
+    """
+    probe = load_probe(run_dir, manifest["fingerprint"])
+    if probe is None:
+        log.warning("%s has no linear probe of this cache; re-run 'featcache train-head' to get the floor", run_dir)
+        return None
+    below = record["val_metrics"]["roc_auc"] < probe.val_scores["roc_auc"]
+    if below:
+        log.warning("%s: the tuned head is below the linear probe on validation (ROC-AUC %.4f < %.4f)",
+                    manifest["backbone"], record["val_metrics"]["roc_auc"], probe.val_scores["roc_auc"])
+    test_scores = score_with_intervals(test.labels, probe.predict(test.pooled), 0.5, n_bootstrap=config.n_bootstrap,
+                                       seed=config.seed)
+    return {"c": probe.c, "validation": probe.val_scores, "test": test_scores, "head_below_probe_on_validation": below}
 
 
 def write_report_files(run_dir: Path, report: dict, labels: np.ndarray, probs: np.ndarray) -> None:

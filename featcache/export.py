@@ -208,6 +208,10 @@ def model_card(assembled: EndToEnd, cache_path: Path, report: dict, verification
                          for key in ("at_threshold", "at_0.5")},
         "test_metrics_ci": {key: report[key]["metrics"] for key in ("at_threshold", "at_0.5")},
         "test_images": report["test"]["images"],
+        "floors": {"majority_baseline": report["baseline"]["metrics"],
+                   "linear_probe": None if not report.get("probe") else {
+                       "c": report["probe"]["c"], "val_roc_auc": report["probe"]["validation"]["roc_auc"],
+                       "test_roc_auc": report["probe"]["test"]["metrics"]["roc_auc"]}},
         "parity": report["parity"],
         "verification": verification,
         "files": {"keras": KERAS_FILE, "keras_sha256": keras_sha256, "saved_model": SAVED_MODEL_DIR,

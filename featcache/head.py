@@ -1,8 +1,10 @@
-"""The reference head (GAP -> Dense -> Dropout -> Dense sigmoid), its training on cached pooled
-vectors, and the validation scores that drive early stopping, pruning and the decision threshold.
+"""The reference head (GAP -> [Normalization] -> Dense -> Dropout -> Dense sigmoid), its training on
+cached pooled vectors, and the validation scores that drive early stopping, pruning and the threshold.
 
 Global average pooling has no parameters, so ``dense(mean(maps))`` trained on the cached pooled
-vectors is the very function ``head(maps)``: the two models here share their Dense layers.
+vectors is the very function ``head(maps)``: the two models here share their layers. The optional
+standardization is a per-channel affine map, which commutes with the average, so it too can sit
+after the pooling and be applied to the cached pooled vectors.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class HeadParams:
     batch_size: int = 64
     l2: float = 0.0
     class_weight: bool = False
+    standardize: bool = False  # a Normalization layer (training-view mean and variance) before the first Dense
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +51,19 @@ class HeadModels:
 
     maps: "keras.Model"  # noqa: F821
     pooled: "keras.Model"  # noqa: F821
+    standardize: "keras.layers.Normalization | None" = None  # noqa: F821
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """Per-channel mean and variance of the training views' pooled vectors (float32, shape (c,)).
+
+    ``variance`` is 1 where a channel is constant on the training views (scikit-learn's StandardScaler
+    rule), so such a channel is centred but not blown up by a division by ~0.
+    """
+
+    mean: np.ndarray
+    variance: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -77,31 +93,64 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def build_head(feature_shape: tuple[int, int, int], params: HeadParams) -> HeadModels:
+def build_head(feature_shape: tuple[int, int, int], params: HeadParams, stats: InputStats | None = None) -> HeadModels:
     """The reference head on (h, w, c) maps and its pooled twin; seed with keras.utils.set_random_seed first.
 
     With ``units=128`` it has 65,793 trainable parameters on VGG16 maps (c=512) and 262,401 on
-    ResNet152 maps (c=2048). L2 (``params.l2`` > 0) applies to both Dense kernels.
+    ResNet152 maps (c=2048). L2 (``params.l2`` > 0) applies to both Dense kernels. With
+    ``params.standardize`` a ``keras.layers.Normalization`` holding ``stats`` (no trainable
+    parameters; plain Keras, loads in safe mode) sits between the pooling and the first Dense.
 
     Args:
         feature_shape: (h, w, c) of the backbone's maps.
-        params: units, dropout rate and L2 of the layers.
+        params: units, dropout rate, L2 and standardization of the layers.
+        stats: the training views' channel statistics; required when ``params.standardize``.
 
     Returns:
-        HeadModels whose ``maps`` and ``pooled`` models share the same Dense and Dropout layers.
+        HeadModels whose ``maps`` and ``pooled`` models share the same layers.
+
+    Raises:
+        FeatcacheError: ``params.standardize`` without ``stats`` of ``feature_shape[-1]`` channels.
     """
     import keras
 
+    standardize = None
+    if params.standardize:
+        if stats is None or stats.mean.shape != (feature_shape[-1],):
+            raise FeatcacheError(f"A standardized head needs the mean and variance of its {feature_shape[-1]} input "
+                                 f"channels. Received: stats={None if stats is None else stats.mean.shape}")
+        standardize = keras.layers.Normalization(mean=stats.mean, variance=stats.variance, name="head_standardize")
     regularizer = keras.regularizers.L2(params.l2) if params.l2 > 0 else None
     dense = keras.layers.Dense(params.units, activation="relu", kernel_regularizer=regularizer, name="head_dense")
     dropout = keras.layers.Dropout(params.dropout, name="head_dropout")
     output = keras.layers.Dense(1, activation="sigmoid", kernel_regularizer=regularizer, name="head_output")
+
+    def top(x):
+        return output(dropout(dense(standardize(x) if standardize is not None else x)))
+
     maps_in = keras.Input(tuple(feature_shape), name="features")
-    pooled = keras.layers.GlobalAveragePooling2D(name="head_pool")(maps_in)
-    maps = keras.Model(maps_in, output(dropout(dense(pooled))), name="head")
+    maps = keras.Model(maps_in, top(keras.layers.GlobalAveragePooling2D(name="head_pool")(maps_in)), name="head")
     pooled_in = keras.Input((feature_shape[-1],), name="pooled")
-    twin = keras.Model(pooled_in, output(dropout(dense(pooled_in))), name="head_pooled")
-    return HeadModels(maps=maps, pooled=twin)
+    return HeadModels(maps=maps, pooled=keras.Model(pooled_in, top(pooled_in), name="head_pooled"),
+                      standardize=standardize)
+
+
+def input_stats(pooled: np.ndarray, chunk_rows: int = 8192) -> InputStats:
+    """Channel mean and variance of pooled vectors, accumulated in float64 over row chunks.
+
+    Args:
+        pooled: (n, c) pooled vectors of the training views (never validation or test rows).
+        chunk_rows: rows per partial fit; memory is O(chunk_rows * c), whatever n.
+
+    Returns:
+        InputStats, with the variance of constant channels set to 1 (as StandardScaler's scale).
+    """
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler()
+    for start in range(0, len(pooled), chunk_rows):
+        scaler.partial_fit(np.asarray(pooled[start:start + chunk_rows], dtype=np.float64))
+    return InputStats(scaler.mean_.astype(np.float32), np.square(scaler.scale_).astype(np.float32))
 
 
 def sample_views(source_index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -167,6 +216,8 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
                                                     (params.l2, tf.float32), (params.dropout, tf.float32),
                                                     (seed, tf.int64))]
     val_x = tf.convert_to_tensor(val_pooled, tf.float32)
+    if models.standardize is not None:  # the layer itself, so training sees exactly what the saved head computes
+        x_all, val_x = models.standardize(x_all), models.standardize(val_x)
     rng = np.random.default_rng(seed)
     best_loss, best_epoch, best, history, stopped = np.inf, 0, weights, [], False
     for epoch in range(1, max_epochs + 1):

@@ -47,15 +47,18 @@ def format_report(report: dict) -> str:
         f"- parity: max |end-to-end - head(cached maps)| = {parity['max_abs_diff']:.2e} over {parity['images']} "
         f"images (tolerance {parity['tolerance']:g})", "",
         f"## Test metrics (95 % bootstrap CI, {boot['resamples']} resamples of the test images)", "",
-        f"| metric | at threshold {at_t['threshold']:.3f} | at 0.5 | majority baseline ({names[base['class_index']]}) |",
-        "| --- | --- | --- | --- |",
+        f"| metric | at threshold {at_t['threshold']:.3f} | at 0.5 | linear probe at 0.5 | majority baseline "
+        f"({names[base['class_index']]}) |",
+        "| --- | --- | --- | --- | --- |",
     ]
+    probe = report.get("probe")
     for name in METRICS:
         label = LABELS[name].format(pos=names[1])
-        lines.append(f"| {label} | {_ci(at_t['metrics'][name])} | {_ci(at_half['metrics'][name])} | "
+        floor = _ci(probe["test"]["metrics"][name]) if probe else "n/a"
+        lines.append(f"| {label} | {_ci(at_t['metrics'][name])} | {_ci(at_half['metrics'][name])} | {floor} | "
                      f"{_num(base['metrics'][name])} |")
     lines += ["", f"Validation (the head's own split): ROC-AUC {_num(report['validation']['roc_auc'])}, "
-              f"accuracy {_num(report['validation']['accuracy'])} at the threshold.", "",
+              f"accuracy {_num(report['validation']['accuracy'])} at the threshold.", "", *_probe_lines(report), "",
               f"## Confusion matrix at threshold {at_t['threshold']:.3f}", ""]
     lines += _confusion(at_t["confusion"], names)
     lines += ["", "## Confusion matrix at 0.5", ""] + _confusion(at_half["confusion"], names)
@@ -66,26 +69,50 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _probe_lines(report: dict) -> list[str]:
+    """What the linear probe (the floor a head must clear) says, in a sentence or two."""
+    probe = report.get("probe")
+    if not probe:
+        return ["Linear probe: none for this head (trained by an older featcache); re-run 'featcache train-head'."]
+    lines = [f"Linear probe (standardized logistic regression on the same cached pooled vectors, C={probe['c']:g}; "
+             f"never selected or exported): validation ROC-AUC {_num(probe['validation']['roc_auc'])}, test ROC-AUC "
+             f"{_ci(probe['test']['metrics']['roc_auc'])}."]
+    if probe["head_below_probe_on_validation"]:
+        lines.append(f"**Warning: the tuned head is below the linear probe on validation** (ROC-AUC "
+                     f"{_num(report['validation']['roc_auc'])} < {_num(probe['validation']['roc_auc'])}).")
+    return lines
+
+
 def format_comparison(reports: list[dict], selection: dict) -> str:
     """comparison.md: a table per backbone; the selection is by validation ROC-AUC."""
     lines = [
         "# Backbone comparison", "",
         f"Selected for export: **{selection['backbone']}** (`{selection['cache_file']}`): {selection['criterion']}.", "",
         "| Backbone | Val ROC-AUC | Threshold | Test Accuracy | Test Accuracy at 0.5 | Test ROC-AUC | Sensitivity "
-        "| Specificity |",
-        "| --- | ---: | ---: | --- | --- | --- | --- | --- |",
+        "| Specificity | Probe Val ROC-AUC | Probe Test ROC-AUC |",
+        "| --- | ---: | ---: | --- | --- | --- | --- | --- | ---: | --- |",
     ]
+    below = []
     for report in sorted(reports, key=lambda r: r["cache_file"]):
         m, half = report["at_threshold"]["metrics"], report["at_0.5"]["metrics"]
         mark = " (selected)" if report["cache_file"] == selection["cache_file"] else ""
+        probe = report.get("probe")
+        floor = (f"{_num(probe['validation']['roc_auc'])} | {_ci(probe['test']['metrics']['roc_auc'])}"
+                 if probe else "n/a | n/a")
         lines.append(f"| {report['backbone']}{mark} | {_num(report['validation']['roc_auc'])} | "
                      f"{report['at_threshold']['threshold']:.3f} | {_ci(m['accuracy'])} | {_ci(half['accuracy'])} | "
-                     f"{_ci(m['roc_auc'])} | {_ci(m['sensitivity'])} | {_ci(m['specificity'])} |")
+                     f"{_ci(m['roc_auc'])} | {_ci(m['sensitivity'])} | {_ci(m['specificity'])} | {floor} |")
+        if probe and probe["head_below_probe_on_validation"]:
+            below.append(report["backbone"])
     if reports:
         base, names = reports[0]["baseline"], reports[0]["class_names"]
         lines += ["", f"Majority-class baseline (always {names[base['class_index']]}, the training majority): test "
                   f"accuracy {_num(base['metrics']['accuracy'])}, sensitivity {_num(base['metrics']['sensitivity'])}, "
                   f"specificity {_num(base['metrics']['specificity'])}."]
+    lines += ["", "Probe: the linear probe (standardized logistic regression on the same cached pooled vectors), the "
+              "floor a tuned head must clear; it is never selected or exported."]
+    if below:
+        lines.append(f"**Warning: the tuned head is below the linear probe on validation for {', '.join(below)}.**")
     lines += ["", "Sensitivity and specificity at each head's validation-chosen threshold; brackets: 95 % bootstrap "
               "CI. ROC curves: [roc.png](roc.png).", ""]
     return "\n".join(lines)
@@ -103,6 +130,12 @@ def format_summary(reports: list[dict], selection: dict) -> str:
             f"  at 0.5: accuracy {_num(r['at_0.5']['metrics']['accuracy']['value'])}; majority baseline accuracy "
             f"{_num(r['baseline']['metrics']['accuracy'])}; parity max diff {r['parity']['max_abs_diff']:.2e}",
         ]
+        probe = r.get("probe")
+        if probe:
+            lines.append(f"  linear probe (floor): test ROC-AUC {_ci(probe['test']['metrics']['roc_auc'])}, val ROC-AUC "
+                         f"{_num(probe['validation']['roc_auc'])}"
+                         + ("; the tuned head is BELOW it on validation" if probe["head_below_probe_on_validation"]
+                            else ""))
         if r["test"]["skipped"]:
             lines.append(f"  skipped {len(r['test']['skipped'])} unreadable test images: "
                          + ", ".join(s["path"] for s in r["test"]["skipped"]))

@@ -6,7 +6,8 @@ Layout of ``<cache-dir>/runs/<cache stem>/``::
     study.journal   Optuna journal storage (default; several processes may share it)
     trials.csv      one row per finished trial (also trials.jsonl, one JSON object per line)
     head.keras      the best head: (h, w, c) maps -> sigmoid probability of class_names[1]
-    head.json       its parameters, threshold, validation metrics and the cache fingerprint
+    head.json       its parameters, threshold, validation metrics, the probe's, and the cache fingerprint
+    probe.json      the linear probe (standardized logistic regression) fitted on the same training views
     .write.lock     flock that serialises writers of head.keras + head.json
 """
 
@@ -36,8 +37,10 @@ HEAD_FILE = "head.keras"
 RECORD_FILE = "head.json"
 JOURNAL_FILE = "study.journal"
 METRICS = ("loss", "accuracy", "roc_auc", "sensitivity", "specificity")
-PARAMS = ("units", "dropout", "learning_rate", "batch_size", "l2", "class_weight")
-COLUMNS = ("number", "state", "pruned", *PARAMS, *(f"val_{m}" for m in METRICS), "epochs", "best_epoch", "seconds")
+PROBE_FILE = "probe.json"
+PARAMS = ("units", "dropout", "learning_rate", "batch_size", "l2", "class_weight", "standardize")
+COLUMNS = ("number", "state", "pruned", "collapsed", *PARAMS, *(f"val_{m}" for m in METRICS), "epochs", "best_epoch",
+           "seconds")
 
 
 def run_dir_for(cache_path: str | Path) -> Path:
@@ -46,8 +49,9 @@ def run_dir_for(cache_path: str | Path) -> Path:
     return cache_path.parent / RUNS / cache_path.stem
 
 
-def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, reference: dict):
-    """Create or continue the study of one cache (name = cache file stem); a new one gets ``reference`` first.
+def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, references: list[dict]):
+    """Create or continue the study of one cache (name = cache file stem); a new one gets ``references`` first,
+    in order (trial 0 is the reference head).
 
     Raises:
         FeatcacheError: the storage cannot be opened.
@@ -75,9 +79,10 @@ def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, refere
     if recorded is not None and recorded != fingerprint:
         raise CacheMismatchError(f"Study {name} was run on a cache with fingerprint {recorded[:12]}; {cache_path} "
                                  f"has {fingerprint[:12]}. Use another --storage. Received: cache={str(cache_path)!r}")
-    if not existing:  # new study: the reference head is trial 0
+    if not existing:  # new study: the reference heads are its first trials
         study.set_user_attr("cache_fingerprint", fingerprint)
-        study.enqueue_trial(reference)
+        for params in references:
+            study.enqueue_trial(params)
     return study
 
 
@@ -113,6 +118,8 @@ def study_rows(study) -> list[dict]:
         rows.append({
             "number": trial.number, "state": trial.state.name.lower(),
             "pruned": trial.state == optuna.trial.TrialState.PRUNED,
+            # recorded by the objective; a trial of an older featcache counts as collapsed below chance
+            "collapsed": bool(trial.user_attrs.get("collapsed", metrics.get("roc_auc", 0.0) <= 0.5)),
             "params": {key: trial.params[key] for key in PARAMS if key in trial.params},
             **{f"val_{m}": metrics.get(m) for m in METRICS},
             **{key: fit.get(key) for key in ("epochs", "best_epoch", "seconds", "seed", "max_epochs", "patience")},
@@ -133,7 +140,7 @@ def write_tables(run_dir: Path, rows: list[dict]) -> None:
 
 
 def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict, threshold: float, method: str,
-               val_metrics: dict, study_name: str) -> Path:
+               val_metrics: dict, study_name: str, probe: dict) -> Path:
     """Save ``head.keras`` then ``head.json`` (with the head's SHA-256), each via a temporary name + rename,
     under a lock, so readers see either the old pair or the new one."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +155,7 @@ def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict
             "cache_fingerprint": manifest["fingerprint"], "feature_shape": list(manifest["feature_shape"]),
             "class_names": list(manifest["class_names"]), "positive_class": manifest["class_names"][1],
             "params": best["params"], "threshold": threshold, "threshold_method": method,
-            "val_metrics": val_metrics, "trial_number": best["number"], "seed": best["seed"],
+            "val_metrics": val_metrics, "probe": probe, "trial_number": best["number"], "seed": best["seed"],
             "epochs": best["epochs"], "best_epoch": best["best_epoch"], "study_name": study_name,
             "head_file": HEAD_FILE, "head_sha256": digest, "featcache_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -195,6 +202,31 @@ def check_head_matches_cache(record: dict, cache_path: str | Path) -> dict:
             f"Run 'featcache train-head --cache {cache_path}' first. Received: cache={str(cache_path)!r}"
         )
     return manifest
+
+
+def write_probe(run_dir: Path, probe, fingerprint: str) -> Path:
+    """``probe.json``: the fitted probe (``probe.Probe``) and the fingerprint of the cache it was fitted on."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / PROBE_FILE
+    _write_atomic(path, json.dumps({"cache_fingerprint": fingerprint, **probe.to_dict()}) + "\n")
+    return path
+
+
+def load_probe(run_dir: Path, fingerprint: str):
+    """The probe fitted on the cache with ``fingerprint``, or None when there is none (or of another cache)."""
+    from featcache.probe import C_GRID, Probe
+
+    path = Path(run_dir) / PROBE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        probe = Probe.from_dict(record)
+    except (ValueError, KeyError, TypeError) as exc:  # damaged: it is cheap to fit again
+        log.warning("ignoring the unreadable %s (%s); fitting the probe again", path, exc)
+        return None
+    same_grid = set(probe.val_scores.get("grid", {})) == {f"{c:g}" for c in C_GRID}
+    return probe if record.get("cache_fingerprint") == fingerprint and same_grid else None
 
 
 def _write_atomic(path: Path, text: str) -> None:

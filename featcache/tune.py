@@ -1,5 +1,6 @@
 """The head search: cached pooled vectors -> Optuna trials (TPE, median pruning) -> the best head,
-its decision threshold and the trials table, written to ``<cache-dir>/runs/<cache stem>/``.
+its decision threshold, the trials table and the linear-probe floor, written to
+``<cache-dir>/runs/<cache stem>/``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import numpy as np
 from featcache.cache import find_cache, list_caches, open_cache, read_manifest, read_rows
 from featcache.config import TrainHeadConfig
 from featcache.errors import FeatcacheError, IncompleteCacheError
-from featcache.head import (HeadModels, HeadParams, TrainViews, build_head, choose_threshold, fit_head,
-                            score_probs)
-from featcache.runs import open_study, run_dir_for, study_rows, write_head, write_tables
+from featcache.head import (HeadModels, HeadParams, InputStats, TrainViews, build_head, choose_threshold, fit_head,
+                            input_stats, score_probs)
+from featcache.probe import Probe, fit_probe
+from featcache.runs import load_probe, open_study, run_dir_for, study_rows, write_head, write_probe, write_tables
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ UNITS = (32, 64, 128, 256)
 BATCH_SIZES = (64, 128, 256, 512)
 L2 = (0.0, 1e-5, 1e-4, 1e-3)
 REFERENCE = HeadParams()  # 128 units: always the first trial of a new study
+STANDARDIZED_REFERENCE = HeadParams(standardize=True)  # the second trial of a new study
+COLLAPSE_STD = 0.01  # validation probabilities with a smaller standard deviation count as (nearly) constant
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class HeadData:
     val_pooled: np.ndarray  # (m, c) float32
     val_labels: np.ndarray  # (m,)
     manifest: dict
+    stats: InputStats  # channel mean and variance of the training views, for standardized heads
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class TrainHeadSummary:
     val_metrics: dict  # of the chosen head at its threshold
     new_trials: int
     seconds: float
+    probe: Probe  # the standardized logistic-regression floor on the same training views
 
 
 def train_heads(config: TrainHeadConfig) -> list[TrainHeadSummary]:
@@ -108,7 +114,7 @@ def load_head_data(path: str | Path) -> HeadData:
             raise FeatcacheError(f"The {name} split of {path} lacks a class; add images or change the split seed. "
                                  f"Received: {name}_labels={np.unique(labels[mask]).tolist()}")
     train = TrainViews(pooled[is_train], labels[is_train], source[is_train])
-    return HeadData(train, pooled[~is_train], labels[~is_train], manifest)
+    return HeadData(train, pooled[~is_train], labels[~is_train], manifest, input_stats(train.pooled))
 
 
 def suggest_params(trial) -> HeadParams:
@@ -120,7 +126,13 @@ def suggest_params(trial) -> HeadParams:
         batch_size=trial.suggest_categorical("batch_size", BATCH_SIZES),
         l2=trial.suggest_categorical("l2", L2),
         class_weight=trial.suggest_categorical("class_weight", (False, True)),
+        standardize=trial.suggest_categorical("standardize", (False, True)),
     )
+
+
+def is_collapsed(probs: np.ndarray, roc_auc: float) -> bool:
+    """A head that says (nearly) the same for every validation image, or ranks no better than chance."""
+    return bool(np.std(probs) < COLLAPSE_STD or roc_auc <= 0.5)
 
 
 def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
@@ -144,7 +156,9 @@ def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
     data = load_head_data(cache_path)  # checks the cache before anything is written
     manifest = data.manifest
     run_dir = run_dir_for(cache_path)
-    study = open_study(config, cache_path, manifest["fingerprint"], run_dir, reference=REFERENCE.to_dict())
+    study = open_study(config, cache_path, manifest["fingerprint"], run_dir,
+                       references=[REFERENCE.to_dict(), STANDARDIZED_REFERENCE.to_dict()])
+    probe = _probe(data, run_dir)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     todo = max(0, config.trials - len(study.get_trials(deepcopy=False, states=finished)))
     log.info("%s: %d trials to run on %s (study %s)", manifest["backbone"], todo, cache_path.name, study.study_name)
@@ -153,18 +167,33 @@ def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
     if todo:
         _optimize(study, _objective(config, data, train, kept), todo, config, manifest["backbone"])
     rows = study_rows(study)
-    best = min((r for r in rows if not r["pruned"]), key=_rank, default=None)
+    best = min((r for r in rows if not r["pruned"]), key=rank_trial, default=None)
     if best is None:
         raise FeatcacheError(f"Every trial of study {study.study_name} was pruned; run more --trials. "
                              f"Received: trials={config.trials}")
     models, probs = kept["head"] if kept.get("row", {}).get("number") == best["number"] else \
-        _refit(best, data, train, manifest["feature_shape"])
+        _refit(best, data, train)
     threshold, method = choose_threshold(data.val_labels, probs, config.min_sensitivity)
     val_metrics = score_probs(data.val_labels, probs, threshold)
     write_tables(run_dir, rows)
-    write_head(run_dir, models.maps, cache_path, manifest, best, threshold, method, val_metrics, study.study_name)
+    probe_record = {"c": probe.c, **{f"val_{key}": value for key, value in probe.val_scores.items()}}
+    write_head(run_dir, models.maps, cache_path, manifest, best, threshold, method, val_metrics, study.study_name,
+               probe=probe_record)
+    if best["val_roc_auc"] < probe.val_scores["roc_auc"]:
+        log.warning("%s: the chosen head's validation ROC-AUC %.4f is below the linear probe's %.4f",
+                    manifest["backbone"], best["val_roc_auc"], probe.val_scores["roc_auc"])
     return TrainHeadSummary(manifest["backbone"], Path(cache_path), run_dir, rows, best, threshold, method,
-                            val_metrics, todo, time.perf_counter() - started)
+                            val_metrics, todo, time.perf_counter() - started, probe)
+
+
+def _probe(data: HeadData, run_dir: Path) -> Probe:
+    """The cache's linear probe: read from ``probe.json`` when it was fitted on this cache, else fitted and saved."""
+    fingerprint = data.manifest["fingerprint"]
+    probe = load_probe(run_dir, fingerprint)
+    if probe is None:
+        probe = fit_probe(data.train.pooled, data.train.labels, data.val_pooled, data.val_labels)
+        write_probe(run_dir, probe, fingerprint)
+    return probe
 
 
 def _objective(config: TrainHeadConfig, data: HeadData, train: TrainViews, kept: dict):
@@ -174,14 +203,16 @@ def _objective(config: TrainHeadConfig, data: HeadData, train: TrainViews, kept:
     def objective(trial) -> float:
         seed = config.seed + trial.number
         result, models, seconds = _fit(suggest_params(trial), seed, config.max_epochs, config.patience, data, train,
-                                       data.manifest["feature_shape"], trial)
+                                       trial)
+        collapsed = is_collapsed(result.probs, result.scores["roc_auc"])
         trial.set_user_attr("metrics", result.scores)
+        trial.set_user_attr("collapsed", collapsed)
         trial.set_user_attr("fit", {"epochs": result.epochs, "best_epoch": result.best_epoch, "seconds": seconds,
                                     "seed": seed, "max_epochs": config.max_epochs, "patience": config.patience})
         if result.stopped:
             raise optuna.TrialPruned()
-        row = {"number": trial.number, **_flat(result.scores)}
-        if not kept or _rank(row) < _rank(kept["row"]):
+        row = {"number": trial.number, "collapsed": collapsed, **_flat(result.scores)}
+        if not kept or rank_trial(row) < rank_trial(kept["row"]):
             kept.update(row=row, head=(models, result.probs))
         return result.scores["roc_auc"]
 
@@ -189,7 +220,7 @@ def _objective(config: TrainHeadConfig, data: HeadData, train: TrainViews, kept:
 
 
 def _fit(params: HeadParams, seed: int, max_epochs: int, patience: int, data: HeadData, train: TrainViews,
-         feature_shape, trial=None) -> tuple:
+         trial=None) -> tuple:
     """Build and fit one head from ``seed``; with a trial, report validation AUC each epoch to its pruner."""
     import keras
 
@@ -199,16 +230,16 @@ def _fit(params: HeadParams, seed: int, max_epochs: int, patience: int, data: He
 
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)  # initialisers and dropout
-    models = build_head(tuple(feature_shape), params)
+    models = build_head(tuple(data.manifest["feature_shape"]), params, data.stats)
     result = fit_head(models, train, data.val_pooled, data.val_labels, params, seed=seed, max_epochs=max_epochs,
                       patience=patience, on_epoch=on_epoch if trial is not None else None)
     return result, models, time.perf_counter() - started
 
 
-def _refit(best: dict, data: HeadData, train: TrainViews, feature_shape) -> tuple[HeadModels, np.ndarray]:
+def _refit(best: dict, data: HeadData, train: TrainViews) -> tuple[HeadModels, np.ndarray]:
     """Retrain a trial run elsewhere (an earlier run, another worker) from its parameters and seed."""
     result, models, _ = _fit(HeadParams(**best["params"]), best["seed"], best["max_epochs"], best["patience"],
-                             data, train, feature_shape)
+                             data, train)
     if abs(result.scores["roc_auc"] - best["val_roc_auc"]) > 1e-6:
         log.warning("Retrained trial %d scores val ROC-AUC %.6f, recorded %.6f (another machine or version?)",
                     best["number"], result.scores["roc_auc"], best["val_roc_auc"])
@@ -223,8 +254,10 @@ def _optimize(study, objective, todo: int, config: TrainHeadConfig, backbone: st
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     with tqdm(total=todo, desc=f"train-head {backbone}", unit="trial", disable=not config.progress) as bar:
         def advance(study, trial) -> None:
-            values = [t.value for t in study.get_trials(deepcopy=False, states=states[:1])]
-            bar.set_postfix(best_val_auc=f"{max(values):.4f}" if values else "-")
+            done = study.get_trials(deepcopy=False, states=states)
+            values = [t.value for t in done if t.value is not None]
+            collapsed = sum(bool(t.user_attrs.get("collapsed")) for t in done)
+            bar.set_postfix(best_val_auc=f"{max(values):.4f}" if values else "-", collapsed=collapsed)
             bar.update(1)
 
         study.optimize(objective, n_trials=todo, callbacks=[MaxTrialsCallback(config.trials, states=states), advance])
@@ -234,27 +267,32 @@ def _flat(scores: dict) -> dict:
     return {f"val_{key}": value for key, value in scores.items()}
 
 
-def _rank(row: dict) -> tuple:
-    """Selection order: higher validation ROC-AUC, then lower validation loss, then earlier trial."""
-    return (-row["val_roc_auc"], row["val_loss"], row["number"])
+def rank_trial(row: dict) -> tuple:
+    """Selection order: not collapsed, then higher validation ROC-AUC, lower validation loss, earlier trial."""
+    return (bool(row["collapsed"]), -row["val_roc_auc"], row["val_loss"], row["number"])
 
 
 def format_summary(summary: TrainHeadSummary, top: int = 5) -> str:
-    """The chosen head, its threshold, and the ``top`` best finished trials as a table."""
+    """The chosen head, its threshold, the probe floor, and the ``top`` best finished trials as a table."""
     pruned = sum(r["pruned"] for r in summary.rows)
-    m = summary.val_metrics
+    collapsed = sum(bool(r["collapsed"]) for r in summary.rows)
+    m, probe = summary.val_metrics, summary.probe
     lines = [
-        f"{summary.backbone}: {len(summary.rows)} trials ({summary.new_trials} new, {pruned} pruned) on "
-        f"{summary.cache_path.name} in {summary.seconds:.1f} s; best trial {summary.best['number']}",
+        f"{summary.backbone}: {len(summary.rows)} trials ({summary.new_trials} new, {pruned} pruned, {collapsed} "
+        f"collapsed) on {summary.cache_path.name} in {summary.seconds:.1f} s; best trial {summary.best['number']}",
         f"  threshold {summary.threshold:.4f} ({summary.threshold_method}): val ROC-AUC {m['roc_auc']:.4f}, "
         f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, accuracy {m['accuracy']:.3f}",
+        f"  floor: linear probe (standardized logistic regression, C={probe.c:g}) val ROC-AUC "
+        f"{probe.val_scores['roc_auc']:.4f}" + ("  <- the chosen head is BELOW the probe"
+                                               if summary.best["val_roc_auc"] < probe.val_scores["roc_auc"] else ""),
         f"  head {summary.run_dir / 'head.keras'}",
         f"  {'trial':>5} {'val_auc':>8} {'val_loss':>8} {'units':>5} {'dropout':>7} {'lr':>8} {'batch':>5} "
-        f"{'l2':>7} {'cw':>3} {'epochs':>6}",
+        f"{'l2':>7} {'cw':>3} {'std':>3} {'epochs':>6}",
     ]
-    for r in sorted((r for r in summary.rows if not r["pruned"]), key=_rank)[:top]:
+    for r in sorted((r for r in summary.rows if not r["pruned"]), key=rank_trial)[:top]:
         p = r["params"]
         lines.append(f"  {r['number']:>5} {r['val_roc_auc']:>8.4f} {r['val_loss']:>8.4f} {p['units']:>5} "
                      f"{p['dropout']:>7.3f} {p['learning_rate']:>8.2e} {p['batch_size']:>5} {p['l2']:>7.0e} "
-                     f"{'y' if p['class_weight'] else 'n':>3} {r['epochs']:>6}")
+                     f"{'y' if p['class_weight'] else 'n':>3} {'y' if p.get('standardize') else 'n':>3} "
+                     f"{r['epochs']:>6}" + ("  collapsed" if r["collapsed"] else ""))
     return "\n".join(lines)

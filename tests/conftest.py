@@ -87,12 +87,15 @@ def read_datasets(path: Path) -> dict[str, np.ndarray]:
 
 def write_synthetic_cache(cache_dir: Path, backbone: str = "tiny", *, n_train: int = 80, n_val: int = 40,
                           n_test: int = 20, copies: int = 2, feature_shape: tuple[int, int, int] = (2, 2, 16),
-                          separation: float = 2.0, seed: int = 0, dtype: str = "float16") -> Path:
+                          separation: float = 2.0, seed: int = 0, dtype: str = "float16", offset: float = 0.0,
+                          scale: float = 1.0) -> Path:
     """A complete cache written through CacheWriter, with maps whose spatial mean is a class signal.
 
     Each image's pooled vector is ``relu(separation * direction * (label - 0.5) + noise)``; augmented
     copies add a little noise to it. The maps are that vector plus a fixed zero-mean spatial pattern, so
     their spatial average is the pooled vector, and /pooled is taken from the float32 maps as extraction does.
+    ``offset`` and ``scale`` map every value v to ``offset * (1 + channel) + scale * v``: badly scaled
+    features (large per-channel offsets, tiny spread), as random-weight backbones give.
     About 30 % of images are NORMAL (label 0), as in the Kermany data.
     """
     from featcache.cache import FORMAT_VERSION, CachePaths, CacheWriter, FileTable, compute_fingerprint
@@ -116,8 +119,9 @@ def write_synthetic_cache(cache_dir: Path, backbone: str = "tiny", *, n_train: i
     rows = [(f, k) for f in range(len(table)) for k in range(copies + 1 if table.split[f] == 0 else 1)]
     pooled_in = np.stack([base[f] + (0.3 * rng.normal(size=c) if k else 0) for f, k in rows]).astype(np.float32)
     maps = np.maximum(pooled_in, 0)[:, None, None, :] + 0.1 * pattern
+    maps = (offset * (1 + np.arange(c, dtype=np.float32)) + scale * maps).astype(np.float32)
     settings = {"synthetic": True, "seed": seed, "separation": separation, "shape": feature_shape, "rows": len(rows),
-                "copies": copies, "backbone": backbone, "dtype": dtype}
+                "copies": copies, "backbone": backbone, "dtype": dtype, "offset": offset, "scale": scale}
     fingerprint = compute_fingerprint(settings)
     writer = CacheWriter(CachePaths.for_fingerprint(cache_dir, backbone, fingerprint).final, table, len(rows),
                          feature_shape, dtype)

@@ -47,6 +47,33 @@ def test_report_numbers_agree_with_sklearn_on_its_predictions(run):
     assert report["weights"]["verified_sha256"] == report["weights"]["sha256"]
 
 
+def test_linear_probe_is_scored_on_the_same_test_images_beside_the_head(run):
+    import h5py
+
+    from featcache.probe import Probe
+
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    probe_file = json.loads((run["run_dir"] / "probe.json").read_text())
+    head = json.loads((run["run_dir"] / "head.json").read_text())
+    labels = np.array(report["predictions"]["label"])
+    with h5py.File(run["cache"], "r") as handle:  # the test rows' cached pooled vectors, in the report's order
+        paths = handle["files/path"].asstr()[...]
+        rows = {paths[s]: i for i, s in enumerate(handle["source_index"][...])
+                if handle["split"][i] == 2 and handle["copy_index"][i] == 0}
+        pooled = handle["pooled"][...][[rows[p] for p in report["predictions"]["path"]]]
+    probs = Probe.from_dict(probe_file).predict(pooled)
+    probe = report["probe"]
+    assert probe["c"] == probe_file["c"] == head["probe"]["c"]
+    assert probe["validation"]["roc_auc"] == head["probe"]["val_roc_auc"]
+    auc = probe["test"]["metrics"]["roc_auc"]
+    assert auc["value"] == pytest.approx(roc_auc_score(labels, probs)) and auc["ci_low"] <= auc["value"] <= auc["ci_high"]
+    assert probe["head_below_probe_on_validation"] == (head["val_metrics"]["roc_auc"] < head["probe"]["val_roc_auc"])
+    assert "Linear probe (standardized logistic regression" in (run["run_dir"] / "report.md").read_text()
+    comparison = (run["cache_dir"] / "runs" / "comparison.md").read_text()
+    assert "Probe Test ROC-AUC" in comparison and f"{auc['value']:.3f}" in comparison
+    assert "linear probe (floor): test ROC-AUC" in run["outputs"]["evaluate"]
+
+
 def test_report_files_and_selection(run):
     for name in ("report.json", "report.md", "roc.png", "confusion.png", "trials.png"):
         assert (run["run_dir"] / name).stat().st_size > 0, name

@@ -172,3 +172,98 @@ def test_training_step_is_keras_dense_dropout_l2_bce_and_adam():
     for mine, keras_weight in zip(ours.pooled.get_weights(), model.get_weights()):
         np.testing.assert_allclose(mine, keras_weight, rtol=1e-4, atol=1e-5)
     assert not np.allclose(ours.pooled.get_weights()[0], initial[0])  # it did train
+
+
+def _stats(channels: int, seed: int = 0):
+    from featcache.head import input_stats
+
+    rng = np.random.default_rng(seed)
+    return input_stats(100.0 + 1e-3 * rng.normal(size=(50, channels)) * np.arange(1, channels + 1))
+
+
+def test_input_stats_are_channel_mean_and_variance_in_any_chunking():
+    from featcache.head import input_stats
+
+    rng = np.random.default_rng(3)
+    pooled = (rng.normal(size=(1000, 6)) * [1e-3, 1, 10, 100, 0, 1] + [0.1, 10, -5, 110, 7, 0]).astype(np.float32)
+    whole, chunked = input_stats(pooled), input_stats(pooled, chunk_rows=97)
+    np.testing.assert_allclose(whole.mean, pooled.astype(np.float64).mean(axis=0), rtol=1e-6)
+    expected_var = pooled.astype(np.float64).var(axis=0)
+    expected_var[4] = 1.0  # a constant channel is centred, not divided by ~0 (StandardScaler's rule)
+    np.testing.assert_allclose(whole.variance, expected_var, rtol=1e-5)
+    np.testing.assert_allclose(chunked.mean, whole.mean, rtol=1e-6)
+    np.testing.assert_allclose(chunked.variance, whole.variance, rtol=1e-5)
+    assert whole.mean.dtype == np.float32 and whole.variance.dtype == np.float32
+
+
+def test_standardized_head_is_a_normalization_layer_and_maps_equal_pooled():
+    import keras
+
+    keras.utils.set_random_seed(4)
+    stats = _stats(16)
+    models = build_head((3, 3, 16), HeadParams(units=8, standardize=True), stats)
+    assert [layer.__class__.__name__ for layer in models.maps.layers[1:]] == [
+        "GlobalAveragePooling2D", "Normalization", "Dense", "Dropout", "Dense"]
+    assert _trainable(models.maps) == 16 * 8 + 8 + 8 + 1  # standardization adds no trainable parameter
+    rng = np.random.default_rng(5)
+    maps = (stats.mean + np.sqrt(stats.variance) * rng.normal(size=(30, 3, 3, 16))).astype(np.float32)
+    from_maps = models.maps.predict(maps, verbose=0)
+    from_pooled = models.pooled.predict(maps.mean(axis=(1, 2)), verbose=0)
+    np.testing.assert_allclose(from_maps, from_pooled, rtol=0, atol=1e-5)
+    assert np.std(from_maps) > 1e-3  # the inputs were rescaled: the tiny spread reaches the output
+    # The layer computes (x - mean) / sqrt(variance) per channel.
+    np.testing.assert_allclose(models.standardize(maps.mean(axis=(1, 2))).numpy(),
+                               (maps.mean(axis=(1, 2)) - stats.mean) / np.sqrt(stats.variance), rtol=1e-3, atol=1e-3)
+
+
+def test_standardized_head_needs_stats_of_its_channels():
+    with pytest.raises(FeatcacheError, match="mean and variance of its 16 input channels"):
+        build_head((3, 3, 16), HeadParams(standardize=True))
+    with pytest.raises(FeatcacheError, match="Received: stats=\\(8,\\)"):
+        build_head((3, 3, 16), HeadParams(standardize=True), _stats(8))
+
+
+def test_standardized_head_loads_in_safe_mode_in_a_fresh_interpreter(tmp_path):
+    """No custom objects and no Lambda: a process that never imports featcache loads it in safe mode."""
+    import subprocess
+    import sys
+
+    import keras
+
+    keras.utils.set_random_seed(6)
+    models = build_head((3, 3, 16), HeadParams(units=8, standardize=True), _stats(16))
+    models.maps.save(tmp_path / "head.keras")
+    maps = np.random.default_rng(7).normal(100.0, 0.01, size=(4, 3, 3, 16)).astype(np.float32)
+    np.save(tmp_path / "maps.npy", maps)
+    np.save(tmp_path / "expected.npy", models.maps.predict(maps, verbose=0))
+    code = ("import sys, numpy as np, keras; d = sys.argv[1]; "
+            "assert 'featcache' not in sys.modules; "
+            "m = keras.saving.load_model(d + '/head.keras', safe_mode=True); "
+            "np.testing.assert_array_equal(m.predict(np.load(d + '/maps.npy'), verbose=0), np.load(d + '/expected.npy')); "
+            "print([l.__class__.__name__ for l in m.layers])")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Normalization" in done.stdout
+
+
+def test_fit_head_with_standardization_learns_badly_scaled_features():
+    """Large per-channel offsets and a tiny spread: the reference head barely moves, the standardized one learns."""
+    import keras
+    from featcache.head import input_stats
+
+    rng = np.random.default_rng(8)
+    labels = (rng.random(400) < 0.7).astype(np.int64)
+    direction = rng.normal(size=32)
+    raw = np.outer(labels - 0.5, direction) + rng.normal(size=(400, 32))
+    pooled = (50.0 * np.arange(1, 33) + 1e-3 * raw).astype(np.float32)
+    train = TrainViews(pooled[:300], labels[:300], np.arange(300))
+    stats = input_stats(train.pooled)
+    scores = {}
+    for standardize in (False, True):
+        params = HeadParams(units=16, standardize=standardize)
+        keras.utils.set_random_seed(0)
+        models = build_head((1, 1, 32), params, stats)
+        scores[standardize] = fit_head(models, train, pooled[300:], labels[300:], params, seed=0, max_epochs=20).scores
+    assert scores[True]["roc_auc"] >= 0.95
+    assert scores[True]["roc_auc"] > scores[False]["roc_auc"]

@@ -51,3 +51,29 @@ def test_comparison_names_the_selection_and_lists_each_backbone():
     assert "Selected for export: **vgg16**" in text and "| vgg16 (selected) | 0.950 |" in text
     assert "| resnet152 | 0.900 |" in text and "Test Accuracy" in text
     assert "selected vgg16" in format_summary(reports, selection)
+
+
+def _with_probe(report: dict, val_auc: float, seed: int = 5) -> dict:
+    rng = np.random.default_rng(seed)
+    labels = np.array(report["predictions"]["label"])
+    probs = np.clip(0.7 * labels + 0.3 * rng.random(len(labels)), 0, 1)
+    return {**report, "probe": {"c": 0.1, "validation": {"roc_auc": val_auc},
+                                "test": score_with_intervals(labels, probs, 0.5, n_bootstrap=50),
+                                "head_below_probe_on_validation": report["validation"]["roc_auc"] < val_auc}}
+
+
+def test_probe_floor_is_shown_beside_the_head_and_a_head_below_it_is_called_out():
+    above = _with_probe(fake_report("vgg16", 0.95, 0.6, seed=1), 0.90)
+    below = _with_probe(fake_report("resnet152", 0.70, 0.6, seed=2), 0.98)
+    auc = below["probe"]["test"]["metrics"]["roc_auc"]
+    text = format_report(below)
+    assert "linear probe at 0.5" in text and f"{auc['value']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]" in text
+    assert "the tuned head is below the linear probe on validation" in text
+    assert "below the linear probe" not in format_report(above)
+    selection = {"backbone": "vgg16", "cache_file": above["cache_file"], "criterion": "highest val AUC",
+                 "candidates": []}
+    comparison = format_comparison([above, below], selection)
+    assert "| Probe Val ROC-AUC | Probe Test ROC-AUC |" in comparison
+    assert "below the linear probe on validation for resnet152." in comparison
+    no_probe = format_report(fake_report("vgg16", 0.9, 0.6))  # a head from an older featcache
+    assert "Linear probe: none for this head" in no_probe

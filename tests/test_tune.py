@@ -36,12 +36,13 @@ def test_separable_cache_gives_a_good_head_and_every_output(synthetic_cache, tmp
                                                     "study.journal"}
     assert not list(run_dir.glob("*.tmp*"))
     csv_lines = (run_dir / "trials.csv").read_text().splitlines()
-    assert len(csv_lines) == 5 and csv_lines[0].startswith("number,state,pruned,units,dropout")
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("number,state,pruned,collapsed,units,dropout")
     rows = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
     assert rows[0]["number"] == 0 and rows[0]["params"] == REFERENCE.to_dict()  # the reference head first
+    assert rows[1]["params"] == {**REFERENCE.to_dict(), "standardize": True}  # then it standardized
     for row in rows:
         assert set(row) >= {"val_loss", "val_accuracy", "val_roc_auc", "val_sensitivity", "val_specificity",
-                            "epochs", "seconds", "pruned"}
+                            "epochs", "seconds", "pruned", "collapsed"}
 
     record = load_head_record(run_dir)
     manifest = check_head_matches_cache(record, path)
@@ -189,3 +190,77 @@ def test_several_caches_of_one_backbone_need_a_choice(synthetic_cache, tmp_path)
     assert summary.cache_path == first
     with pytest.raises(FeatcacheError, match="is a tiny cache, not vgg16"):
         _train(first.parent, cache=first, backbones=("vgg16",))
+
+
+def _poison(path, splits, value):
+    with h5py.File(path, "r+") as handle:
+        rows = np.isin(handle["split"][...], splits)
+        pooled = handle["pooled"][...]
+        pooled[rows] = value
+        handle["pooled"][...] = pooled
+
+
+def test_standardization_statistics_come_from_training_views_only(synthetic_cache, tmp_path):
+    clean = load_head_data(synthetic_cache(cache_dir=tmp_path / "a"))
+    path = synthetic_cache(cache_dir=tmp_path / "b")
+    _poison(path, (1, 2), 1e6)  # validation and test rows
+    poisoned = load_head_data(path)
+    np.testing.assert_array_equal(poisoned.stats.mean, clean.stats.mean)
+    np.testing.assert_array_equal(poisoned.stats.variance, clean.stats.variance)
+    np.testing.assert_allclose(clean.stats.mean, clean.train.pooled.astype(np.float64).mean(axis=0), rtol=1e-5)
+
+
+def test_badly_scaled_cache_is_learned_with_standardization(synthetic_cache, tmp_path):
+    """Per-channel offsets of 100s and a spread of 1e-3: trial 1 (the reference head, standardized) learns it."""
+    path = synthetic_cache(offset=100.0, scale=1e-3, dtype="float32")
+    (summary,) = _train(tmp_path / "cache", trials=2, max_epochs=30, patience=5)
+    reference, standardized = summary.rows
+    assert standardized["params"]["standardize"] and not reference["params"]["standardize"]
+    assert standardized["val_roc_auc"] >= 0.95 and not standardized["collapsed"]
+    assert summary.best["number"] == 1 and summary.best["val_roc_auc"] >= summary.probe.val_scores["roc_auc"] - 0.02
+    record = load_head_record(run_dir_for(path))
+    assert record["params"]["standardize"] is True
+    import keras
+
+    head = keras.saving.load_model(record["head_path"], safe_mode=True)
+    assert "Normalization" in [layer.__class__.__name__ for layer in head.layers]
+
+
+def test_probe_is_recorded_deterministic_and_never_reads_test_rows(synthetic_cache, tmp_path):
+    clean = synthetic_cache(cache_dir=tmp_path / "a", separation=1.0)
+    poisoned = synthetic_cache(cache_dir=tmp_path / "b", separation=1.0)
+    _poison(poisoned, (2,), np.nan)  # a read of a test row would show up as NaN
+    (first,) = _train(tmp_path / "a", trials=1)
+    (second,) = _train(tmp_path / "b", trials=1)
+    assert first.probe.val_scores == second.probe.val_scores and first.probe.c == second.probe.c
+    assert np.isfinite(second.probe.coef).all()
+    record = load_head_record(run_dir_for(clean))
+    assert record["probe"]["val_roc_auc"] == first.probe.val_scores["roc_auc"] and record["probe"]["c"] == first.probe.c
+    assert (run_dir_for(clean) / "probe.json").is_file()
+    # a rerun reads the saved probe rather than fitting it again
+    (again,) = _train(tmp_path / "a", trials=1)
+    np.testing.assert_array_equal(again.probe.coef, first.probe.coef)
+
+
+def test_collapsed_trials_are_flagged_counted_and_ranked_last():
+    from featcache.tune import is_collapsed, rank_trial
+
+    assert is_collapsed(np.full(50, 0.5) + np.linspace(0, 1e-3, 50), 0.9)  # nearly constant, even if ranked well
+    assert is_collapsed(np.linspace(0, 1, 50), 0.5)  # no better than chance
+    assert not is_collapsed(np.linspace(0, 1, 50), 0.8)
+    rows = [{"number": 0, "collapsed": True, "val_roc_auc": 0.99, "val_loss": 0.1},
+            {"number": 1, "collapsed": False, "val_roc_auc": 0.80, "val_loss": 0.5}]
+    assert min(rows, key=rank_trial)["number"] == 1
+
+
+def test_summary_shows_collapsed_count_and_the_probe_floor(synthetic_cache, tmp_path):
+    from featcache.tune import format_summary
+
+    synthetic_cache(separation=0.0)  # no signal: the heads cannot beat chance by much
+    (summary,) = _train(tmp_path / "cache", trials=3)
+    text = format_summary(summary)
+    collapsed = sum(r["collapsed"] for r in summary.rows)
+    assert f"{collapsed} collapsed" in text and "linear probe" in text
+    assert text.count("  collapsed") == sum(r["collapsed"] and not r["pruned"] for r in summary.rows)
+    csv_rows = (run_dir_for(summary.cache_path) / "trials.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[3] for row in csv_rows] == [str(r["collapsed"]) for r in summary.rows]
