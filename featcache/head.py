@@ -21,6 +21,11 @@ from featcache.errors import FeatcacheError
 log = logging.getLogger(__name__)
 
 EPSILON = 1e-7  # probability clip of the validation loss, as keras.losses.BinaryCrossentropy
+# An epoch makes at least this many optimizer steps: one pass over the training images, or as few
+# passes as that takes on a small training set. One pass of more than 7 x 512 = 3,584 images (512 is
+# the largest batch searched) already makes 8 steps, so on the full Kermany training split (about
+# 4,185 images) every epoch is exactly one pass, as in the reference loop.
+MIN_STEPS_PER_EPOCH = 8
 ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # keras.optimizers.Adam defaults
 
 
@@ -170,6 +175,22 @@ def sample_views(source_index: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return rng.permutation(picks).astype(np.int32)
 
 
+def epoch_rows(source_index: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """The rows of one epoch: ``sample_views`` passes until they make ``MIN_STEPS_PER_EPOCH`` batches.
+
+    With a few hundred training images an epoch of one pass is one to four optimizer steps, and early
+    stopping, its patience and the pruner, all counted in epochs, would judge a head after a handful of
+    steps: most trials would end before they learned anything. So an epoch has at least
+    ``MIN_STEPS_PER_EPOCH`` steps; on a training set of more than ``7 * batch_size`` images it is one pass.
+
+    Returns:
+        (passes * images,) int32 rows, each pass one view per image in a fresh order.
+    """
+    images = len(np.unique(source_index))
+    passes = (MIN_STEPS_PER_EPOCH - 1) * batch_size // images + 1  # the fewest with ceil(passes * images / batch) >= 8
+    return np.concatenate([sample_views(source_index, rng) for _ in range(passes)])
+
+
 def class_weights(labels: np.ndarray) -> np.ndarray:
     """Balanced weights ``n / (2 n_class)`` for classes 0 and 1, as sklearn's ``class_weight='balanced'``."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2)[:2]
@@ -182,7 +203,10 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
     """Train the head on pooled vectors: BCE, Adam, early stopping on validation loss, best weights restored.
 
     Each epoch draws one view of every training image (``sample_views``), so an epoch sees each image
-    once, as the reference ImageDataGenerator loop did, and each view is one of the cached augmentations.
+    once, as the reference ImageDataGenerator loop did, and each view is one of the cached augmentations;
+    on a small training set an epoch is several such passes (``epoch_rows``). Early stopping watches the
+    validation loss weighted as training weighs the classes (unweighted unless ``params.class_weight``):
+    the loss the trial minimises. The scores it returns are unweighted, so trials can be compared.
     The arithmetic is Keras's (Dense, Dropout, L2, BinaryCrossentropy, Adam; ``test_head`` checks it step
     by step) written once as graphs that take the weights as arguments, so they are traced once per
     process rather than once per trial; the result is assigned to ``models``.
@@ -195,7 +219,7 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
         params: hyperparameters (the layer sizes must match ``models``).
         seed: seeds the per-epoch view draws, the shuffling and dropout.
         max_epochs: epoch limit.
-        patience: epochs without a lower validation loss before stopping.
+        patience: epochs without a lower (class-weighted) validation loss before stopping.
         on_epoch: ``on_epoch(epoch, scores) -> stop``, called after each epoch (1-based) with that
             epoch's validation scores; returning True stops training (used for pruning).
 
@@ -219,13 +243,17 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
     if models.standardize is not None:  # the layer itself, so training sees exactly what the saved head computes
         x_all, val_x = models.standardize(x_all), models.standardize(val_x)
     rng = np.random.default_rng(seed)
+    val_weights = class_weight[np.asarray(val_labels, np.int64)]
     best_loss, best_epoch, best, history, stopped = np.inf, 0, weights, [], False
     for epoch in range(1, max_epochs + 1):
-        state = train_epoch(state, x_all, y_all, w_all, tf.constant(sample_views(train.source_index, rng)), *hyper)
-        scores = score_probs(val_labels, predict(state[0], val_x).numpy())
-        history.append({"epoch": epoch, **scores})
-        if scores["loss"] < best_loss:
-            best_loss, best_epoch, best = scores["loss"], epoch, state[0]  # tensors are immutable: no copy
+        rows = epoch_rows(train.source_index, params.batch_size, rng)
+        state = train_epoch(state, x_all, y_all, w_all, tf.constant(rows), *hyper)
+        probs = predict(state[0], val_x).numpy()
+        scores = score_probs(val_labels, probs)
+        stop_loss = scores["loss"] if not params.class_weight else _weighted_loss(val_labels, probs, val_weights)
+        history.append({"epoch": epoch, **scores, "stop_loss": stop_loss})
+        if stop_loss < best_loss:
+            best_loss, best_epoch, best = stop_loss, epoch, state[0]  # tensors are immutable: no copy
         stopped = bool(on_epoch(epoch, scores)) if on_epoch else False
         if stopped or epoch - best_epoch >= patience:
             break
@@ -233,6 +261,14 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
         variable.assign(value)
     probs = predict(best, val_x).numpy()
     return FitResult(score_probs(val_labels, probs), probs, best_epoch, epoch, stopped, history)
+
+
+def _weighted_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> float:
+    """Mean binary cross-entropy with per-row weights (normalised by the weights' sum)."""
+    labels = np.asarray(labels, np.float64)
+    clipped = np.clip(np.asarray(probs, np.float64), EPSILON, 1 - EPSILON)
+    losses = -(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+    return float(np.average(losses, weights=weights))
 
 
 @functools.cache

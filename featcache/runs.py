@@ -65,7 +65,8 @@ def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, refere
     try:
         study = optuna.create_study(
             storage=storage, study_name=name, direction="maximize", load_if_exists=True,
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+            # never judged before it had the epochs early stopping gives it (its patience)
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=config.patience),
         )
         existing = len(study.trials)
     except Exception as exc:  # noqa: BLE001 - any failure here means this storage cannot hold the study

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from featcache.errors import FeatcacheError
-from featcache.head import (HeadParams, TrainViews, build_head, choose_threshold, class_weights, fit_head,
-                            sample_views, score_probs)
+from featcache.head import (MIN_STEPS_PER_EPOCH, HeadParams, TrainViews, build_head, choose_threshold, class_weights,
+                            epoch_rows, fit_head, sample_views, score_probs)
 
 
 def _trainable(model) -> int:
@@ -159,7 +159,8 @@ def test_training_step_is_keras_dense_dropout_l2_bce_and_adam():
     initial = ours.pooled.get_weights()
     fit_head(ours, train, train.pooled, train.labels, params, seed=11, max_epochs=1)
 
-    rows = sample_views(train.source_index, np.random.default_rng(11))  # the batches fit_head drew
+    rows = epoch_rows(train.source_index, params.batch_size, np.random.default_rng(11))  # the batches fit_head drew
+    assert len(rows) == 3 * 90  # 90 images make 3 batches of 32 a pass: 3 passes reach 8 steps
     optimizer, loss_fn = keras.optimizers.Adam(params.learning_rate), keras.losses.BinaryCrossentropy()
     weights = class_weights(train.labels)[train.labels]
     model = theirs.pooled
@@ -267,3 +268,31 @@ def test_fit_head_with_standardization_learns_badly_scaled_features():
         scores[standardize] = fit_head(models, train, pooled[300:], labels[300:], params, seed=0, max_epochs=20).scores
     assert scores[True]["roc_auc"] >= 0.95
     assert scores[True]["roc_auc"] > scores[False]["roc_auc"]
+
+
+def test_an_epoch_is_one_pass_on_large_sets_and_at_least_eight_steps_on_small_ones():
+    rng = np.random.default_rng(9)
+    large = np.repeat(np.arange(4200), 3)  # 4,200 images, 3 views each: 8.2 batches of 512 a pass
+    rows = epoch_rows(large, 512, rng)
+    assert len(rows) == 4200 and len(np.unique(large[rows])) == 4200
+    small = np.repeat(np.arange(240), 6)  # the dev set's size: one pass is 1 batch of 512
+    for batch_size in (64, 512):
+        rows = epoch_rows(small, batch_size, rng)
+        passes = len(rows) // 240
+        assert -(-len(rows) // batch_size) >= MIN_STEPS_PER_EPOCH and len(rows) == passes * 240
+        assert (np.bincount(small[rows], minlength=240) == passes).all()  # each pass shows every image once
+        assert -(-(passes - 1) * 240 // batch_size) < MIN_STEPS_PER_EPOCH  # and no more passes than needed
+
+
+def test_class_weighted_trials_stop_on_the_weighted_validation_loss():
+    from featcache.head import _weighted_loss
+
+    result, _, val = _fit(max_epochs=12, patience=3, params={"class_weight": True})
+    stop = [h["stop_loss"] for h in result.history]
+    assert result.history[result.best_epoch - 1]["stop_loss"] == min(stop)
+    weights = class_weights(val.labels)  # not the training weights, but a check of the weighting itself
+    probs = np.linspace(0.1, 0.9, len(val.labels))
+    manual = -np.average(np.where(val.labels == 1, np.log(probs), np.log(1 - probs)), weights=weights[val.labels])
+    assert _weighted_loss(val.labels, probs, weights[val.labels]) == pytest.approx(manual)
+    unweighted, _, _ = _fit(max_epochs=12, patience=3)
+    assert all(h["stop_loss"] == h["loss"] for h in unweighted.history)
