@@ -139,3 +139,130 @@ def test_an_old_decode_cache_is_not_reused_and_not_assembled(extract_config, sma
     check_decoding(new.cache_path, read_manifest(new.cache_path))
     with pytest.raises(CacheMismatchError, match="decoding version 1.*re-run 'featcache extract'"):
         check_decoding(old.cache_path, read_manifest(old.cache_path))
+
+
+# --- the pixel limit --------------------------------------------------------------------------
+
+
+def png_bomb(width: int = 23_000, height: int = 23_000) -> bytes:
+    """A valid 1-bit gray PNG of zeros, written chunk by chunk: 23,000 x 23,000 is 64 KB on disk and
+    529 million pixels (1.6 GB as 8-bit RGB) decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows, compressor = b"\0" * (1 + (width + 7) // 8) * 1000, zlib.compressobj(9)  # filter byte + packed row
+    idat = b"".join(compressor.compress(rows[:len(rows) // 1000 * min(1000, height - done)])
+                    for done in range(0, height, 1000)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, gray, deflate, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def gray_png(width: int, height: int) -> bytes:
+    return encode(Image.fromarray(np.full((height, width), 90, np.uint8)), "PNG")
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    from featcache.data import MAX_PIXELS
+    from featcache.errors import ImageTooLargeError
+
+    bomb = png_bomb()
+    assert len(bomb) < 600_000 and __import__("struct").unpack(">II", bomb[16:24]) == (23_000, 23_000)
+    small = Image.open(io.BytesIO(png_bomb(50, 2100)))  # the writer makes valid PNGs (Pillow refuses the big one)
+    assert small.size == (50, 2100) and not np.asarray(small).any()
+    with pytest.raises(ImageTooLargeError, match="bomb.png is 23000 x 23000 = 529,000,000 pixels, over the limit of "
+                                                 "89,478,485") as info:
+        decode_bytes(bomb, 32, name="bomb.png")
+    assert info.value.pixels == 23_000 * 23_000 and MAX_PIXELS == 89_478_485
+    # the graph itself refuses it too (the SavedModel's serving function has no host-side check)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Image of 23000 x 23000 pixels is over the limit"):
+        tf.function(decode_rgb, autograph=False)(tf.constant(bomb))
+
+
+def test_the_limit_is_inclusive_and_overridable():
+    from featcache.errors import ImageTooLargeError
+
+    encoded = gray_png(300, 200)
+    assert decode_bytes(encoded, 32, max_pixels=60_000).shape == (32, 32, 3)
+    with pytest.raises(ImageTooLargeError, match="300 x 200 = 60,000 pixels, over the limit of 59,999"):
+        decode_bytes(encoded, 32, max_pixels=59_999)
+
+
+def test_header_sizes_agree_with_pillow(dev_data):
+    from featcache.data import encoded_image_size
+
+    samples = [f.read_bytes() for f in sorted(dev_data.rglob("*.jpeg"))[::40]] + list(HOSTILE.values())
+    samples += [gray_png(3, 5), png_bomb(70_001, 3)]
+    for encoded in samples:
+        height, width = (int(v) for v in encoded_image_size(tf.constant(encoded)))
+        assert (width, height) == Image.open(io.BytesIO(encoded)).size
+
+
+def test_extract_skips_and_records_images_over_the_limit_and_retries_them_when_raised(small_xrays, extract_config):
+    from featcache.cache import read_manifest
+    from featcache.extract import extract_features
+
+    folder = small_xrays / "train" / "PNEUMONIA"
+    (folder / "bomb.png").write_bytes(png_bomb())
+    (folder / "big.png").write_bytes(gray_png(1000, 1000))  # dev X-rays have at most 260,608 pixels
+    (first,) = extract_features(extract_config(small_xrays, max_pixels=500_000))
+    skipped = {s["path"]: s for s in read_manifest(first.cache_path)["skipped"]}
+    assert set(skipped) == {"train/PNEUMONIA/bomb.png", "train/PNEUMONIA/big.png"}
+    assert skipped["train/PNEUMONIA/big.png"]["pixels"] == 1_000_000
+    assert "over the limit of 500,000" in skipped["train/PNEUMONIA/bomb.png"]["error"]
+    (again,) = extract_features(extract_config(small_xrays, max_pixels=500_000))
+    assert again.computed_rows == 0 and len(again.skipped) == 2
+    (raised,) = extract_features(extract_config(small_xrays))  # the default limit admits big.png
+    assert raised.cache_path == first.cache_path and raised.computed_rows >= 1
+    assert [s["path"] for s in read_manifest(raised.cache_path)["skipped"]] == ["train/PNEUMONIA/bomb.png"]
+
+
+def test_max_pixels_must_be_positive(tmp_path):
+    from featcache.config import EvaluateConfig, ExtractConfig
+    from featcache.errors import FeatcacheError
+
+    for make in (lambda: ExtractConfig(data_dir=tmp_path, max_pixels=0), lambda: EvaluateConfig(max_pixels=-1)):
+        with pytest.raises(FeatcacheError, match="--max-pixels must be >= 1. Received: max_pixels="):
+            make()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, dev_data):
+    from pipeline import dev_pipeline
+
+    return dev_pipeline(tmp_path_factory, dev_data)
+
+
+def test_evaluate_skips_test_images_over_the_limit(run, tmp_path):
+    from pipeline import copy_run, run_cli
+
+    copy = copy_run(run, tmp_path)
+    sizes = {f.relative_to(run["data"]).as_posix(): Image.open(f).size for f in (run["data"] / "test").rglob("*.jpeg")}
+    limit = sorted(w * h for w, h in sizes.values())[len(sizes) // 2]
+    result = run_cli("evaluate", "--cache-dir", copy["cache_dir"], "--bootstrap", "20", "--max-pixels", limit)
+    assert result.exit_code == 0, result.output
+    report = __import__("json").loads((copy["run_dir"] / "report.json").read_text())
+    over = {p for p, (w, h) in sizes.items() if w * h > limit}
+    assert {s["path"] for s in report["test"]["skipped"]} == over and len(over) >= 10
+    assert all("over the limit" in s["error"] for s in report["test"]["skipped"])
+    assert set(report["predictions"]["path"]) == set(sizes) - over
+
+
+def test_predict_skips_a_bomb_and_the_saved_model_refuses_it(run, tmp_path):
+    from pipeline import run_cli
+
+    good = sorted((run["data"] / "test" / "NORMAL").iterdir())[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bomb.png").write_bytes(png_bomb())
+    (tmp_path / "in" / good.name).write_bytes(good.read_bytes())
+    result = run_cli("predict", tmp_path / "in", "--model", run["model"], "--json")
+    assert result.exit_code == 2, result.output
+    out = __import__("json").loads(result.stdout)
+    assert [p["path"].rsplit("/", 1)[-1] for p in out["predictions"]] == [good.name]
+    (skip,) = out["skipped"]
+    assert skip["path"].endswith("bomb.png") and "23000 x 23000 = 529,000,000 pixels" in skip["error"]
+    serve = tf.saved_model.load(str(run["model"] / "model.export")).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="over the limit of 89478485 pixels"):
+        serve(image_bytes=tf.constant([good.read_bytes(), png_bomb()]))
