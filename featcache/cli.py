@@ -7,7 +7,6 @@ its traceback.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +14,7 @@ import typer
 
 from featcache.data import MAX_PIXELS
 from featcache.errors import FeatcacheError
+from featcache.tflog import quiet_tensorflow_startup
 
 app = typer.Typer(
     help="Cache frozen-backbone features once, tune heads on the cache, export the end-to-end model.",
@@ -170,6 +170,6 @@ def predict(
 
 
 def main() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
+    quiet_tensorflow_startup()  # before anything imports TensorFlow: no cuInit/absl notices on CPU-only machines
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     app()
