@@ -181,6 +181,16 @@ def test_a_decompression_bomb_is_refused_from_its_header():
         tf.function(decode_rgb, autograph=False)(tf.constant(bomb))
 
 
+def test_a_jpeg_header_claiming_60000_x_60000_is_refused_before_decoding():
+    from featcache.errors import ImageTooLargeError
+
+    encoded = bytearray(encode(Image.fromarray(_gradient(16, 16)), "JPEG"))
+    sof = encoded.index(b"\xff\xc0")  # baseline frame header: marker, length, precision, height, width
+    encoded[sof + 5:sof + 9] = (60_000).to_bytes(2, "big") * 2
+    with pytest.raises(ImageTooLargeError, match="60000 x 60000 = 3,600,000,000 pixels"):
+        decode_bytes(bytes(encoded), 32)
+
+
 def test_the_limit_is_inclusive_and_overridable():
     from featcache.errors import ImageTooLargeError
 
@@ -263,6 +273,8 @@ def test_predict_skips_a_bomb_and_the_saved_model_refuses_it(run, tmp_path):
     assert [p["path"].rsplit("/", 1)[-1] for p in out["predictions"]] == [good.name]
     (skip,) = out["skipped"]
     assert skip["path"].endswith("bomb.png") and "23000 x 23000 = 529,000,000 pixels" in skip["error"]
+    card = __import__("json").loads((run["model"] / "model.json").read_text())
+    assert card["preprocessing"]["max_pixels"] == 89_478_485  # what the SavedModel refuses, on its card
     serve = tf.saved_model.load(str(run["model"] / "model.export")).signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="over the limit of 89478485 pixels"):
         serve(image_bytes=tf.constant([good.read_bytes(), png_bomb()]))
