@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones import build_extractor, get_backbone_spec, hash_weights, load_cached_backbone
+from featcache.data import RESIZE
 from featcache.errors import CacheMismatchError, FeatcacheError
 
 log = logging.getLogger(__name__)
@@ -77,16 +78,35 @@ def assemble_model(cache_path: str | Path, record: dict, manifest: dict) -> EndT
 
     Raises:
         WeightsError: the backbone weights are gone or no longer hash to the manifest's.
-        CacheMismatchError: the head does not fit the cache's feature shape.
+        CacheMismatchError: the head does not fit the cache's feature shape, or the cache was decoded
+            another way than ``data.decode_and_resize`` decodes now.
     """
     import keras
 
+    check_decoding(cache_path, manifest)
     spec = get_backbone_spec(manifest["backbone"])
     backbone = load_cached_backbone(cache_path, manifest)  # refuses weights of another hash
     head = load_head(record, manifest)
     extractor = build_extractor(spec, backbone, manifest["image_size"])
     model = keras.Model(extractor.input, head(extractor.output), name=f"featcache_{spec.name}")
     return EndToEnd(model, head, hash_weights(backbone), manifest, record)
+
+
+def check_decoding(cache_path: str | Path, manifest: dict) -> None:
+    """Refuse a cache whose images were decoded or resized otherwise than ``data.RESIZE`` says now: its
+    features are not what the end-to-end model computes (an older featcache decoded JPEG less accurately).
+
+    Raises:
+        CacheMismatchError: the manifest records another ``resize``.
+    """
+    recorded = manifest.get("resize")
+    if recorded is not None and recorded != RESIZE:
+        version = recorded.get("decode_version", 1)
+        raise CacheMismatchError(
+            f"{Path(cache_path).name} was extracted with decoding version {version}, this featcache decodes with "
+            f"version {RESIZE['decode_version']} ({RESIZE['decode']}); re-run 'featcache extract' (it writes a new "
+            f"cache) and 'featcache train-head'. Received: decode_version={version}"
+        )
 
 
 def predict_images(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -7,13 +7,14 @@ its traceback.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from featcache.data import MAX_PIXELS
 from featcache.errors import FeatcacheError
+from featcache.tflog import quiet_tensorflow_startup
 
 app = typer.Typer(
     help="Cache frozen-backbone features once, tune heads on the cache, export the end-to-end model.",
@@ -24,6 +25,7 @@ app = typer.Typer(
 
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Folder of the feature caches and runs.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of augmentation, split, random weights and the search.")]
+MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Skip images of more pixels (width x height, read from the header before decoding).")]
 
 
 def _fail(error: FeatcacheError) -> None:
@@ -45,6 +47,7 @@ def extract(
     compression: Annotated[str, typer.Option("--compression", help="HDF5 compression of the maps: none, lzf or gzip.")] = "none",
     precision: Annotated[str, typer.Option("--precision", help="auto (mixed+XLA on GPU), float32 or mixed.")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    max_pixels: MaxPixels = MAX_PIXELS,
 ) -> None:
     """Run the frozen backbones once over every image and K augmented copies; cache the maps in HDF5."""
     from featcache.config import ExtractConfig
@@ -55,7 +58,7 @@ def extract(
             data_dir=data, backbones=tuple(backbone or ("vgg16", "resnet152")), weights=weights,
             augment_copies=augment_copies, image_size=image_size, batch_size=batch_size, seed=seed,
             cache_dir=cache_dir, dtype=dtype, compression=None if compression == "none" else compression,
-            precision=precision, progress=progress,
+            precision=precision, progress=progress, max_pixels=max_pixels,
         )
         summaries = extract_features(config)
     except FeatcacheError as error:
@@ -109,6 +112,7 @@ def evaluate(
     backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="Backbone to evaluate (repeatable; default: every backbone with a trained head).")] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples of the test set for the 95 % intervals.")] = 1000,
     seed: Seed = 0,
+    max_pixels: MaxPixels = MAX_PIXELS,
 ) -> None:
     """Score the reassembled end-to-end models on the raw test images, check parity with the cache, pick the best backbone by validation AUC."""
     from featcache.config import EvaluateConfig
@@ -117,7 +121,7 @@ def evaluate(
 
     try:
         config = EvaluateConfig(cache_dir=cache_dir, data_dir=data, backbones=tuple(backbone or ()),
-                                n_bootstrap=bootstrap, seed=seed)
+                                n_bootstrap=bootstrap, seed=seed, max_pixels=max_pixels)
         reports, selection = evaluate_backbones(config)
     except FeatcacheError as error:
         _fail(error)
@@ -149,12 +153,13 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     model: Annotated[Path, typer.Option("--model", help="Export folder written by 'featcache export'.")] = Path("model"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of lines.")] = False,
+    max_pixels: MaxPixels = MAX_PIXELS,
 ) -> None:
     """Label and probability per image at the exported threshold. Exit 0: all read; 2: some skipped; 1: error."""
     from featcache.predict import format_predictions, predict_files
 
     try:
-        result = predict_files(inputs, model)
+        result = predict_files(inputs, model, max_pixels=max_pixels)
     except FeatcacheError as error:
         _fail(error)
     typer.echo(format_predictions(result, as_json))
@@ -165,6 +170,6 @@ def predict(
 
 
 def main() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
+    quiet_tensorflow_startup()  # before anything imports TensorFlow: no cuInit/absl notices on CPU-only machines
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     app()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.augment import AugmentSpec
+from featcache.data import MAX_PIXELS
 from featcache.errors import FeatcacheError
 from featcache.metrics import N_BOOTSTRAP
 
@@ -31,6 +32,7 @@ class ExtractConfig:
         compression: HDF5 filter of the maps, or None.
         precision: ``auto`` (mixed float16 + XLA on a GPU, float32 on a CPU), ``float32`` or ``mixed``.
         progress: show a tqdm bar.
+        max_pixels: images with more pixels (by their header) are skipped, not decoded.
     """
 
     data_dir: Path
@@ -46,6 +48,7 @@ class ExtractConfig:
     precision: str = "auto"
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     progress: bool = True
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         if not self.backbones:
@@ -61,6 +64,7 @@ class ExtractConfig:
             raise FeatcacheError(f"--compression must be lzf, gzip or none. Received: compression={self.compression!r}")
         if self.precision not in PRECISIONS:
             raise FeatcacheError(f"--precision must be one of {PRECISIONS}. Received: precision={self.precision!r}")
+        check_max_pixels(self.max_pixels)
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class EvaluateConfig:
         n_bootstrap: bootstrap resamples of the test set for the confidence intervals.
         seed: seed of the resamples.
         batch_size: images per forward pass of the end-to-end model.
+        max_pixels: test images with more pixels (by their header) are skipped, not decoded.
     """
 
     cache_dir: Path = Path("cache")
@@ -129,8 +134,10 @@ class EvaluateConfig:
     n_bootstrap: int = N_BOOTSTRAP
     seed: int = 0
     batch_size: int = 32
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
+        check_max_pixels(self.max_pixels)
         if self.n_bootstrap < 1:
             raise FeatcacheError(f"--bootstrap must be >= 1. Received: n_bootstrap={self.n_bootstrap}")
         if self.batch_size < 1:
@@ -153,6 +160,11 @@ class ExportConfig:
     backbone: str = "best"
     out: Path = Path("model")
     force: bool = False
+
+
+def check_max_pixels(max_pixels: int) -> None:
+    if max_pixels < 1:
+        raise FeatcacheError(f"--max-pixels must be >= 1. Received: max_pixels={max_pixels}")
 
 
 def _check_unique(backbones: tuple[str, ...]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import DataError
+from featcache.errors import DataError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,28 @@ VAL_FRACTION = 0.2
 # Kermany file names: person1430_bacteria_3695.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0373-0001.jpeg.
 PATIENT_PATTERN = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 
+# Bump when decode_and_resize gives other pixels: RESIZE is hashed into every cache fingerprint, so a
+# cache decoded another way gets another file and is never mixed with this one. 1: tf.io.decode_image
+# (TensorFlow's fast JPEG IDCT); 2: libjpeg's accurate IDCT, pixel for pixel what Pillow (and so Keras's
+# load_img / flow_from_directory) gives.
+DECODE_VERSION = 2
+
 # What decode_and_resize does, recorded in every cache manifest.
 RESIZE = {
-    "decode": "tf.io.decode_image(channels=3, dtype=uint8)",
+    "decode_version": DECODE_VERSION,
+    "decode": "JPEG: tf.io.decode_jpeg(channels=3, dct_method='INTEGER_ACCURATE'); "
+              "PNG: tf.io.decode_png(channels=3, dtype=uint8); other formats refused",
     "method": "bilinear",
     "antialias": True,
     "aspect": "stretched to a square",
     "output": "uint8, rounded",
 }
+
+# Largest image decoded, in pixels (width x height), read from the file header before decoding. Pillow's
+# MAX_IMAGE_PIXELS: 1 GiB / (3 channels x 4 bytes), so the float32 RGB image the resize works on stays
+# under 1 GiB; a 23,000 x 23,000 PNG of 560 KB (a decompression bomb) is 6 times that.
+MAX_PIXELS = 89_478_485
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -197,45 +211,108 @@ def hash_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def decode_and_resize(encoded, image_size: int):
+def decode_and_resize(encoded, image_size: int, max_pixels: int = MAX_PIXELS):
     """Encoded JPEG/PNG bytes (a scalar tf.string) -> (s, s, 3) uint8 RGB.
 
-    Gray is repeated to three channels, alpha is dropped, palette is expanded and 16-bit is
-    scaled to 8-bit by TensorFlow's decoder; then a bilinear, antialiased resize to a square.
-    The exported model's serving signature calls this same function.
+    JPEG is decoded with libjpeg's accurate integer IDCT (equal to Pillow's pixels); gray is repeated to
+    three channels, alpha is dropped, palette is expanded, CMYK is converted and 16-bit keeps its high
+    byte; then a bilinear, antialiased resize to a square. The exported model's serving signature calls
+    this same function, so it is graph-only TensorFlow.
+
+    Raises (when run):
+        tf.errors.InvalidArgumentError: not a JPEG or PNG, a broken file, or more than ``max_pixels``
+            pixels by its header (checked before decoding).
     """
     import tensorflow as tf
 
-    image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+    image = decode_rgb(encoded, max_pixels)
     image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def load_image(path: str | Path, image_size: int) -> np.ndarray:
+def decode_rgb(encoded, max_pixels: int = MAX_PIXELS):
+    """Encoded JPEG/PNG bytes (a scalar tf.string) -> (h, w, 3) uint8 RGB at the file's own size.
+
+    The pixel count is read from the header and checked against ``max_pixels`` before anything is
+    decoded, so a decompression bomb costs a few bytes of reading, not gigabytes.
+    """
+    import tensorflow as tf
+
+    height, width = encoded_image_size(encoded)
+    message = tf.strings.format("Image of {} x {} pixels is over the limit of {} pixels",
+                                (width, height, tf.constant(max_pixels, tf.int64)))
+    fits = tf.debugging.Assert(height * width <= max_pixels, [message])
+    with tf.control_dependencies([fits]):
+        return tf.cond(
+            tf.io.is_jpeg(encoded),
+            lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+            lambda: tf.io.decode_png(encoded, channels=3, dtype=tf.uint8),
+        )
+
+
+def encoded_image_size(encoded):
+    """(height, width) int64 scalars of encoded JPEG/PNG bytes, from the header alone.
+
+    JPEG: ``tf.image.extract_jpeg_shape`` (libjpeg reads the markers up to the frame header). PNG: the
+    IHDR chunk, which the format requires first: width and height are bytes 16..24, big-endian.
+
+    Raises (when run):
+        tf.errors.InvalidArgumentError: neither JPEG nor PNG, or an unreadable JPEG header.
+    """
+    import tensorflow as tf
+
+    is_jpeg = tf.io.is_jpeg(encoded)
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(PNG_SIGNATURE)), PNG_SIGNATURE)
+    known = tf.debugging.Assert(is_jpeg | is_png, ["Unknown image file format; featcache reads JPEG and PNG files"])
+
+    def jpeg_size():
+        shape = tf.image.extract_jpeg_shape(encoded, output_type=tf.int64)
+        return shape[0], shape[1]
+
+    def png_size():
+        padded = tf.strings.join([encoded, b"\0" * 24])  # a truncated file reads as 0 x 0; decode_png rejects it
+        ihdr = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 16, 8), tf.uint8), tf.int64)
+        width = ((ihdr[0] * 256 + ihdr[1]) * 256 + ihdr[2]) * 256 + ihdr[3]
+        height = ((ihdr[4] * 256 + ihdr[5]) * 256 + ihdr[6]) * 256 + ihdr[7]
+        return height, width
+
+    with tf.control_dependencies([known]):
+        return tf.cond(is_jpeg, jpeg_size, png_size)
+
+
+def load_image(path: str | Path, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read and decode one image file to (s, s, 3) uint8.
 
     Raises:
+        ImageTooLargeError: more than ``max_pixels`` pixels (nothing was decoded).
         DataError: the file cannot be read or is not a decodable image.
     """
     try:
         encoded = Path(path).read_bytes()
     except OSError as exc:
         raise DataError(f"Cannot read {path}: {exc.strerror}") from exc
-    return decode_bytes(encoded, image_size, name=str(path))
+    return decode_bytes(encoded, image_size, name=str(path), max_pixels=max_pixels)
 
 
-def decode_bytes(encoded: bytes, image_size: int, name: str = "image") -> np.ndarray:
+def decode_bytes(encoded: bytes, image_size: int, name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode encoded JPEG/PNG bytes to (s, s, 3) uint8 with ``decode_and_resize``.
 
     Raises:
+        ImageTooLargeError: more than ``max_pixels`` pixels by the header (nothing was decoded).
         DataError: empty input or not a decodable image.
     """
     import tensorflow as tf
 
     if not encoded:
         raise DataError(f"{name} is empty (0 bytes)")
+    tensor = tf.constant(encoded)
     try:
-        return _compiled_decoder(image_size)(tf.constant(encoded)).numpy()
+        height, width = (int(v) for v in _compiled_size()(tensor))
+        if height * width > max_pixels:
+            raise ImageTooLargeError(
+                f"{name} is {width} x {height} = {height * width:,} pixels, over the limit of {max_pixels:,} "
+                f"(raise it with --max-pixels)", pixels=height * width)
+        return _compiled_decoder(image_size, max_pixels)(tensor).numpy()
     except tf.errors.InvalidArgumentError as exc:
         raise DataError(f"{name} is not a readable image: {_decoder_message(exc.message)}") from None
 
@@ -245,15 +322,24 @@ def _decoder_message(message: str) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     at = next((i for i, line in enumerate(lines) if line.startswith("[[")), len(lines))
     line = lines[at - 1] if at > 0 else message.strip()
-    return re.sub(r"^\{\{[^}]*\}\}\s*", "", line).split(" [Op:")[0].strip()
+    line = re.sub(r"^\{\{[^}]*\}\}\s*", "", line).split(" [Op:")[0].strip()
+    return re.sub(r"^assertion failed: \[(.*)\]$", r"\1", line)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_decoder(image_size: int):
+def _compiled_size():
+    """``encoded_image_size`` as a tf.function: the header check of ``decode_bytes``."""
+    import tensorflow as tf
+
+    return tf.function(encoded_image_size, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_decoder(image_size: int, max_pixels: int = MAX_PIXELS):
     """``decode_and_resize`` as a tf.function: a third of the eager per-image cost."""
     import tensorflow as tf
 
     def decode(encoded):
-        return decode_and_resize(encoded, image_size)
+        return decode_and_resize(encoded, image_size, max_pixels)
 
     return tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)

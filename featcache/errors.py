@@ -23,3 +23,11 @@ class IncompleteCacheError(FeatcacheError, RuntimeError):
 
 class CacheLockedError(FeatcacheError, RuntimeError):
     """Another process is writing the same cache."""
+
+
+class ImageTooLargeError(DataError):
+    """An image has more pixels than the limit (``--max-pixels``); it was not decoded."""
+
+    def __init__(self, message: str, pixels: int):
+        super().__init__(message)
+        self.pixels = pixels

@@ -21,7 +21,7 @@ import numpy as np
 from featcache import __version__
 from featcache.assemble import assemble_model, check_parity, predict_features, predict_images
 from featcache.cache import find_cache, list_caches, open_cache, read_rows
-from featcache.data import IMAGE_EXTENSIONS, SPLIT_CODES, decode_bytes
+from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, SPLIT_CODES, decode_bytes
 from featcache.errors import CacheMismatchError, DataError, FeatcacheError
 from featcache.config import EvaluateConfig
 from featcache.metrics import majority_baseline, score_with_intervals
@@ -79,7 +79,7 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
     record = load_head_record(cache_path)
     manifest = check_head_matches_cache(record, cache_path)
     data_dir = Path(config.data_dir) if config.data_dir is not None else Path(manifest["data_dir"])
-    test = read_test_set(cache_path, data_dir, manifest)
+    test = read_test_set(cache_path, data_dir, manifest, config.max_pixels)
     assembled = assemble_model(cache_path, record, manifest)
     probs = predict_images(assembled.model, test.images, config.batch_size)
     cached = predict_features(assembled.head, test.features)
@@ -98,7 +98,7 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
     return report
 
 
-def read_test_set(cache_path: Path, data_dir: Path, manifest: dict) -> TestSet:
+def read_test_set(cache_path: Path, data_dir: Path, manifest: dict, max_pixels: int = MAX_PIXELS) -> TestSet:
     """The cache's original test rows, and their images decoded again from ``data_dir``.
 
     Raises:
@@ -119,14 +119,15 @@ def read_test_set(cache_path: Path, data_dir: Path, manifest: dict) -> TestSet:
         paths = handle["files/path"].asstr()[...][source].tolist()
         hashes = handle["files/sha256"][...][source].astype(str).tolist()
     _warn_uncached(data_dir, set(paths))
-    kept, images, skipped = _load_images(data_dir, paths, hashes, manifest["image_size"], cache_path)
+    kept, images, skipped = _load_images(data_dir, paths, hashes, manifest["image_size"], cache_path, max_pixels)
     for item in skipped:
         log.warning("skipped test image %s: %s", item["path"], item["error"])
     rows = np.array(kept)
     return TestSet([paths[i] for i in kept], labels[rows], features[rows], pooled[rows], images, skipped, train_labels)
 
 
-def _load_images(data_dir: Path, paths: list[str], hashes: list[str], size: int, cache_path: Path):
+def _load_images(data_dir: Path, paths: list[str], hashes: list[str], size: int, cache_path: Path,
+                 max_pixels: int = MAX_PIXELS):
     """Decode the files behind the cached rows; refuse changed contents, skip (and list) unreadable files."""
     images, kept, skipped, changed = [], [], [], []
     for i, (path, digest) in enumerate(zip(paths, hashes)):
@@ -139,7 +140,7 @@ def _load_images(data_dir: Path, paths: list[str], hashes: list[str], size: int,
             changed.append(path)
             continue
         try:
-            images.append(decode_bytes(encoded, size, name=path))
+            images.append(decode_bytes(encoded, size, name=path, max_pixels=max_pixels))
             kept.append(i)
         except DataError as exc:
             skipped.append({"path": path, "error": str(exc)})

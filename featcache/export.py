@@ -18,7 +18,7 @@ import numpy as np
 from featcache import __version__
 from featcache.assemble import EndToEnd, assemble_model, predict_images
 from featcache.cache import find_cache
-from featcache.data import decode_and_resize, decode_bytes, hash_file
+from featcache.data import MAX_PIXELS, decode_and_resize, decode_bytes, hash_file
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.evaluate import REPORT_FILE, read_selection
 from featcache.config import ExportConfig
@@ -123,7 +123,7 @@ def write_saved_model(model, path: Path, image_size: int, threshold: float, clas
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve(image_bytes):
-        images = tf.map_fn(lambda encoded: decode_and_resize(encoded, image_size), image_bytes,
+        images = tf.map_fn(lambda encoded: decode_and_resize(encoded, image_size, MAX_PIXELS), image_bytes,
                            fn_output_signature=image_spec)
         probability = model(images, training=False)[:, 0]
         return {"probability": probability, "label": tf.gather(names, tf.cast(probability >= threshold, tf.int32))}
@@ -196,7 +196,8 @@ def model_card(assembled: EndToEnd, cache_path: Path, report: dict, verification
         "cache_file": Path(cache_path).name,
         "cache_fingerprint": manifest["fingerprint"],
         "image_size": manifest["image_size"],
-        "preprocessing": {"decode_and_resize": manifest.get("resize"), "backbone": manifest.get("preprocessing")},
+        "preprocessing": {"decode_and_resize": manifest.get("resize"), "max_pixels": MAX_PIXELS,
+                          "backbone": manifest.get("preprocessing")},
         "class_names": manifest["class_names"],
         "positive_class": manifest["class_names"][1],
         "threshold": float(record["threshold"]),

@@ -32,7 +32,7 @@ from featcache.data import (
     PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image,
     read_split_registry, write_split_registry,
 )
-from featcache.errors import DataError
+from featcache.errors import DataError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,15 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         if config.weights == "random" and not paths.weights.exists():
             store.folder.mkdir(parents=True, exist_ok=True)
             _save_weights(backbone, store.folder / SAVED_WEIGHTS)
-        known_bad = old.skipped if old else {}
+        known_bad = {key: s for key, s in (old.skipped if old else {}).items()
+                     if s.get("pixels", 0) <= 0 or s["pixels"] > config.max_pixels}  # retry what a raised limit admits
         good = [f for f in files if (f.record.path, f.sha256) not in known_bad]
         wanted = [(f, k) for f in good for k in range(config.augment_copies + 1 if f.record.split == "train" else 1)]
         available = {**(old.index if old else {}), **store.index()}
         missing = [(f, k) for f, k in wanted if (f.record.path, f.sha256, k) not in available]
         reused = len(wanted) - len(missing)
         present = {(f.record.path, f.sha256) for f in files}
-        skipped = [{"path": p, "sha256": sha, "error": e} for (p, sha), e in known_bad.items() if (p, sha) in present]
+        skipped = [s for key, s in known_bad.items() if key in present]
         skipped += unreadable
         extractor = build_extractor(spec, backbone, config.image_size)
         timing, bad = _compute_batches(config, folder.root, extractor, missing, store)
@@ -186,9 +187,9 @@ def _prepare_batch(root: Path, rows: list, config: ExtractConfig, pool: cf.Execu
     def load(group):
         f = group[0][0]
         try:
-            image = load_image(root / f.record.path, config.image_size)
+            image = load_image(root / f.record.path, config.image_size, config.max_pixels)
         except DataError as exc:
-            return f, None, str(exc)
+            return f, None, exc
         copies = [k for _, k in group if k > 0]
         augmented = iter(augment_copies(image, copies, config.seed, f.sha256, config.augment) if copies else [])
         return f, [image if k == 0 else next(augmented) for _, k in group], None
@@ -196,7 +197,8 @@ def _prepare_batch(root: Path, rows: list, config: ExtractConfig, pool: cf.Execu
     images, kept, bad = [], [], []
     for (f, copies, error), group in zip(pool.map(load, by_file.values()), by_file.values()):
         if error:
-            bad.append({"path": f.record.path, "sha256": f.sha256, "error": error})
+            pixels = {"pixels": error.pixels} if isinstance(error, ImageTooLargeError) else {}
+            bad.append({"path": f.record.path, "sha256": f.sha256, "error": str(error), **pixels})
             continue
         images.extend(copies)
         kept.extend(group)

@@ -73,7 +73,7 @@ class ReusableCache:
         self.index = {(paths[s], shas[s], int(k)): ("old", i) for i, (s, k) in enumerate(zip(source, copy))}
         self.n_rows = len(source)
         manifest = json.loads(handle.attrs["manifest"])
-        self.skipped = {(s["path"], s.get("sha256")): s["error"] for s in manifest.get("skipped", []) if s.get("sha256")}
+        self.skipped = {(s["path"], s["sha256"]): s for s in manifest.get("skipped", []) if s.get("sha256")}
         self.skipped_paths = {s["path"] for s in manifest.get("skipped", [])}
 
     @classmethod

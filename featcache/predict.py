@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache.assemble import predict_images
-from featcache.data import IMAGE_EXTENSIONS, load_image
+from featcache.config import check_max_pixels
+from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, load_image
 from featcache.errors import DataError, FeatcacheError
 from featcache.export import CARD_FILE, KERAS_FILE
 
@@ -55,8 +56,10 @@ def find_inputs(inputs: list[Path]) -> tuple[list[Path], list[dict]]:
     return files, skipped
 
 
-def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 32) -> PredictResult:
-    """Predict every image of ``inputs`` (files or folders) with the export in ``model_dir``.
+def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 32,
+                  max_pixels: int = MAX_PIXELS) -> PredictResult:
+    """Predict every image of ``inputs`` (files or folders) with the export in ``model_dir``; images of
+    more than ``max_pixels`` pixels (by their header) are skipped without being decoded.
 
     Raises:
         FeatcacheError: ``model_dir`` is not an export.
@@ -64,6 +67,7 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
     """
     import keras
 
+    check_max_pixels(max_pixels)
     card = read_card(model_dir)
     model = keras.saving.load_model(Path(model_dir) / KERAS_FILE, safe_mode=True, compile=False)
     files, skipped = find_inputs(inputs)
@@ -73,7 +77,7 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
         images, kept = [], []
         for file in files[start:start + batch_size]:
             try:
-                images.append(load_image(file, size))
+                images.append(load_image(file, size, max_pixels))
                 kept.append(file)
             except DataError as exc:
                 skipped.append({"path": str(file), "error": str(exc)})

@@ -62,7 +62,7 @@ import tensorflow as tf
 serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
 files = sys.argv[2:]
 jpegs = [open(f, "rb").read() for f in files]
-gray = tf.io.decode_image(jpegs[0], channels=1)  # the same pixels, re-encoded losslessly
+gray = tf.io.decode_jpeg(jpegs[0], channels=1, dct_method="INTEGER_ACCURATE")  # the same pixels, re-encoded losslessly
 extra = [tf.io.encode_png(gray).numpy(), tf.io.encode_png(tf.image.grayscale_to_rgb(gray)).numpy()]
 out = serve(image_bytes=tf.constant(jpegs + extra))
 print(json.dumps({"probability": out["probability"].numpy().tolist(),
