@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.head import score_probs
+from featcache.head import InputStats, input_stats, score_probs
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, chosen on validation ROC-AUC
 MAX_ITER = 500
@@ -54,34 +54,36 @@ class Probe:
 
 
 def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np.ndarray, val_labels: np.ndarray,
-              grid: tuple[float, ...] = C_GRID) -> Probe:
+              stats: InputStats | None = None, grid: tuple[float, ...] = C_GRID) -> Probe:
     """Fit the probe on training views for each C of ``grid``; keep the C with the best validation ROC-AUC.
 
-    Deterministic (lbfgs, no random state). Ties in validation ROC-AUC go to the smaller C (the
-    stronger regularisation). Each fit starts from the previous one's solution (``warm_start``).
+    The standardization is the head's (``head.input_stats``: StandardScaler's mean and scale of the
+    training views), applied in float32, in one copy of the training rows. Deterministic (lbfgs, no
+    random state). Ties in validation ROC-AUC go to the smaller C (the stronger regularisation). Each
+    fit starts from the previous one's solution (``warm_start``), from the strongest regularisation up.
 
     Args:
         train_pooled: (n, c) pooled vectors of the training views (originals and augmented copies).
         train_labels: (n,) 0/1.
         val_pooled: (m, c) validation originals.
         val_labels: (m,) 0/1, both classes present.
+        stats: the training views' ``input_stats`` when the caller has them already.
 
     Returns:
         The chosen Probe, its validation scores and the whole grid's validation ROC-AUC.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(np.asarray(train_pooled, np.float64))
-    x_train = scaler.transform(np.asarray(train_pooled, np.float64))
-    x_val = scaler.transform(np.asarray(val_pooled, np.float64))
+    stats = stats if stats is not None else input_stats(train_pooled)
+    mean, scale = stats.mean.astype(np.float64), np.sqrt(stats.variance.astype(np.float64))
+    x_train = np.subtract(train_pooled, stats.mean, dtype=np.float32)
+    x_train /= np.sqrt(stats.variance)
     model = LogisticRegression(max_iter=MAX_ITER, warm_start=True)
     best, scores = None, {}
     for c in sorted(grid):
         model.set_params(C=c)
         model.fit(x_train, np.asarray(train_labels, np.int64))
-        probe = Probe(scaler.mean_.copy(), scaler.scale_.copy(), model.coef_[0].copy(), float(model.intercept_[0]),
-                      float(c), {})
+        probe = Probe(mean, scale, model.coef_[0].astype(np.float64), float(model.intercept_[0]), float(c), {})
         scores[c] = score_probs(val_labels, probe.predict(val_pooled))
         if best is None or scores[c]["roc_auc"] > scores[best.c]["roc_auc"]:
             best = probe

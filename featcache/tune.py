@@ -191,7 +191,7 @@ def _probe(data: HeadData, run_dir: Path) -> Probe:
     fingerprint = data.manifest["fingerprint"]
     probe = load_probe(run_dir, fingerprint)
     if probe is None:
-        probe = fit_probe(data.train.pooled, data.train.labels, data.val_pooled, data.val_labels)
+        probe = fit_probe(data.train.pooled, data.train.labels, data.val_pooled, data.val_labels, data.stats)
         write_probe(run_dir, probe, fingerprint)
     return probe
 
