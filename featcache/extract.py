@@ -32,7 +32,7 @@ from featcache.data import (
     PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image,
     read_split_registry, write_split_registry,
 )
-from featcache.errors import DataError
+from featcache.errors import DataError, FeatcacheError
 
 log = logging.getLogger(__name__)
 
@@ -229,15 +229,22 @@ def _compute_batches(config, root, extractor, missing, store: BatchStore) -> tup
     batches = _plan_batches(missing, config.batch_size)
     prepared: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
+    failed: list[BaseException] = []
     bad: list[dict] = []
 
     def produce():
-        with cf.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
-            for batch_id, rows in batches:
-                if stop.is_set():
-                    break
-                prepared.put((batch_id, len(rows), *_prepare_batch(root, rows, config, pool)))
-        prepared.put(None)
+        # Whatever happens here, the consumer gets its end marker: a worker that dies silently would
+        # leave extract waiting forever.
+        try:
+            with cf.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+                for batch_id, rows in batches:
+                    if stop.is_set():
+                        return
+                    _put(prepared, (batch_id, len(rows), *_prepare_batch(root, rows, config, pool)), stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            failed.append(exc)
+        finally:
+            _put(prepared, None, stop)
 
     producer = threading.Thread(target=produce, daemon=True, name="featcache-decode")
     producer.start()
@@ -265,11 +272,38 @@ def _compute_batches(config, root, extractor, missing, store: BatchStore) -> tup
                 bar.update(planned)
             for p in pending:
                 p.result()
+        if failed:
+            raise failed[0]
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise FeatcacheError(
+                f"Out of memory at --image-size {config.image_size} with --batch-size {config.batch_size}; use a "
+                f"smaller --image-size or --batch-size. Received: image_size={config.image_size}, "
+                f"batch_size={config.batch_size}"
+            ) from None
+        raise
     finally:
         stop.set()
         bar.close()
+        producer.join(timeout=10)  # it stops after its current batch
     timing.seconds = time.perf_counter() - started
     return timing, bad
+
+
+def _put(prepared: queue.Queue, item, stop: threading.Event) -> None:
+    """Hand ``item`` to the consumer, unless it has stopped listening."""
+    while not stop.is_set():
+        try:
+            prepared.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import tensorflow as tf
+
+    return isinstance(exc, (MemoryError, tf.errors.ResourceExhaustedError))
 
 
 def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:
