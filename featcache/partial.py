@@ -7,6 +7,7 @@ name and renamed, so a killed run loses at most the batches in flight. When ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ class BatchStore:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._checked: dict[Path, list[tuple[str, str, int]]] = {}  # batch file -> its row keys, known whole
 
     def write(self, batch_id: str, features: np.ndarray, pooled: np.ndarray, paths: list[str],
               sha256: list[str], copy_index: np.ndarray) -> None:
@@ -41,24 +43,45 @@ class BatchStore:
         # No fsync: a killed process loses nothing the page cache holds, and after a power cut a batch
         # that did not reach the disk fails to load in index() and is computed again.
         os.replace(tmp, self.folder / f"{batch_id}.npz")
+        self._checked[self.folder / f"{batch_id}.npz"] = list(zip(paths, sha256, (int(k) for k in copy_index)))
 
     def index(self) -> dict[tuple[str, str, int], tuple[Path, int]]:
-        """(path, sha256, copy_index) -> (batch file, row in it), for every finished batch."""
+        """(path, sha256, copy_index) -> (batch file, row in it), for every finished batch.
+
+        A batch that cannot be read whole (cut short by a power loss, damaged: bad CRC, garbage,
+        inconsistent arrays) is deleted with a warning, so its rows are computed again.
+        """
         found: dict[tuple[str, str, int], tuple[Path, int]] = {}
         if not self.folder.is_dir():
             return found
         for batch in sorted(self.folder.glob("[!.]*.npz")):
-            try:
-                with np.load(batch) as data:
-                    keys = zip(data["path"].tolist(), data["sha256"].astype(str).tolist(), data["copy_index"].tolist())
-                    for offset, key in enumerate(keys):
-                        found[key] = (batch, offset)
-            except Exception as exc:  # a batch cut short by a power loss (EOFError, BadZipFile, ...): recompute it
-                log.warning("Ignoring unreadable batch %s (%s)", batch.name, exc)
+            if batch not in self._checked:
+                try:
+                    self._checked[batch] = _read_batch_keys(batch)
+                except Exception as exc:  # EOFError, BadZipFile, bad CRC, ValueError, ...: recompute it
+                    log.warning("Ignoring unreadable batch %s; its rows are computed again (%s)", batch.name,
+                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    with contextlib.suppress(OSError):  # a read-only folder: it is simply not used
+                        batch.unlink()
+                    continue
+            for offset, key in enumerate(self._checked[batch]):
+                found[key] = (batch, offset)
         return found
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read_batch_keys(batch: Path) -> list[tuple[str, str, int]]:
+    """The row keys of a batch file, after reading every array of it (which checks each CRC)."""
+    with np.load(batch) as data:
+        arrays = {name: data[name] for name in ("features", "pooled", "path", "sha256", "copy_index")}
+    n = len(arrays["path"])
+    if n == 0 or any(len(a) != n for a in arrays.values()) or arrays["features"].ndim != 4 \
+            or arrays["pooled"].shape != (n, arrays["features"].shape[-1]):
+        raise ValueError(f"inconsistent arrays {({k: a.shape for k, a in arrays.items()})}")
+    return list(zip(arrays["path"].tolist(), arrays["sha256"].astype(str).tolist(),
+                    (int(k) for k in arrays["copy_index"])))
 
 
 class ReusableCache:
