@@ -76,6 +76,7 @@ def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
         assigned = {r.patient: r.split for r in folder.records if r.split != "test"}
         write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
     files, unreadable = _hash_files(folder)
+    unreadable += list(folder.skipped)
     return [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
 
 
