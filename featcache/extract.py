@@ -26,13 +26,13 @@ from featcache.backbones import (
     CAFFE_MEAN_BGR, build_extractor, check_image_size, get_backbone_spec, hash_weights, load_backbone,
 )
 from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, compute_fingerprint
-from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, assemble_cache
+from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, assemble_cache, save_weights
 from featcache.config import ExtractConfig
 from featcache.data import (
     PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image,
     read_split_registry, write_split_registry,
 )
-from featcache.errors import DataError, FeatcacheError
+from featcache.errors import DataError, FeatcacheError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,30 @@ def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
 
     Raises:
         DataError, WeightsError, CacheLockedError: bad folder, weights or a second writer.
+        StorageError: a file cannot be written (disk full, file-size limit, read-only folder); finished
+            batches are kept, so the same call resumes once that is fixed.
     """
     for name in config.backbones:
         check_image_size(get_backbone_spec(name), config.image_size)
+    cache_dir = Path(config.cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise FeatcacheError(f"--cache-dir {cache_dir} is a file, not a folder; pass a folder (it is created if "
+                             f"missing). Received: cache_dir={str(cache_dir)!r}")
+    try:
+        return _extract_all(config)
+    except OSError as exc:
+        if isinstance(exc, FeatcacheError) or exc.errno is None:
+            raise
+        raise storage_error(exc) from None
+
+
+def _extract_all(config: ExtractConfig) -> list[ExtractSummary]:
     with CacheLock(Path(config.cache_dir) / ".split.lock"):
         previous = read_split_registry(config.cache_dir, config.seed)
         folder = find_images(config.data_dir, config.seed, previous_split=previous)
         assigned = {r.patient: r.split for r in folder.records if r.split != "test"}
-        write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
+        if {**previous, **assigned} != previous:  # a rerun writes nothing (a read-only cache folder works)
+            write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
     files, unreadable = _hash_files(folder)
     unreadable += list(folder.skipped)
     return [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
@@ -104,7 +120,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         store = BatchStore(paths.partial)
         if config.weights == "random" and not paths.weights.exists():
             store.folder.mkdir(parents=True, exist_ok=True)
-            _save_weights(backbone, store.folder / SAVED_WEIGHTS)
+            save_weights(backbone, store.folder / SAVED_WEIGHTS)
         known_bad = old.skipped if old else {}
         good = [f for f in files if (f.record.path, f.sha256) not in known_bad]
         wanted = [(f, k) for f in good for k in range(config.augment_copies + 1 if f.record.split == "train" else 1)]
@@ -160,12 +176,6 @@ def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precisio
         "dtype": config.dtype,
         "precision": precision,
     }
-
-
-def _save_weights(backbone, path: Path) -> None:
-    tmp = path.with_name("tmp-" + path.name)
-    backbone.save_weights(str(tmp))
-    os.replace(tmp, path)
 
 
 def _plan_batches(missing: list, batch_size: int) -> list[tuple[str, list]]:

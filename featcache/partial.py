@@ -8,6 +8,7 @@ name and renamed, so a killed run loses at most the batches in flight. When ever
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import numpy as np
 
 from featcache.cache import CachePaths, CacheWriter, FileTable, open_cache, read_rows
 from featcache.data import SPLIT_CODES
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,14 @@ class BatchStore:
               sha256: list[str], copy_index: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{batch_id}.tmp.npz"
-        with open(tmp, "wb") as handle:
-            np.savez(handle, features=features, pooled=pooled, path=np.array(paths),
-                     sha256=np.array(sha256, dtype="S64"), copy_index=np.asarray(copy_index, np.int16))
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, features=features, pooled=pooled, path=np.array(paths),
+                         sha256=np.array(sha256, dtype="S64"), copy_index=np.asarray(copy_index, np.int16))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise storage_error(exc, tmp) from None
         # No fsync: a killed process loses nothing the page cache holds, and after a power cut a batch
         # that did not reach the disk fails to load in index() and is computed again.
         os.replace(tmp, self.folder / f"{batch_id}.npz")
@@ -70,6 +76,41 @@ class BatchStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def save_weights(backbone, path: Path) -> None:
+    """Save a backbone's weights (Keras ``.weights.h5``) under a temporary name, then rename.
+
+    The space is reserved first with plain file I/O: when a write fails inside HDF5 (disk full, a
+    file-size limit), h5py can crash the whole process instead of raising.
+
+    Raises:
+        StorageError: the folder cannot take the file.
+    """
+    tmp = path.with_name("tmp-" + path.name)
+    variables = backbone.weights
+    _reserve_space(path, sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+                   + 4096 * len(variables) + 2**14)
+    backbone.save_weights(str(tmp))
+    os.replace(tmp, path)
+
+
+def _reserve_space(path: Path, nbytes: int) -> None:
+    """Raise a plain OSError naming ``path`` unless ``nbytes`` can be written beside it now."""
+    reserve = path.with_name(f".reserve-{path.name}")
+    try:
+        fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+    try:
+        os.posix_fallocate(fd, 0, nbytes)  # checks free space and RLIMIT_FSIZE alike
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: just try
+            raise storage_error(exc, path) from None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            reserve.unlink()
 
 
 def _read_batch_keys(batch: Path) -> list[tuple[str, str, int]]:
