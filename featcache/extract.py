@@ -242,22 +242,8 @@ def _compute_batches(config, root, extractor, missing, store: BatchStore) -> tup
     stop = threading.Event()
     failed: list[BaseException] = []
     bad: list[dict] = []
-
-    def produce():
-        # Whatever happens here, the consumer gets its end marker: a worker that dies silently would
-        # leave extract waiting forever.
-        try:
-            with cf.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
-                for batch_id, rows in batches:
-                    if stop.is_set():
-                        return
-                    _put(prepared, (batch_id, len(rows), *_prepare_batch(root, rows, config, pool)), stop)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            failed.append(exc)
-        finally:
-            _put(prepared, None, stop)
-
-    producer = threading.Thread(target=produce, daemon=True, name="featcache-decode")
+    producer = threading.Thread(target=_produce, args=(batches, root, config, prepared, stop, failed), daemon=True,
+                                name="featcache-decode")
     producer.start()
     started = time.perf_counter()
     bar = tqdm(total=len(missing), unit="img", desc=extractor.name.replace("_extractor", ""),
@@ -299,6 +285,24 @@ def _compute_batches(config, root, extractor, missing, store: BatchStore) -> tup
         producer.join(timeout=10)  # it stops after its current batch
     timing.seconds = time.perf_counter() - started
     return timing, bad
+
+
+def _produce(batches, root, config, prepared: queue.Queue, stop: threading.Event, failed: list) -> None:
+    """Decode and augment batch after batch into ``prepared``, then put the end marker (None).
+
+    Whatever happens, the consumer gets its end marker: a producer that died silently left extract
+    waiting forever. An exception is handed over in ``failed``, for the consumer to re-raise.
+    """
+    try:
+        with cf.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+            for batch_id, rows in batches:
+                if stop.is_set():
+                    return
+                _put(prepared, (batch_id, len(rows), *_prepare_batch(root, rows, config, pool)), stop)
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+        failed.append(exc)
+    finally:
+        _put(prepared, None, stop)
 
 
 def _put(prepared: queue.Queue, item, stop: threading.Event) -> None:
