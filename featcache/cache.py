@@ -224,7 +224,10 @@ class CacheWriter:
         self._file.attrs["complete"] = True
         self._file.close()
         self._check()
-        os.fsync(self._raw.fileno())
+        try:
+            os.fsync(self._raw.fileno())  # a failed fsync does not name its file
+        except OSError as exc:
+            raise storage_error(exc, self.tmp_path) from None
         self._raw.close()
         os.replace(self.tmp_path, self.final_path)
         _fsync(self.final_path.parent)
@@ -340,6 +343,8 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:  # name the file: a failed fsync does not
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         os.close(fd)
 

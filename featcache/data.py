@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import DataError
+from featcache.errors import DataError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +177,11 @@ def _list_images(folder: Path, root: Path) -> tuple[list[Path], list[dict]]:
                             "error": f"cannot read folder: {exc.strerror}"})
             continue
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
             path = Path(entry.path)
             if entry.is_dir(follow_symlinks=False):
-                pending.append(path)
+                pending.append(path)  # hidden folders too, as rglob did: no image silently drops out
+                continue
+            if entry.name.startswith("."):
                 continue
             relative = path.relative_to(root).as_posix()
             error = _entry_problem(path, entry.is_symlink())
@@ -241,7 +241,10 @@ def read_split_registry(cache_dir: str | Path, seed: int) -> dict[str, str]:
 def write_split_registry(cache_dir: str | Path, seed: int, patients: dict[str, str]) -> None:
     path = split_registry_path(cache_dir, seed)
     tmp = path.with_name(path.name + ".incomplete")
-    tmp.write_text(json.dumps({"seed": seed, "patients": dict(sorted(patients.items()))}, indent=0))
+    try:
+        tmp.write_text(json.dumps({"seed": seed, "patients": dict(sorted(patients.items()))}, indent=0))
+    except OSError as exc:  # a failed write does not name its file
+        raise storage_error(exc, tmp) from None
     os.replace(tmp, path)
 
 

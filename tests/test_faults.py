@@ -371,3 +371,28 @@ def test_the_limits_are_what_the_cache_can_hold(tmp_path):
     assert MAX_AUGMENT_COPIES == np.iinfo(ROW_DTYPES["copy_index"]).max
     config = ExtractConfig(data_dir=tmp_path, augment_copies=MAX_AUGMENT_COPIES, seed=MAX_SEED)
     assert config.seed + 2**31 <= 2**32  # Keras/NumPy seeds, with seed + trial number in train-head
+
+
+def test_the_folder_walk_keeps_hidden_folders_and_ignores_hidden_files(data, tmp_path):
+    """The walk that reports hostile entries finds the same images as before: files in hidden folders count,
+    hidden files do not (as with ``rglob``)."""
+    from featcache.data import find_images
+
+    root = tmp_path / "xrays"
+    shutil.copytree(data, root)
+    first = sorted((root / "train" / "NORMAL").iterdir())[0]
+    (root / "train" / "NORMAL" / ".thumbs").mkdir()
+    shutil.copyfile(first, root / "train" / "NORMAL" / ".thumbs" / "kept.jpeg")
+    shutil.copyfile(first, root / "train" / "NORMAL" / ".ignored.jpeg")
+    paths = {r.path for r in find_images(root, seed=0).records}
+    assert "train/NORMAL/.thumbs/kept.jpeg" in paths and "train/NORMAL/.ignored.jpeg" not in paths
+    assert len(paths) == 33
+
+
+def test_no_space_for_the_split_file_names_it(data, tmp_path, monkeypatch):
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")  # a failed write names no file
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(StorageError, match=r"Cannot write .*split-seed0\.json\.incomplete: no space left"):
+        extract_features(_config(data, tmp_path / "cache"))
