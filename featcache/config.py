@@ -57,7 +57,8 @@ class ExtractConfig:
         _check_unique(self.backbones)
         if not 0 <= self.augment_copies <= MAX_AUGMENT_COPIES:
             raise FeatcacheError(
-                f"--augment-copies must be between 0 and {MAX_AUGMENT_COPIES}. Received: augment_copies={self.augment_copies}"
+                f"--augment-copies must be >= 0 and <= {MAX_AUGMENT_COPIES} (the cache stores the copy index as int16). "
+                f"Received: augment_copies={self.augment_copies}"
             )
         _check_seed(self.seed)
         if self.batch_size < 1:

@@ -96,7 +96,7 @@ def save_weights(backbone, path: Path) -> None:
 
 
 def _reserve_space(path: Path, nbytes: int) -> None:
-    """Raise a plain OSError naming ``path`` unless ``nbytes`` can be written beside it now."""
+    """Raise StorageError naming ``path`` unless ``nbytes`` can be written beside it now (plain file I/O)."""
     reserve = path.with_name(f".reserve-{path.name}")
     try:
         fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
