@@ -20,6 +20,7 @@ Layout (n rows, m files; rows ordered by file path, then copy index)::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -32,7 +33,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.errors import CacheLockedError, CacheMismatchError, FeatcacheError, IncompleteCacheError
+from featcache.errors import (
+    CacheLockedError, CacheMismatchError, FeatcacheError, IncompleteCacheError, storage_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,12 @@ class CacheLock:
 
     def __enter__(self) -> "CacheLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only folder: an existing lock file still locks (flock needs no write)
+            if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM) or not self.path.is_file():
+                raise
+            fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -97,8 +105,9 @@ class CacheLock:
                     "wait for it to finish or use another --cache-dir."
                 ) from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):  # the pid is for people; a read-only lock file locks as well
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 
@@ -129,15 +138,55 @@ def chunk_rows(feature_shape: tuple[int, ...], dtype: str) -> int:
     return int(max(1, min(256, 2**20 // row_bytes)))
 
 
+class _WriteGuard:
+    """The file object HDF5 writes through. A failed write (disk full, file-size limit) is recorded and
+    the rest are dropped, instead of reaching HDF5: h5py can crash the process when it closes a file
+    whose writes failed. The writer checks ``error`` and deletes the file."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while self.error is None and len(view):
+            try:
+                view = view[self.raw.write(view):]  # unbuffered: a short write is followed by one that fails
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def truncate(self, size=None):
+        if self.error is None:
+            try:
+                return self.raw.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def __getattr__(self, name):  # read, seek, tell
+        return getattr(self.raw, name)
+
+
 class CacheWriter:
-    """Writes one complete cache file: everything goes to ``<final>.incomplete`` until ``commit``."""
+    """Writes one complete cache file: everything goes to ``<final>.incomplete`` until ``commit``.
+
+    Raises:
+        StorageError: the file cannot be written (it is deleted; the caller's work files are kept).
+    """
 
     def __init__(self, final_path: Path, files: FileTable, n_rows: int, feature_shape: tuple[int, int, int],
                  dtype: str = "float16", compression: str | None = None):
         self.final_path = Path(final_path)
         self.tmp_path = self.final_path.with_name(self.final_path.name + INCOMPLETE_SUFFIX)
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.tmp_path, "w")
+        self._raw = open(self.tmp_path, "w+b", buffering=0)
+        self._guard = _WriteGuard(self._raw)
+        self._file = h5py.File(self._guard, "w")
         self._file.attrs["complete"] = False
         rows = chunk_rows(feature_shape, dtype)
         self._file.create_dataset("features", (n_rows, *feature_shape), dtype=dtype,
@@ -161,6 +210,11 @@ class CacheWriter:
         self._file["pooled"][start:stop] = pooled
         for name in ROW_FIELDS:
             self._file[name][start:stop] = columns[name]
+        self._check()
+
+    def _check(self) -> None:
+        if self._guard.error is not None:
+            raise storage_error(self._guard.error, self.tmp_path)
 
     def commit(self, manifest: dict) -> Path:
         """Embed the manifest, mark complete, then rename into place (atomic on POSIX)."""
@@ -169,14 +223,22 @@ class CacheWriter:
         self._file.attrs["fingerprint"] = manifest["fingerprint"]
         self._file.attrs["complete"] = True
         self._file.close()
-        _fsync(self.tmp_path)
+        self._check()
+        try:
+            os.fsync(self._raw.fileno())  # a failed fsync does not name its file
+        except OSError as exc:
+            raise storage_error(exc, self.tmp_path) from None
+        self._raw.close()
         os.replace(self.tmp_path, self.final_path)
         _fsync(self.final_path.parent)
         return self.final_path
 
     def abort(self) -> None:
-        if self._file.id.valid:
-            self._file.close()
+        with contextlib.suppress(Exception):  # the error being handled is the one to report
+            if self._file.id.valid:
+                self._file.close()
+        with contextlib.suppress(OSError):
+            self._raw.close()
         self.tmp_path.unlink(missing_ok=True)
 
 
@@ -281,6 +343,8 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:  # name the file: a failed fsync does not
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         os.close(fd)
 

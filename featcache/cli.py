@@ -7,6 +7,7 @@ its traceback.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -171,5 +172,8 @@ def predict(
 
 def main() -> None:
     quiet_tensorflow_startup()  # before anything imports TensorFlow: no cuInit/absl notices on CPU-only machines
+    # Past a file-size limit (ulimit -f) a write fails with EFBIG, reported in one line, instead of
+    # SIGXFSZ killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     app()

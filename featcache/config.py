@@ -13,6 +13,10 @@ from featcache.metrics import N_BOOTSTRAP
 DTYPES = ("float16", "float32")
 COMPRESSIONS = (None, "lzf", "gzip")
 PRECISIONS = ("auto", "float32", "mixed")
+# copy_index is int16 in the cache and in the work files: copies 1..K must fit.
+MAX_AUGMENT_COPIES = 2**15 - 1
+# Seeds reach numpy/Keras seeding (< 2**32) as ``seed + trial number`` in train-head: leave room for the trials.
+MAX_SEED = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,12 @@ class ExtractConfig:
         if not self.backbones:
             raise FeatcacheError("Pass at least one --backbone. Received: backbones=()")
         _check_unique(self.backbones)
-        if self.augment_copies < 0:
-            raise FeatcacheError(f"--augment-copies must be >= 0. Received: augment_copies={self.augment_copies}")
+        if not 0 <= self.augment_copies <= MAX_AUGMENT_COPIES:
+            raise FeatcacheError(
+                f"--augment-copies must be >= 0 and <= {MAX_AUGMENT_COPIES} (the cache stores the copy index as int16). "
+                f"Received: augment_copies={self.augment_copies}"
+            )
+        _check_seed(self.seed)
         if self.batch_size < 1:
             raise FeatcacheError(f"--batch-size must be >= 1. Received: batch_size={self.batch_size}")
         if self.dtype not in DTYPES:
@@ -99,8 +107,7 @@ class TrainHeadConfig:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise FeatcacheError(f"--trials must be >= 1. Received: trials={self.trials}")
-        if self.seed < 0:
-            raise FeatcacheError(f"--seed must be >= 0. Received: seed={self.seed}")
+        _check_seed(self.seed)
         _check_unique(self.backbones)
         if self.min_sensitivity is not None and not 0 < self.min_sensitivity <= 1:
             raise FeatcacheError(
@@ -140,6 +147,7 @@ class EvaluateConfig:
         check_max_pixels(self.max_pixels)
         if self.n_bootstrap < 1:
             raise FeatcacheError(f"--bootstrap must be >= 1. Received: n_bootstrap={self.n_bootstrap}")
+        _check_seed(self.seed)
         if self.batch_size < 1:
             raise FeatcacheError(f"--batch-size must be >= 1. Received: batch_size={self.batch_size}")
         _check_unique(self.backbones)
@@ -170,3 +178,8 @@ def check_max_pixels(max_pixels: int) -> None:
 def _check_unique(backbones: tuple[str, ...]) -> None:
     if len(set(backbones)) != len(backbones):
         raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(backbones)}")
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise FeatcacheError(f"--seed must be between 0 and {MAX_SEED}. Received: seed={seed}")

@@ -6,18 +6,20 @@ exported serving signature run the very same definition.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import DataError, ImageTooLargeError
+from featcache.errors import DataError, ImageTooLargeError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class ImageFolder:
     root: Path
     class_names: tuple[str, ...]
     records: tuple[ImageRecord, ...]
+    skipped: tuple[dict, ...] = ()  # {"path", "error"} of entries that look like images but cannot be used
 
 
 def patient_id(filename: str, pattern: str = PATIENT_PATTERN) -> str:
@@ -137,6 +140,7 @@ def find_images(data_dir: str | Path, seed: int, val_fraction: float = VAL_FRACT
             f"{root}/train needs at least two class folders (e.g. NORMAL, PNEUMONIA). Received: {list(class_names)}"
         )
     found: list[tuple[str, int, str]] = []  # (relative path, label, folder)
+    skipped: list[dict] = []  # entries that look like images but cannot be used
     for folder in ("train", "val", "test"):
         if not (root / folder).is_dir():
             continue
@@ -145,7 +149,8 @@ def find_images(data_dir: str | Path, seed: int, val_fraction: float = VAL_FRACT
             missing = sorted(set(class_names) - present)
             raise DataError(f"{root}/test has no folder for class {', '.join(missing)}; expected {list(class_names)}.")
         for label, name in enumerate(class_names):
-            files = _list_images(root / folder / name)
+            files, unusable = _list_images(root / folder / name, root)
+            skipped += unusable
             if folder != "val" and not files:
                 raise DataError(f"Class folder {root / folder / name} holds no JPEG or PNG images.")
             found += [(file.relative_to(root).as_posix(), label, folder) for file in files]
@@ -160,16 +165,68 @@ def find_images(data_dir: str | Path, seed: int, val_fraction: float = VAL_FRACT
         for path, label, folder in found
     ), key=lambda r: r.path)
     _check_patients_disjoint(records)
-    return ImageFolder(root, class_names, tuple(records))
+    return ImageFolder(root, class_names, tuple(records), tuple(sorted(skipped, key=lambda s: s["path"])))
 
 
-def _list_images(folder: Path) -> list[Path]:
+def _list_images(folder: Path, root: Path) -> tuple[list[Path], list[dict]]:
+    """Regular JPEG/PNG files under ``folder`` (hidden names ignored), and the entries that look like
+    images but cannot be used, each with a reason (``{"path", "error"}``, path relative to ``root``).
+
+    Symbolic links to regular image files are followed (inside or outside the tree); links to folders
+    are not followed, and dangling or looping links, FIFOs, sockets and devices are reported, never
+    opened. A name that is not valid UTF-8 cannot be stored in the cache and is reported too.
+    """
+    files: list[Path] = []
+    skipped: list[dict] = []
     if not folder.is_dir():
-        return []
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+        return files, skipped
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as scan:
+                entries = sorted(scan, key=lambda e: os.fsencode(e.name))
+        except OSError as exc:
+            skipped.append({"path": printable_path(current.relative_to(root).as_posix()),
+                            "error": f"cannot read folder: {exc.strerror}"})
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(path)  # hidden folders too, as rglob did: no image silently drops out
+                continue
+            if entry.name.startswith("."):
+                continue
+            relative = path.relative_to(root).as_posix()
+            error = _entry_problem(path, entry.is_symlink())
+            if error is None and printable_path(relative) != relative:
+                error = "file name is not valid UTF-8; rename it"
+            if error is None and path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(path)
+            elif error and (path.suffix.lower() in IMAGE_EXTENSIONS or entry.is_symlink()):
+                skipped.append({"path": printable_path(relative), "error": error})
+    return sorted(files), skipped
+
+
+def _entry_problem(path: Path, is_link: bool) -> str | None:
+    """Why a folder entry cannot be read as an image file, or None (``stat`` only: never opens it)."""
+    try:
+        info = path.stat()  # follows links
+    except OSError as exc:
+        if not is_link:
+            return f"cannot read: {exc.strerror}"
+        return "symbolic link loop" if exc.errno == errno.ELOOP else f"dangling symbolic link ({exc.strerror})"
+    if stat.S_ISDIR(info.st_mode):
+        return "symbolic link to a folder (not followed)"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "FIFO" if stat.S_ISFIFO(info.st_mode) else "socket" if stat.S_ISSOCK(info.st_mode) else "device"
+        return f"not a regular file ({kind}{', via a symbolic link' if is_link else ''})"
+    return None
+
+
+def printable_path(path: str) -> str:
+    """A path as text that can be stored and printed: bytes of a non-UTF-8 name become ``\\xNN``."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _check_patients_disjoint(records: list[ImageRecord]) -> None:
@@ -198,7 +255,10 @@ def read_split_registry(cache_dir: str | Path, seed: int) -> dict[str, str]:
 def write_split_registry(cache_dir: str | Path, seed: int, patients: dict[str, str]) -> None:
     path = split_registry_path(cache_dir, seed)
     tmp = path.with_name(path.name + ".incomplete")
-    tmp.write_text(json.dumps({"seed": seed, "patients": dict(sorted(patients.items()))}, indent=0))
+    try:
+        tmp.write_text(json.dumps({"seed": seed, "patients": dict(sorted(patients.items()))}, indent=0))
+    except OSError as exc:  # a failed write does not name its file
+        raise storage_error(exc, tmp) from None
     os.replace(tmp, path)
 
 

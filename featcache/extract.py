@@ -26,13 +26,13 @@ from featcache.backbones import (
     CAFFE_MEAN_BGR, build_extractor, check_image_size, get_backbone_spec, hash_weights, load_backbone,
 )
 from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, compute_fingerprint
-from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, assemble_cache
+from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, assemble_cache, save_weights
 from featcache.config import ExtractConfig
 from featcache.data import (
     PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image,
     read_split_registry, write_split_registry,
 )
-from featcache.errors import DataError, ImageTooLargeError
+from featcache.errors import DataError, FeatcacheError, ImageTooLargeError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,32 @@ def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
 
     Raises:
         DataError, WeightsError, CacheLockedError: bad folder, weights or a second writer.
+        StorageError: a file cannot be written (disk full, file-size limit, read-only folder); finished
+            batches are kept, so the same call resumes once that is fixed.
     """
     for name in config.backbones:
         check_image_size(get_backbone_spec(name), config.image_size)
+    cache_dir = Path(config.cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise FeatcacheError(f"--cache-dir {cache_dir} is a file, not a folder; pass a folder (it is created if "
+                             f"missing). Received: cache_dir={str(cache_dir)!r}")
+    try:
+        return _extract_all(config)
+    except OSError as exc:
+        if isinstance(exc, FeatcacheError) or exc.errno is None:
+            raise
+        raise storage_error(exc) from None
+
+
+def _extract_all(config: ExtractConfig) -> list[ExtractSummary]:
     with CacheLock(Path(config.cache_dir) / ".split.lock"):
         previous = read_split_registry(config.cache_dir, config.seed)
         folder = find_images(config.data_dir, config.seed, previous_split=previous)
         assigned = {r.patient: r.split for r in folder.records if r.split != "test"}
-        write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
+        if {**previous, **assigned} != previous:  # a rerun writes nothing (a read-only cache folder works)
+            write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
     files, unreadable = _hash_files(folder)
+    unreadable += list(folder.skipped)
     return [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
 
 
@@ -103,7 +120,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         store = BatchStore(paths.partial)
         if config.weights == "random" and not paths.weights.exists():
             store.folder.mkdir(parents=True, exist_ok=True)
-            _save_weights(backbone, store.folder / SAVED_WEIGHTS)
+            save_weights(backbone, store.folder / SAVED_WEIGHTS)
         known_bad = {key: s for key, s in (old.skipped if old else {}).items()
                      if s.get("pixels", 0) <= 0 or s["pixels"] > config.max_pixels}  # retry what a raised limit admits
         good = [f for f in files if (f.record.path, f.sha256) not in known_bad]
@@ -160,12 +177,6 @@ def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precisio
         "dtype": config.dtype,
         "precision": precision,
     }
-
-
-def _save_weights(backbone, path: Path) -> None:
-    tmp = path.with_name("tmp-" + path.name)
-    backbone.save_weights(str(tmp))
-    os.replace(tmp, path)
 
 
 def _plan_batches(missing: list, batch_size: int) -> list[tuple[str, list]]:
@@ -231,17 +242,10 @@ def _compute_batches(config, root, extractor, missing, store: BatchStore) -> tup
     batches = _plan_batches(missing, config.batch_size)
     prepared: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
+    failed: list[BaseException] = []
     bad: list[dict] = []
-
-    def produce():
-        with cf.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
-            for batch_id, rows in batches:
-                if stop.is_set():
-                    break
-                prepared.put((batch_id, len(rows), *_prepare_batch(root, rows, config, pool)))
-        prepared.put(None)
-
-    producer = threading.Thread(target=produce, daemon=True, name="featcache-decode")
+    producer = threading.Thread(target=_produce, args=(batches, root, config, prepared, stop, failed), daemon=True,
+                                name="featcache-decode")
     producer.start()
     started = time.perf_counter()
     bar = tqdm(total=len(missing), unit="img", desc=extractor.name.replace("_extractor", ""),
@@ -267,11 +271,56 @@ def _compute_batches(config, root, extractor, missing, store: BatchStore) -> tup
                 bar.update(planned)
             for p in pending:
                 p.result()
+        if failed:
+            raise failed[0]
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise FeatcacheError(
+                f"Out of memory at --image-size {config.image_size} with --batch-size {config.batch_size}; use a "
+                f"smaller --image-size or --batch-size. Received: image_size={config.image_size}, "
+                f"batch_size={config.batch_size}"
+            ) from None
+        raise
     finally:
         stop.set()
         bar.close()
+        producer.join(timeout=10)  # it stops after its current batch
     timing.seconds = time.perf_counter() - started
     return timing, bad
+
+
+def _produce(batches, root, config, prepared: queue.Queue, stop: threading.Event, failed: list) -> None:
+    """Decode and augment batch after batch into ``prepared``, then put the end marker (None).
+
+    Whatever happens, the consumer gets its end marker: a producer that died silently left extract
+    waiting forever. An exception is handed over in ``failed``, for the consumer to re-raise.
+    """
+    try:
+        with cf.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+            for batch_id, rows in batches:
+                if stop.is_set():
+                    return
+                _put(prepared, (batch_id, len(rows), *_prepare_batch(root, rows, config, pool)), stop)
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+        failed.append(exc)
+    finally:
+        _put(prepared, None, stop)
+
+
+def _put(prepared: queue.Queue, item, stop: threading.Event) -> None:
+    """Hand ``item`` to the consumer, unless it has stopped listening."""
+    while not stop.is_set():
+        try:
+            prepared.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import tensorflow as tf
+
+    return isinstance(exc, (MemoryError, tf.errors.ResourceExhaustedError))
 
 
 def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:

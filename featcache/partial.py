@@ -7,6 +7,8 @@ name and renamed, so a killed run loses at most the batches in flight. When ever
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ import numpy as np
 
 from featcache.cache import CachePaths, CacheWriter, FileTable, open_cache, read_rows
 from featcache.data import SPLIT_CODES
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +32,97 @@ class BatchStore:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._checked: dict[Path, list[tuple[str, str, int]]] = {}  # batch file -> its row keys, known whole
 
     def write(self, batch_id: str, features: np.ndarray, pooled: np.ndarray, paths: list[str],
               sha256: list[str], copy_index: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{batch_id}.tmp.npz"
-        with open(tmp, "wb") as handle:
-            np.savez(handle, features=features, pooled=pooled, path=np.array(paths),
-                     sha256=np.array(sha256, dtype="S64"), copy_index=np.asarray(copy_index, np.int16))
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, features=features, pooled=pooled, path=np.array(paths),
+                         sha256=np.array(sha256, dtype="S64"), copy_index=np.asarray(copy_index, np.int16))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise storage_error(exc, tmp) from None
         # No fsync: a killed process loses nothing the page cache holds, and after a power cut a batch
         # that did not reach the disk fails to load in index() and is computed again.
         os.replace(tmp, self.folder / f"{batch_id}.npz")
+        self._checked[self.folder / f"{batch_id}.npz"] = list(zip(paths, sha256, (int(k) for k in copy_index)))
 
     def index(self) -> dict[tuple[str, str, int], tuple[Path, int]]:
-        """(path, sha256, copy_index) -> (batch file, row in it), for every finished batch."""
+        """(path, sha256, copy_index) -> (batch file, row in it), for every finished batch.
+
+        A batch that cannot be read whole (cut short by a power loss, damaged: bad CRC, garbage,
+        inconsistent arrays) is deleted with a warning, so its rows are computed again.
+        """
         found: dict[tuple[str, str, int], tuple[Path, int]] = {}
         if not self.folder.is_dir():
             return found
         for batch in sorted(self.folder.glob("[!.]*.npz")):
-            try:
-                with np.load(batch) as data:
-                    keys = zip(data["path"].tolist(), data["sha256"].astype(str).tolist(), data["copy_index"].tolist())
-                    for offset, key in enumerate(keys):
-                        found[key] = (batch, offset)
-            except Exception as exc:  # a batch cut short by a power loss (EOFError, BadZipFile, ...): recompute it
-                log.warning("Ignoring unreadable batch %s (%s)", batch.name, exc)
+            if batch not in self._checked:
+                try:
+                    self._checked[batch] = _read_batch_keys(batch)
+                except Exception as exc:  # EOFError, BadZipFile, bad CRC, ValueError, ...: recompute it
+                    log.warning("Ignoring unreadable batch %s; its rows are computed again (%s)", batch.name,
+                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    with contextlib.suppress(OSError):  # a read-only folder: it is simply not used
+                        batch.unlink()
+                    continue
+            for offset, key in enumerate(self._checked[batch]):
+                found[key] = (batch, offset)
         return found
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def save_weights(backbone, path: Path) -> None:
+    """Save a backbone's weights (Keras ``.weights.h5``) under a temporary name, then rename.
+
+    The space is reserved first with plain file I/O: when a write fails inside HDF5 (disk full, a
+    file-size limit), h5py can crash the whole process instead of raising.
+
+    Raises:
+        StorageError: the folder cannot take the file.
+    """
+    tmp = path.with_name("tmp-" + path.name)
+    variables = backbone.weights
+    _reserve_space(path, sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+                   + 4096 * len(variables) + 2**14)
+    backbone.save_weights(str(tmp))
+    os.replace(tmp, path)
+
+
+def _reserve_space(path: Path, nbytes: int) -> None:
+    """Raise StorageError naming ``path`` unless ``nbytes`` can be written beside it now (plain file I/O)."""
+    reserve = path.with_name(f".reserve-{path.name}")
+    try:
+        fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+    try:
+        os.posix_fallocate(fd, 0, nbytes)  # checks free space and RLIMIT_FSIZE alike
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: just try
+            raise storage_error(exc, path) from None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            reserve.unlink()
+
+
+def _read_batch_keys(batch: Path) -> list[tuple[str, str, int]]:
+    """The row keys of a batch file, after reading every array of it (which checks each CRC)."""
+    with np.load(batch) as data:
+        arrays = {name: data[name] for name in ("features", "pooled", "path", "sha256", "copy_index")}
+    n = len(arrays["path"])
+    if n == 0 or any(len(a) != n for a in arrays.values()) or arrays["features"].ndim != 4 \
+            or arrays["pooled"].shape != (n, arrays["features"].shape[-1]):
+        raise ValueError(f"inconsistent arrays {({k: a.shape for k, a in arrays.items()})}")
+    return list(zip(arrays["path"].tolist(), arrays["sha256"].astype(str).tolist(),
+                    (int(k) for k in arrays["copy_index"])))
 
 
 class ReusableCache:
