@@ -23,3 +23,7 @@ class IncompleteCacheError(FeatcacheError, RuntimeError):
 
 class CacheLockedError(FeatcacheError, RuntimeError):
     """Another process is writing the same cache."""
+
+
+class DamagedFileError(FeatcacheError, ValueError):
+    """A file featcache wrote (cache, record, model) was edited, truncated or damaged since."""

@@ -20,7 +20,8 @@ import numpy as np
 
 from featcache import __version__
 from featcache.assemble import assemble_model, check_parity, predict_features, predict_images
-from featcache.cache import find_cache, list_caches, open_cache, read_rows
+from featcache.cache import find_cache, list_caches, open_cache
+from featcache.checksums import read_checked
 from featcache.data import IMAGE_EXTENSIONS, SPLIT_CODES, decode_bytes
 from featcache.errors import CacheMismatchError, DataError, FeatcacheError
 from featcache.config import EvaluateConfig
@@ -106,15 +107,18 @@ def read_test_set(cache_path: Path, data_dir: Path, manifest: dict) -> TestSet:
     if not (data_dir / "test").is_dir():
         raise DataError(f"No test folder {data_dir / 'test'}; pass --data DIR, the folder 'featcache extract' "
                         f"read. Received: data={str(data_dir)!r}")
-    with open_cache(cache_path) as handle:
-        split, copy = handle["split"][...], handle["copy_index"][...]
-        rows = np.flatnonzero((split == SPLIT_CODES["test"]) & (copy == 0))
-        source = read_rows(handle["source_index"], rows)
-        labels = read_rows(handle["labels"], rows).astype(np.int64)
-        features = read_rows(handle["features"], rows)
-        train_labels = handle["labels"][...][(split == SPLIT_CODES["train"]) & (copy == 0)]
-        paths = handle["files/path"].asstr()[...][source].tolist()
-        hashes = handle["files/sha256"][...][source].astype(str).tolist()
+    with open_cache(cache_path) as handle:  # every array read is checked against its recorded SHA-256
+        split = read_checked(handle, "split")
+        copy, all_labels = read_checked(handle, "copy_index", split), read_checked(handle, "labels", split)
+        test = split == SPLIT_CODES["test"]
+        original = copy[test] == 0
+        rows = np.flatnonzero(test)[original]
+        source = read_checked(handle, "source_index", split, ("test",))[original]
+        labels = all_labels[rows].astype(np.int64)
+        features = read_checked(handle, "features", split, ("test",))[original]
+        train_labels = all_labels[(split == SPLIT_CODES["train"]) & (copy == 0)]
+        paths = read_checked(handle, "files/path")[source].tolist()
+        hashes = read_checked(handle, "files/sha256")[source].astype(str).tolist()
     _warn_uncached(data_dir, set(paths))
     kept, images, skipped = _load_images(data_dir, paths, hashes, manifest["image_size"], cache_path)
     for item in skipped:

@@ -6,6 +6,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from conftest import corrupt_chunks
 
 from featcache.config import TrainHeadConfig
 from featcache.errors import CacheMismatchError, FeatcacheError, IncompleteCacheError
@@ -69,7 +70,7 @@ def test_load_reads_train_and_val_rows_only_and_never_the_maps(synthetic_cache):
         pooled = handle["pooled"][...]
         pooled[test_rows] = np.nan  # a read of any test row would show up as NaN
         handle["pooled"][...] = pooled
-        del handle["features"]  # and a read of the maps would fail
+    corrupt_chunks(path, "features")  # and a read of the maps would fail (fletcher32)
     data = load_head_data(path)
     assert len(data.train.pooled) == 30 * 4 and len(data.val_pooled) == 10
     assert np.isfinite(data.train.pooled).all() and np.isfinite(data.val_pooled).all()
