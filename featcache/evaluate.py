@@ -24,15 +24,22 @@ from featcache.cache import find_cache, list_caches, open_cache
 from featcache.checksums import read_checked
 from featcache.data import IMAGE_EXTENSIONS, SPLIT_CODES, decode_bytes
 from featcache.errors import CacheMismatchError, DataError, FeatcacheError
+from featcache.integrity import check_plain_name, load_json
 from featcache.config import EvaluateConfig
 from featcache.metrics import majority_baseline, score_with_intervals
 from featcache.reports import format_comparison, format_report
-from featcache.runs import RECORD_FILE, RUNS, check_head_matches_cache, load_head_record, run_dir_for
+from featcache.runs import HEAD_FIELDS, RECORD_FILE, RUNS, check_head_matches_cache, load_head_record, run_dir_for
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 SELECTION_FILE = "selection.json"
+# What export and the selection read from the JSON files evaluate writes.
+SELECTION_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "head_sha256": "sha256"}
+REPORT_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "head/head_sha256": "sha256",
+                 "validation": dict, "at_threshold/metrics": dict, "at_0.5/metrics": dict, "test/images": int,
+                 "parity": dict, "predictions/path": list, "predictions/label": list, "predictions/probability": list,
+                 "data_dir": str}
 CRITERION = "highest validation ROC-AUC of the chosen head (head.json val_metrics.roc_auc); test scores are not used"
 
 
@@ -226,8 +233,8 @@ def current_reports(cache_dir: Path) -> list[dict]:
         run_dir = run_dir_for(cache_path)
         if not (run_dir / REPORT_FILE).is_file() or not (run_dir / RECORD_FILE).is_file():
             continue
-        report = json.loads((run_dir / REPORT_FILE).read_text())
-        head = json.loads((run_dir / RECORD_FILE).read_text())
+        report = read_report(run_dir)
+        head = load_json(run_dir / RECORD_FILE, HEAD_FIELDS, "re-run 'featcache train-head'.")
         if (report.get("head", {}).get("head_sha256") == head.get("head_sha256")
                 and report.get("cache_fingerprint") == head.get("cache_fingerprint")
                 and report.get("cache_file") == cache_path.name):
@@ -285,7 +292,18 @@ def read_selection(cache_dir: Path) -> dict:
     if not path.is_file():
         raise FeatcacheError(f"No {path}; run 'featcache evaluate' first, or pass --backbone NAME. "
                              f"Received: cache_dir={str(cache_dir)!r}")
-    return json.loads(path.read_text())
+    selection = load_json(path, SELECTION_FIELDS, "re-run 'featcache evaluate'.")
+    check_plain_name(selection["cache_file"], path, "re-run 'featcache evaluate'.")
+    return selection
+
+
+def read_report(run_dir: Path) -> dict:
+    """``report.json`` of a run folder, checked for the fields ``export`` and the selection read.
+
+    Raises:
+        DamagedFileError: not JSON, or a field missing or of the wrong type.
+    """
+    return load_json(Path(run_dir) / REPORT_FILE, REPORT_FIELDS, "re-run 'featcache evaluate'.")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -24,8 +24,8 @@ def parse_json(text: str | bytes, source: str | Path, required: dict, fix: str) 
     Args:
         text: the JSON text.
         source: what it came from (a path, or ``"<file> attribute manifest"``), for the message.
-        required: field -> type or tuple of types; a dotted field (``"files.keras_sha256"``) looks into a
-            nested object. ``"sha256"`` as the type means a 64-digit lower-case hex string.
+        required: field -> type or tuple of types; a field with slashes (``"files/keras_sha256"``) looks
+            into nested objects. ``"sha256"`` as the type means a 64-digit lower-case hex string.
         fix: what the user should do, one sentence.
 
     Raises:
@@ -63,7 +63,7 @@ def source_name(source: str | Path) -> str:
 
 def _field_problem(value: dict, field: str, kind) -> str | None:
     node = value
-    for part in field.split("."):
+    for part in field.split("/"):
         if not isinstance(node, dict) or part not in node:
             return f"field {field!r} is missing"
         node = node[part]
