@@ -149,12 +149,13 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     model: Annotated[Path, typer.Option("--model", help="Export folder written by 'featcache export'.")] = Path("model"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of lines.")] = False,
+    max_file_mb: Annotated[float, typer.Option("--max-file-mb", min=0.001, help="Skip files larger than this (MiB) unread.")] = 64.0,
 ) -> None:
     """Label and probability per image at the exported threshold. Exit 0: all read; 2: some skipped; 1: error."""
     from featcache.predict import format_predictions, predict_files
 
     try:
-        result = predict_files(inputs, model)
+        result = predict_files(inputs, model, max_file_mb=max_file_mb)
     except FeatcacheError as error:
         _fail(error)
     typer.echo(format_predictions(result, as_json))
