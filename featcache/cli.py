@@ -165,6 +165,23 @@ def predict(
         raise typer.Exit(code=2)
 
 
+@app.command()
+def verify(
+    target: Annotated[Path, typer.Argument(help="A cache file, a folder of caches, or an export folder.")] = Path("cache"),
+) -> None:
+    """Re-check a cache (every dataset's SHA-256, shapes, value ranges, counts, split registry) or an export
+    (model.json, model.keras SHA-256 and safe-mode load, SavedModel, threshold). Exit 0: all hold; 1: not."""
+    from featcache.verify import format_verification, verify_path
+
+    try:
+        results = verify_path(target)
+    except FeatcacheError as error:
+        _fail(error)
+    typer.echo(format_verification(results))
+    if not all(result.ok for result in results):
+        raise typer.Exit(code=1)
+
+
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the output
     logging.basicConfig(level=logging.INFO, format="%(message)s")
