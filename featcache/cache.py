@@ -15,8 +15,8 @@ Layout (n rows, m files; rows ordered by file path, then copy index)::
     /files/path    (m,) str                       relative to the data folder
     /files/sha256  (m,) bytes                     content hash of the file
     /files/label, /files/split (m,), /files/patient (m,) str
-    attrs: manifest (JSON; ``datasets`` holds each dataset's shape, dtype and SHA-256), format_version,
-           fingerprint, complete
+    attrs: manifest (JSON; ``datasets`` holds each dataset's shape, dtype and SHA-256), manifest_sha256
+           (of the manifest's text), format_version, fingerprint, complete
 """
 
 from __future__ import annotations
@@ -193,7 +193,9 @@ class CacheWriter:
         if self._next_row != self.n_rows:
             raise RuntimeError(f"CacheWriter.commit after {self._next_row} of {self.n_rows} rows")
         manifest = {**manifest, "datasets": dataset_records(self._file, self._digests)}
-        self._file.attrs["manifest"] = json.dumps(manifest, sort_keys=True, default=str)
+        text = json.dumps(manifest, sort_keys=True, default=str)
+        self._file.attrs["manifest"] = text
+        self._file.attrs["manifest_sha256"] = _text_sha256(text)  # the manifest holds the digests: seal it too
         self._file.attrs["format_version"] = FORMAT_VERSION
         self._file.attrs["fingerprint"] = manifest["fingerprint"]
         self._file.attrs["complete"] = True
@@ -258,8 +260,12 @@ def _check_header(handle: h5py.File, path: Path) -> None:
                 f"{path} has cache format version {version}; this featcache reads version {FORMAT_VERSION}. "
                 f"Re-run 'featcache extract' with a new --cache-dir. Received: format_version={version}"
             )
-        manifest = parse_json(attrs["manifest"], f"{path} (attribute 'manifest')", MANIFEST_FIELDS,
+        text = attrs["manifest"]
+        manifest = parse_json(text, f"{path} (attribute 'manifest')", MANIFEST_FIELDS,
                               "delete the cache and re-run 'featcache extract'.")
+        if attrs.get("manifest_sha256") != _text_sha256(text):
+            raise DamagedFileError(f"Cache {path}: its manifest was edited since it was written (manifest_sha256 "
+                                   f"differs); delete it and re-run 'featcache extract'. Received: file={str(path)!r}")
         check_layout(handle, manifest)
     except FeatcacheError:
         raise
@@ -334,6 +340,10 @@ def read_rows(dataset: h5py.Dataset, indices: np.ndarray) -> np.ndarray:
     breaks = np.flatnonzero(np.diff(indices) != 1) + 1
     parts = [dataset[int(run[0]): int(run[-1]) + 1] for run in np.split(indices, breaks)]
     return np.concatenate(parts)
+
+
+def _text_sha256(text) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else bytes(text)).hexdigest()
 
 
 def _fsync(path: Path) -> None:

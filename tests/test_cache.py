@@ -200,6 +200,9 @@ def test_rotten_chunks_fail_their_fletcher32_check(synthetic_cache):
     (lambda f: f.__delitem__("labels"), DamagedFileError, "dataset /labels is missing"),
     (lambda f: f.__delitem__("files/path"), DamagedFileError, "dataset /files/path is missing"),
     (lambda f: f.attrs.__setitem__("format_version", 1), CacheMismatchError, "format version 1"),
+    (lambda f: f.attrs.__setitem__("manifest", f.attrs["manifest"].replace('"NORMAL", "PNEUMONIA"',
+                                                                          '"PNEUMONIA", "NORMAL"')),
+     DamagedFileError, "its manifest was edited"),  # valid JSON, every field there: classes swapped
 ])
 def test_damaged_metadata_is_one_line(synthetic_cache, damage, error, message):
     path = synthetic_cache()
