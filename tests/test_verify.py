@@ -93,6 +93,18 @@ def test_pooled_times_1000_is_caught_by_verify_and_train_head(copy):
                     "/pooled (train rows) does not match the SHA-256")
 
 
+def test_extract_does_not_reuse_rows_of_a_tampered_cache(copy):
+    """Re-running extract reuses an older cache's rows; an edited one must not be laundered into a new file
+    with fresh, valid checksums."""
+    with h5py.File(copy["cache"], "r") as handle:
+        test_rows = handle["split"][...] == 2
+    _edit(copy["cache"], "pooled", lambda v, _: np.where(test_rows[:, None], v * 1000, v))
+    before = copy["cache"].read_bytes()
+    _one_line_error(run_cli("extract", "--data", copy["data"], "--cache-dir", copy["cache_dir"], *FAST),
+                    "/pooled (test rows) does not match the SHA-256")
+    assert copy["cache"].read_bytes() == before
+
+
 def test_rotten_feature_chunks_are_caught_by_verify_and_evaluate(copy):
     corrupt_chunks(copy["cache"], "features")
     code, checks, _ = _verify(copy["cache"])
