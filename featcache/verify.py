@@ -19,6 +19,7 @@ from featcache.cache import list_caches, open_cache
 from featcache.checksums import DATASETS, check_dataset, read_checked
 from featcache.data import SPLITS, read_split_registry
 from featcache.errors import DamagedFileError, FeatcacheError
+from featcache.integrity import first_line, load_keras_checked
 from featcache.modelcard import (
     CARD_FILE,
     KERAS_FILE,
@@ -171,20 +172,23 @@ def verify_export(folder: Path) -> Verification:
 
     def keras_file() -> str:
         nonlocal model
-        from featcache.integrity import load_keras_checked
-
-        model = load_keras_checked(folder / KERAS_FILE, card["files"]["keras_sha256"], folder / CARD_FILE, FIX_EXPORT)
-        return _check_keras_io(model, card, folder)
+        loaded = load_keras_checked(folder / KERAS_FILE, card["files"]["keras_sha256"], folder / CARD_FILE, FIX_EXPORT)
+        detail = _check_keras_io(loaded, card, folder)
+        model = loaded  # only a model with the promised input and output is compared with the SavedModel
+        return detail
 
     def saved_model() -> str:
         nonlocal serving
         serving = _load_saved_model(folder)
         return f"loads, signatures {SIGNATURE} and {THRESHOLD_SIGNATURE}"
 
+    def contents() -> str:
+        check_export_folder(folder, FIX_EXPORT)
+        return "only what an export writes; model.keras SHA-256 matches model.json"
+
     if not result.run(CARD_FILE, model_json):
         return result
-    result.run("contents", lambda: (check_export_folder(folder, FIX_EXPORT), "only what an export writes; "
-                                    "model.keras SHA-256 matches model.json")[1])
+    result.run("contents", contents)
     result.run(f"{KERAS_FILE} in safe mode", keras_file)
     if result.run(SAVED_MODEL_DIR, saved_model):
         result.run("threshold", lambda: _threshold(serving, card, folder))
@@ -195,7 +199,10 @@ def verify_export(folder: Path) -> Verification:
 
 def _check_keras_io(model, card: dict, folder: Path) -> str:
     size = card["image_size"]
-    found = (tuple(model.input_shape), str(model.input.dtype), tuple(model.output_shape))
+    try:
+        found = (tuple(model.input_shape), str(model.input.dtype), tuple(model.output_shape))
+    except (AttributeError, TypeError, ValueError):  # several inputs or outputs
+        found = ("several inputs or outputs", "", "")
     expected = ((None, size, size, 3), "uint8", (None, 1))
     if found != expected:
         raise DamagedFileError(f"{folder / KERAS_FILE} takes {found[0]} {found[1]} and returns {found[2]}; model.json "
@@ -211,8 +218,6 @@ def _load_saved_model(folder: Path):
         loaded = tf.saved_model.load(str(path))
         signatures = {name: loaded.signatures[name] for name in (SIGNATURE, THRESHOLD_SIGNATURE)}
     except Exception as exc:  # noqa: BLE001 - OSError, KeyError, protobuf DecodeError, ...
-        from featcache.integrity import first_line
-
         raise DamagedFileError(f"TensorFlow cannot load {path} ({type(exc).__name__}: {first_line(exc)}); "
                                f"{FIX_EXPORT} Received: model={str(folder)!r}") from None
     return signatures
