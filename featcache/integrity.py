@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,8 @@ def parse_json(text: str | bytes, source: str | Path, required: dict, fix: str) 
 def load_json(path: str | Path, required: dict, fix: str) -> dict:
     """``parse_json`` of a file's content; an unreadable file is the same one-line error."""
     path = Path(path)
+    if os.path.lexists(path) and not path.is_file():  # a FIFO or device would block or never end
+        raise DamagedFileError(f"{path} is not a regular file; {fix} Received: {source_name(path)}")
     try:
         text = path.read_bytes()
     except OSError as exc:

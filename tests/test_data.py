@@ -160,3 +160,11 @@ def test_decoder_errors_say_what_is_wrong(bad_inputs):
         load_image(bad_inputs / "truncated.jpeg", 32)
     with pytest.raises(DataError, match="Unknown image file format"):
         load_image(bad_inputs / "notes.jpeg", 32)
+
+
+def test_a_registry_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "split-seed3.json")  # reading it would block forever
+    with pytest.raises(DamagedFileError, match="is not a regular file"):
+        read_split_registry(tmp_path, seed=3)
