@@ -229,3 +229,20 @@ def test_flipped_bytes_anywhere_in_the_metadata_give_featcache_errors(synthetic_
             assert "\n" not in str(exc)
             outcomes.add(type(exc).__name__)
     assert {"DamagedFileError", "CacheMismatchError"} <= outcomes
+
+
+@pytest.mark.parametrize("compression", ["gzip", "lzf"])
+def test_fletcher32_works_with_compression(tmp_path, compression):
+    """fletcher32 runs after the compression filter: it checks the stored (compressed) bytes."""
+    path = tmp_path / "tiny-ffffffffffff.h5"
+    writer = CacheWriter(path, _table(6), 6, (2, 2, 3), compression=compression)
+    features = np.random.default_rng(0).random((6, 2, 2, 3)).astype(np.float32)
+    writer.write_rows(0, features, features.mean(axis=(1, 2)), labels=np.zeros(6), split=np.zeros(6),
+                      source_index=np.arange(6), copy_index=np.zeros(6))
+    writer.commit({"fingerprint": "f" * 64, "backbone": "tiny", "class_names": ["A", "B"]})
+    with open_cache(path) as handle:
+        assert handle["features"].compression == compression and handle["features"].fletcher32
+    np.testing.assert_array_equal(load_pooled(path).pooled, features.mean(axis=(1, 2)))
+    corrupt_chunks(path, "pooled")
+    with pytest.raises(DamagedFileError, match="/pooled cannot be read"):
+        load_pooled(path)
