@@ -266,3 +266,16 @@ def test_card_is_sealed_and_the_saved_model_carries_the_threshold(run):
     assert card["card_sha256"] == canonical_sha256(card, "card_sha256")
     saved = tf.saved_model.load(str(run["model"] / "model.export")).signatures["threshold"]
     assert float(saved()["threshold"].numpy()) == card["threshold"]
+
+
+def test_an_unsealed_export_of_an_earlier_version_is_replaceable_but_not_trusted(run, tmp_path):
+    from featcache.modelcard import check_export_folder, read_card
+
+    old = tmp_path / "old"
+    shutil.copytree(run["model"], old)
+    card = json.loads((old / "model.json").read_text())
+    del card["card_sha256"]
+    (old / "model.json").write_text(json.dumps(card))
+    assert check_export_folder(old, "fix")["backbone"] == "tiny"  # --force may replace it
+    with pytest.raises(FeatcacheError, match="'card_sha256' is missing"):
+        read_card(old, "fix")  # predict and verify do not trust it
