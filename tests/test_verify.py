@@ -89,8 +89,10 @@ def test_pooled_times_1000_is_caught_by_verify_and_train_head(copy):
     assert code == 1 and verdict.startswith("verdict: FAILED")
     assert not checks["sha256 /pooled"][0] and "does not match the SHA-256" in checks["sha256 /pooled"][1]
     assert checks["sha256 /features"][0]  # one line per check: the others still pass
+    head = (copy["run_dir"] / "head.json").read_bytes()
     _one_line_error(run_cli("train-head", "--cache-dir", copy["cache_dir"], "--trials", "1", "--no-progress"),
                     "/pooled (train rows) does not match the SHA-256")
+    assert (copy["run_dir"] / "head.json").read_bytes() == head  # nothing trained on garbage, nothing written
 
 
 def test_extract_does_not_reuse_rows_of_a_tampered_cache(copy):
@@ -103,6 +105,26 @@ def test_extract_does_not_reuse_rows_of_a_tampered_cache(copy):
     _one_line_error(run_cli("extract", "--data", copy["data"], "--cache-dir", copy["cache_dir"], *FAST),
                     "/pooled (test rows) does not match the SHA-256")
     assert copy["cache"].read_bytes() == before
+
+
+def test_rows_that_do_not_fit_their_files_fail_verify(tmp_path):
+    """Checksums cannot tell a cache that was written wrong; verify also checks rows against files and counts."""
+    from featcache.cache import CacheWriter, FileTable
+
+    table = FileTable(path=["test/A/0.png", "train/A/1.png", "train/B/2.png"], sha256=["0" * 64] * 3,
+                      label=np.array([0, 0, 1]), split=np.array([2, 0, 0]), patient=["p0", "p1", "p2"])
+    writer = CacheWriter(tmp_path / "tiny-ffffffffffff.h5", table, 3, (1, 1, 2))
+    features = np.ones((3, 1, 1, 2), np.float32)
+    writer.write_rows(0, features, features.mean(axis=(1, 2)), labels=np.array([0, 1, 0]),
+                      split=np.array([2, 0, 0]), source_index=np.array([0, 1, 1]), copy_index=np.zeros(3))
+    path = writer.commit({"fingerprint": "f" * 64, "backbone": "tiny", "class_names": ["A", "B"],
+                          "counts": {"train": 2, "val": 0, "test": 1, "train_copies": 0, "rows": 4}})
+    code, checks, _ = _verify(path)
+    assert code == 1 and checks["sha256 /pooled"][0]  # the digests hold: the file is as written
+    assert not checks["rows and files"][0]
+    for problem in ("label or split differs from their file's", "2 files without exactly one original row",
+                    "counts differ from the manifest"):
+        assert problem in checks["rows and files"][1]
 
 
 def test_rotten_feature_chunks_are_caught_by_verify_and_evaluate(copy):
