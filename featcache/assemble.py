@@ -18,6 +18,7 @@ import numpy as np
 from featcache.backbones import build_extractor, get_backbone_spec, hash_weights, load_cached_backbone
 from featcache.data import RESIZE
 from featcache.errors import CacheMismatchError, FeatcacheError
+from featcache.integrity import load_keras_checked
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,13 @@ def load_head(record: dict, manifest: dict):
     """The trained head of ``record``, loaded in safe mode, checked against the cache's feature shape.
 
     Raises:
-        CacheMismatchError: the head takes maps of another shape than the cache holds.
+        CacheMismatchError: head.keras is not the file head.json records (checked again right before loading),
+            or the head takes maps of another shape than the cache holds.
+        DamagedFileError: Keras cannot load it in safe mode.
     """
-    import keras
-
-    head = keras.saving.load_model(record["head_path"], compile=False)
+    record_path = Path(record["run_dir"]) / "head.json"
+    head = load_keras_checked(Path(record["head_path"]), record["head_sha256"], record_path,
+                              "Re-run 'featcache train-head'.")
     expected = tuple(manifest["feature_shape"])
     found = tuple(head.input_shape[1:])
     if found != expected:

@@ -15,7 +15,8 @@ Layout (n rows, m files; rows ordered by file path, then copy index)::
     /files/path    (m,) str                       relative to the data folder
     /files/sha256  (m,) bytes                     content hash of the file
     /files/label, /files/split (m,), /files/patient (m,) str
-    attrs: manifest (JSON), format_version, fingerprint, complete
+    attrs: manifest (JSON; ``datasets`` holds each dataset's shape, dtype and SHA-256), manifest_sha256
+           (of the manifest's text), format_version, fingerprint, complete
 """
 
 from __future__ import annotations
@@ -33,13 +34,21 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from featcache.checksums import H5_ERRORS, Digests, check_layout, dataset_records, read_checked
+from featcache.data import SPLIT_CODES
 from featcache.errors import (
-    CacheLockedError, CacheMismatchError, FeatcacheError, IncompleteCacheError, storage_error,
+    CacheLockedError,
+    CacheMismatchError,
+    DamagedFileError,
+    FeatcacheError,
+    IncompleteCacheError,
+    storage_error,
 )
+from featcache.integrity import first_line, parse_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-dataset SHA-256 in the manifest, fletcher32 on chunked datasets
 SUFFIX = ".h5"
 PARTIAL_SUFFIX = ".partial"
 INCOMPLETE_SUFFIX = ".incomplete"
@@ -47,6 +56,8 @@ READ_CACHE_BYTES = 64 * 2**20  # HDF5 chunk cache for readers: several feature c
 ROW_FIELDS = ("labels", "split", "source_index", "copy_index")
 ROW_DTYPES = {"labels": np.int16, "split": np.uint8, "source_index": np.int32, "copy_index": np.int16}
 STR = h5py.string_dtype("utf-8")
+# What every reader relies on; a manifest without them is not featcache's.
+MANIFEST_FIELDS = {"fingerprint": str, "backbone": str, "class_names": list, "datasets": dict}
 
 
 def compute_fingerprint(settings: dict) -> str:
@@ -175,6 +186,10 @@ class _WriteGuard:
 class CacheWriter:
     """Writes one complete cache file: everything goes to ``<final>.incomplete`` until ``commit``.
 
+    Rows are written in order; the SHA-256 of every dataset is computed from the very bytes written and
+    recorded in the manifest (``manifest["datasets"]``). Chunked datasets also carry HDF5's fletcher32
+    checksum, so a rotten chunk fails when it is read.
+
     Raises:
         StorageError: the file cannot be written (it is deleted; the caller's work files are kept).
     """
@@ -188,28 +203,37 @@ class CacheWriter:
         self._guard = _WriteGuard(self._raw)
         self._file = h5py.File(self._guard, "w")
         self._file.attrs["complete"] = False
-        rows = chunk_rows(feature_shape, dtype)
-        self._file.create_dataset("features", (n_rows, *feature_shape), dtype=dtype,
-                                  chunks=(min(rows, max(n_rows, 1)), *feature_shape), compression=compression)
-        self._file.create_dataset("pooled", (n_rows, feature_shape[-1]), dtype="float32",
-                                  chunks=(min(1024, max(n_rows, 1)), feature_shape[-1]), compression=compression)
+        self._digests = Digests()
+        self._next_row = 0
+        rows, one = chunk_rows(feature_shape, dtype), max(n_rows, 1)
+        self._file.create_dataset("features", (n_rows, *feature_shape), dtype=dtype, fletcher32=True,
+                                  chunks=(min(rows, one), *feature_shape), compression=compression)
+        self._file.create_dataset("pooled", (n_rows, feature_shape[-1]), dtype="float32", fletcher32=True,
+                                  chunks=(min(1024, one), feature_shape[-1]), compression=compression)
         for name in ROW_FIELDS:
-            self._file.create_dataset(name, (n_rows,), dtype=ROW_DTYPES[name])
+            self._file.create_dataset(name, (n_rows,), dtype=ROW_DTYPES[name], chunks=(min(2**16, one),),
+                                      fletcher32=True)
+        columns = {"path": np.array(files.path, dtype=object), "sha256": np.array(files.sha256, dtype="S64"),
+                   "label": np.asarray(files.label, dtype=np.int16), "split": np.asarray(files.split, dtype=np.uint8),
+                   "patient": np.array(files.patient, dtype=object)}
         group = self._file.create_group("files")
-        group.create_dataset("path", data=np.array(files.path, dtype=object), dtype=STR)
-        group.create_dataset("sha256", data=np.array(files.sha256, dtype="S64"))
-        group.create_dataset("label", data=np.asarray(files.label, dtype=np.int16))
-        group.create_dataset("split", data=np.asarray(files.split, dtype=np.uint8))
-        group.create_dataset("patient", data=np.array(files.patient, dtype=object), dtype=STR)
+        for name, values in columns.items():
+            group.create_dataset(name, data=values, dtype=STR if values.dtype == object else values.dtype)
+            self._digests.update(f"files/{name}", values)
         self.n_rows = n_rows
 
     def write_rows(self, start: int, features: np.ndarray, pooled: np.ndarray, **columns: np.ndarray) -> None:
-        """Write rows ``start : start + len(features)``; ``columns`` are the ROW_FIELDS."""
+        """Write rows ``start : start + len(features)``, in order; ``columns`` are the ROW_FIELDS."""
+        if start != self._next_row:
+            raise RuntimeError(f"CacheWriter writes rows in order: expected start={self._next_row}, got {start}")
         stop = start + len(features)
-        self._file["features"][start:stop] = features
-        self._file["pooled"][start:stop] = pooled
-        for name in ROW_FIELDS:
-            self._file[name][start:stop] = columns[name]
+        values = {"features": np.asarray(features, self._file["features"].dtype),
+                  "pooled": np.asarray(pooled, np.float32),
+                  **{name: np.asarray(columns[name], ROW_DTYPES[name]) for name in ROW_FIELDS}}
+        for name, array in values.items():  # converted first, so the digest covers exactly the stored bytes
+            self._file[name][start:stop] = array
+            self._digests.update(name, array, values["split"])
+        self._next_row = stop
         self._check()
 
     def _check(self) -> None:
@@ -217,8 +241,13 @@ class CacheWriter:
             raise storage_error(self._guard.error, self.tmp_path)
 
     def commit(self, manifest: dict) -> Path:
-        """Embed the manifest, mark complete, then rename into place (atomic on POSIX)."""
-        self._file.attrs["manifest"] = json.dumps(manifest, sort_keys=True, default=str)
+        """Embed the manifest (with the datasets' checksums), mark complete, then rename into place (atomic)."""
+        if self._next_row != self.n_rows:
+            raise RuntimeError(f"CacheWriter.commit after {self._next_row} of {self.n_rows} rows")
+        manifest = {**manifest, "datasets": dataset_records(self._file, self._digests)}
+        text = json.dumps(manifest, sort_keys=True, default=str)
+        self._file.attrs["manifest"] = text
+        self._file.attrs["manifest_sha256"] = _text_sha256(text)  # the manifest holds the digests: seal it too
         self._file.attrs["format_version"] = FORMAT_VERSION
         self._file.attrs["fingerprint"] = manifest["fingerprint"]
         self._file.attrs["complete"] = True
@@ -254,7 +283,14 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def open_cache(path: str | Path) -> h5py.File:
-    """Open a complete cache read-only, after checking that it is complete and of this format."""
+    """Open a complete cache read-only, after checking that it is complete, of this format, with a valid
+    manifest and every dataset the manifest records (metadata only: ``checksums.read_checked`` checks data).
+
+    Raises:
+        IncompleteCacheError: the file is unfinished.
+        CacheMismatchError: not an HDF5 file, or another format version.
+        DamagedFileError: damaged metadata, a manifest that is not featcache's, missing or odd datasets.
+    """
     path = Path(path)
     if path.name.endswith(INCOMPLETE_SUFFIX) or path.suffix == PARTIAL_SUFFIX:
         raise IncompleteCacheError(f"{path} is an unfinished cache; re-run 'featcache extract' to complete it.")
@@ -263,18 +299,39 @@ def open_cache(path: str | Path) -> h5py.File:
     try:
         handle = h5py.File(path, "r", rdcc_nbytes=READ_CACHE_BYTES)
     except OSError as exc:
-        raise CacheMismatchError(f"{path} is not a readable HDF5 cache ({exc}).") from None
-    version = handle.attrs.get("format_version")
-    if not handle.attrs.get("complete", False) or "manifest" not in handle.attrs:
+        raise CacheMismatchError(f"{path} is not a readable HDF5 cache ({first_line(exc)}); delete it and re-run "
+                                 f"'featcache extract'. Received: file={str(path)!r}") from None
+    try:
+        _check_header(handle, path)
+    except BaseException:
         handle.close()
-        raise IncompleteCacheError(f"{path} is not marked complete; re-run 'featcache extract' to rebuild it.")
-    if version != FORMAT_VERSION:
-        handle.close()
-        raise CacheMismatchError(
-            f"{path} has cache format version {version}; this featcache reads version {FORMAT_VERSION}. "
-            "Re-run 'featcache extract' with a new --cache-dir."
-        )
+        raise
     return handle
+
+
+def _check_header(handle: h5py.File, path: Path) -> None:
+    try:
+        attrs = dict(handle.attrs)
+        if not attrs.get("complete", False) or "manifest" not in attrs:
+            raise IncompleteCacheError(f"{path} is not marked complete; re-run 'featcache extract' to rebuild it.")
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheMismatchError(
+                f"{path} has cache format version {version}; this featcache reads version {FORMAT_VERSION}. "
+                f"Re-run 'featcache extract' with a new --cache-dir. Received: format_version={version}"
+            )
+        text = attrs["manifest"]
+        manifest = parse_json(text, f"{path} (attribute 'manifest')", MANIFEST_FIELDS,
+                              "delete the cache and re-run 'featcache extract'.")
+        if attrs.get("manifest_sha256") != _text_sha256(text):
+            raise DamagedFileError(f"Cache {path}: its manifest was edited since it was written (manifest_sha256 "
+                                   f"differs); delete it and re-run 'featcache extract'. Received: file={str(path)!r}")
+        check_layout(handle, manifest)
+    except FeatcacheError:
+        raise
+    except H5_ERRORS as exc:  # h5py on damaged object headers
+        raise DamagedFileError(f"Cache {path} has damaged metadata ({first_line(exc)}); delete it and re-run "
+                               f"'featcache extract'. Received: file={str(path)!r}") from None
 
 
 def list_caches(cache_dir: str | Path, backbone: str | None = None) -> list[Path]:
@@ -306,7 +363,7 @@ def find_cache(cache_dir: str | Path, backbone: str) -> Path:
 
 @dataclass(frozen=True)
 class PooledData:
-    """The small per-row arrays of a cache: what head training needs besides the maps."""
+    """The small per-row arrays of a cache's rows in some splits: what head training needs besides the maps."""
 
     pooled: np.ndarray  # (n, c) float32
     labels: np.ndarray  # (n,)
@@ -316,15 +373,21 @@ class PooledData:
     manifest: dict
 
 
-def load_pooled(path: str | Path) -> PooledData:
-    """Read pooled vectors and row columns of a cache into memory (never the 7x7 maps)."""
+def load_pooled(path: str | Path, splits: tuple[str, ...] = ("train", "val", "test")) -> PooledData:
+    """Read pooled vectors and row columns of the rows in ``splits`` (never the 7x7 maps), each checked
+    against the SHA-256 recorded when the cache was written; nothing of other splits but their split code.
+
+    Raises:
+        DamagedFileError: edited or damaged arrays, out-of-range values (see ``checksums.read_checked``).
+    """
     with open_cache(path) as handle:
+        split = read_checked(handle, "split")
         return PooledData(
-            pooled=handle["pooled"][...],
-            labels=handle["labels"][...],
-            split=handle["split"][...],
-            copy_index=handle["copy_index"][...],
-            source_index=handle["source_index"][...],
+            pooled=read_checked(handle, "pooled", split, splits),
+            labels=read_checked(handle, "labels", split, splits),
+            split=split[np.isin(split, [SPLIT_CODES[s] for s in splits])],
+            copy_index=read_checked(handle, "copy_index", split, splits),
+            source_index=read_checked(handle, "source_index", split, splits),
             manifest=json.loads(handle.attrs["manifest"]),
         )
 
@@ -337,6 +400,10 @@ def read_rows(dataset: h5py.Dataset, indices: np.ndarray) -> np.ndarray:
     breaks = np.flatnonzero(np.diff(indices) != 1) + 1
     parts = [dataset[int(run[0]): int(run[-1]) + 1] for run in np.split(indices, breaks)]
     return np.concatenate(parts)
+
+
+def _text_sha256(text) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else bytes(text)).hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -155,12 +155,13 @@ def predict(
     model: Annotated[Path, typer.Option("--model", help="Export folder written by 'featcache export'.")] = Path("model"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of lines.")] = False,
     max_pixels: MaxPixels = MAX_PIXELS,
+    max_file_mb: Annotated[float, typer.Option("--max-file-mb", min=0.001, help="Skip files larger than this (MiB) unread.")] = 64.0,
 ) -> None:
     """Label and probability per image at the exported threshold. Exit 0: all read; 2: some skipped; 1: error."""
     from featcache.predict import format_predictions, predict_files
 
     try:
-        result = predict_files(inputs, model, max_pixels=max_pixels)
+        result = predict_files(inputs, model, max_pixels=max_pixels, max_file_mb=max_file_mb)
     except FeatcacheError as error:
         _fail(error)
     typer.echo(format_predictions(result, as_json))
@@ -168,6 +169,23 @@ def predict(
         typer.secho(f"skipped {item['path']}: {item['error']}", fg=typer.colors.YELLOW, err=True)
     if result.skipped:
         raise typer.Exit(code=2)
+
+
+@app.command()
+def verify(
+    target: Annotated[Path, typer.Argument(help="A cache file, a folder of caches, or an export folder.")] = Path("cache"),
+) -> None:
+    """Re-check a cache (every dataset's SHA-256, shapes, value ranges, counts, split registry) or an export
+    (model.json, model.keras SHA-256 and safe-mode load, SavedModel, threshold). Exit 0: all hold; 1: not."""
+    from featcache.verify import format_verification, verify_path
+
+    try:
+        results = verify_path(target)
+    except FeatcacheError as error:
+        _fail(error)
+    typer.echo(format_verification(results))
+    if not all(result.ok for result in results):
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import DataError, ImageTooLargeError, storage_error
+from featcache.errors import DamagedFileError, DataError, ImageTooLargeError, storage_error
+from featcache.integrity import load_json, source_name
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 SPLITS = ("train", "val", "test")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 VAL_FRACTION = 0.2
+REGISTRY_SPLITS = ("train", "val")  # test/ stays test: the registry holds only the pooled train/val patients
 
 # Kermany file names: person1430_bacteria_3695.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0373-0001.jpeg.
 PATIENT_PATTERN = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
@@ -242,14 +244,24 @@ def split_registry_path(cache_dir: str | Path, seed: int) -> Path:
 
 
 def read_split_registry(cache_dir: str | Path, seed: int) -> dict[str, str]:
-    """Patient -> 'train'|'val' assignments made by earlier runs in this cache folder (shared by backbones)."""
+    """Patient -> 'train'|'val' assignments made by earlier runs in this cache folder (shared by backbones).
+
+    Raises:
+        DamagedFileError: not featcache's split file, another seed, or a value other than 'train'/'val'
+            (an edit that would silently move images between splits, e.g. a train patient into test).
+    """
     path = split_registry_path(cache_dir, seed)
-    if not path.exists():
+    if not os.path.lexists(path):
         return {}
-    try:
-        return json.loads(path.read_text())["patients"]
-    except (ValueError, KeyError) as exc:
-        raise DataError(f"{path} is not a featcache split file ({exc}); move it away and re-run.") from None
+    fix = "move it away and re-run 'featcache extract' (the split is recomputed from the seed)."
+    record = load_json(path, {"seed": int, "patients": dict}, fix)
+    patients = record["patients"]
+    wrong = next(((p, v) for p, v in patients.items() if v not in REGISTRY_SPLITS or not p), None)
+    if wrong is not None or record["seed"] != seed:
+        problem = (f"seed {record['seed']} instead of {seed}" if wrong is None else
+                   f"patient {wrong[0]!r} is assigned {wrong[1]!r}; only 'train' and 'val' are allowed")
+        raise DamagedFileError(f"{path} is not a valid split file: {problem}; {fix} Received: {source_name(path)}")
+    return patients
 
 
 def write_split_registry(cache_dir: str | Path, seed: int, patients: dict[str, str]) -> None:

@@ -58,3 +58,7 @@ def storage_error(exc: OSError, path=None) -> StorageError:
     name = errno.errorcode.get(exc.errno, exc.errno) if exc.errno is not None else type(exc).__name__
     return StorageError(f"Cannot {verb} {where}: {cause}; work already done is kept, run the same command again "
                         f"to resume. Received: {name}")
+
+
+class DamagedFileError(FeatcacheError, ValueError):
+    """A file featcache wrote (cache, record, model) was edited, truncated or damaged since."""

@@ -20,18 +20,26 @@ import numpy as np
 
 from featcache import __version__
 from featcache.assemble import assemble_model, check_parity, predict_features, predict_images
-from featcache.cache import find_cache, list_caches, open_cache, read_rows
+from featcache.cache import find_cache, list_caches, open_cache
+from featcache.checksums import read_checked
 from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, SPLIT_CODES, decode_bytes
 from featcache.errors import CacheMismatchError, DataError, FeatcacheError
+from featcache.integrity import check_plain_name, load_json
 from featcache.config import EvaluateConfig
 from featcache.metrics import majority_baseline, score_with_intervals
 from featcache.reports import format_comparison, format_report
-from featcache.runs import RECORD_FILE, RUNS, check_head_matches_cache, load_head_record, load_probe, run_dir_for
+from featcache.runs import HEAD_FIELDS, RECORD_FILE, RUNS, check_head_matches_cache, load_head_record, load_probe, run_dir_for
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 SELECTION_FILE = "selection.json"
+# What export and the selection read from the JSON files evaluate writes.
+SELECTION_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "head_sha256": "sha256"}
+REPORT_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "head/head_sha256": "sha256",
+                 "validation": dict, "at_threshold/metrics": dict, "at_0.5/metrics": dict, "test/images": int,
+                 "parity": dict, "predictions/path": list, "predictions/label": list, "predictions/probability": list,
+                 "data_dir": str}
 CRITERION = "highest validation ROC-AUC of the chosen head (head.json val_metrics.roc_auc); test scores are not used"
 
 
@@ -108,16 +116,19 @@ def read_test_set(cache_path: Path, data_dir: Path, manifest: dict, max_pixels: 
     if not (data_dir / "test").is_dir():
         raise DataError(f"No test folder {data_dir / 'test'}; pass --data DIR, the folder 'featcache extract' "
                         f"read. Received: data={str(data_dir)!r}")
-    with open_cache(cache_path) as handle:
-        split, copy = handle["split"][...], handle["copy_index"][...]
-        rows = np.flatnonzero((split == SPLIT_CODES["test"]) & (copy == 0))
-        source = read_rows(handle["source_index"], rows)
-        labels = read_rows(handle["labels"], rows).astype(np.int64)
-        features = read_rows(handle["features"], rows)
-        pooled = read_rows(handle["pooled"], rows)
-        train_labels = handle["labels"][...][(split == SPLIT_CODES["train"]) & (copy == 0)]
-        paths = handle["files/path"].asstr()[...][source].tolist()
-        hashes = handle["files/sha256"][...][source].astype(str).tolist()
+    with open_cache(cache_path) as handle:  # every array read is checked against its recorded SHA-256
+        split = read_checked(handle, "split")
+        copy, all_labels = read_checked(handle, "copy_index", split), read_checked(handle, "labels", split)
+        test = split == SPLIT_CODES["test"]
+        original = copy[test] == 0
+        rows = np.flatnonzero(test)[original]
+        source = read_checked(handle, "source_index", split, ("test",))[original]
+        labels = all_labels[rows].astype(np.int64)
+        features = read_checked(handle, "features", split, ("test",))[original]
+        pooled = read_checked(handle, "pooled", split, ("test",))[original]
+        train_labels = all_labels[(split == SPLIT_CODES["train"]) & (copy == 0)]
+        paths = read_checked(handle, "files/path")[source].tolist()
+        hashes = read_checked(handle, "files/sha256")[source].astype(str).tolist()
     _warn_uncached(data_dir, set(paths))
     kept, images, skipped = _load_images(data_dir, paths, hashes, manifest["image_size"], cache_path, max_pixels)
     for item in skipped:
@@ -246,8 +257,8 @@ def current_reports(cache_dir: Path) -> list[dict]:
         run_dir = run_dir_for(cache_path)
         if not (run_dir / REPORT_FILE).is_file() or not (run_dir / RECORD_FILE).is_file():
             continue
-        report = json.loads((run_dir / REPORT_FILE).read_text())
-        head = json.loads((run_dir / RECORD_FILE).read_text())
+        report = read_report(run_dir)
+        head = load_json(run_dir / RECORD_FILE, HEAD_FIELDS, "re-run 'featcache train-head'.")
         if (report.get("head", {}).get("head_sha256") == head.get("head_sha256")
                 and report.get("cache_fingerprint") == head.get("cache_fingerprint")
                 and report.get("cache_file") == cache_path.name):
@@ -305,7 +316,18 @@ def read_selection(cache_dir: Path) -> dict:
     if not path.is_file():
         raise FeatcacheError(f"No {path}; run 'featcache evaluate' first, or pass --backbone NAME. "
                              f"Received: cache_dir={str(cache_dir)!r}")
-    return json.loads(path.read_text())
+    selection = load_json(path, SELECTION_FIELDS, "re-run 'featcache evaluate'.")
+    check_plain_name(selection["cache_file"], path, "re-run 'featcache evaluate'.")
+    return selection
+
+
+def read_report(run_dir: Path) -> dict:
+    """``report.json`` of a run folder, checked for the fields ``export`` and the selection read.
+
+    Raises:
+        DamagedFileError: not JSON, or a field missing or of the wrong type.
+    """
+    return load_json(Path(run_dir) / REPORT_FILE, REPORT_FIELDS, "re-run 'featcache evaluate'.")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -20,17 +20,23 @@ from featcache.assemble import EndToEnd, assemble_model, predict_images
 from featcache.cache import find_cache
 from featcache.data import MAX_PIXELS, decode_and_resize, decode_bytes, hash_file
 from featcache.errors import CacheMismatchError, FeatcacheError
-from featcache.evaluate import REPORT_FILE, read_selection
+from featcache.evaluate import REPORT_FILE, read_report, read_selection
 from featcache.config import ExportConfig
+from featcache.modelcard import (
+    CARD_FILE,
+    KERAS_FILE,
+    SAVED_MODEL_DIR,
+    SIGNATURE,
+    THRESHOLD_SIGNATURE,
+    check_export_folder,
+    seal_card,
+)
 from featcache.runs import check_head_matches_cache, load_head_record
 
 log = logging.getLogger(__name__)
 
-KERAS_FILE = "model.keras"
-SAVED_MODEL_DIR = "model.export"
-CARD_FILE = "model.json"
-SIGNATURE = "serving_default"
 VERIFY_IMAGES = 8
+FORCE_FIX = "--force replaces only an earlier featcache export, so nothing was deleted; choose another --out."
 VERIFY_TOLERANCE = 1e-5  # reloaded artifacts vs the in-memory model: the same graph, last-bit noise only
 
 
@@ -48,7 +54,7 @@ def export_model(config: ExportConfig) -> ExportSummary:
         CacheMismatchError: the head, the cache or the report do not belong together.
         WeightsError: the backbone weights changed since extraction.
     """
-    out = Path(config.out)
+    out = _resolve_out(Path(config.out))
     _check_out(out, config.force)
     cache_path = _resolve_cache(config)
     record = load_head_record(cache_path)
@@ -65,6 +71,7 @@ def export_model(config: ExportConfig) -> ExportSummary:
         verification = verify_export(tmp, assembled, _verification_images(report, manifest["image_size"]))
         card = model_card(assembled, cache_path, report, verification, hash_file(tmp / KERAS_FILE))
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
+        _check_out(out, config.force)  # again: the folder may have changed during the minutes of this export
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -73,15 +80,28 @@ def export_model(config: ExportConfig) -> ExportSummary:
     return ExportSummary(out, card)
 
 
+def _resolve_out(out: Path) -> Path:
+    """``--out`` itself, or the folder a symbolic link ``--out`` points to: that folder is replaced and the
+    link keeps pointing to it (no link is renamed or left behind). A dangling or looping link is refused."""
+    if not out.is_symlink():
+        return out
+    try:
+        return out.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise FeatcacheError(f"--out {out} is a symbolic link that leads nowhere ({type(exc).__name__}); point it "
+                             f"to a folder or choose another --out. Received: out={str(out)!r}") from None
+
+
 def _check_out(out: Path, force: bool) -> None:
-    """Refuse an existing ``out`` unless ``force``; even then, replace only an earlier export or an empty folder."""
-    if not out.exists():
+    """Refuse an existing ``out`` unless ``force``; even then, replace only an empty folder or a folder that is
+    provably an earlier export (``modelcard.check_export_folder``)."""
+    if not os.path.lexists(out):
         return
     if not force:
         raise FeatcacheError(f"{out} exists; pass --force to replace it or choose another --out. Received: out={str(out)!r}")
-    if not out.is_dir() or (any(out.iterdir()) and not (out / CARD_FILE).is_file()):
-        raise FeatcacheError(f"{out} is not a featcache export (no {CARD_FILE}); --force replaces only an earlier "
-                             f"export. Choose another --out. Received: out={str(out)!r}")
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    check_export_folder(out, FORCE_FIX)
 
 
 def _resolve_cache(config: ExportConfig) -> Path:
@@ -101,7 +121,7 @@ def _read_report(run_dir: Path, record: dict) -> dict:
     if not path.is_file():
         raise FeatcacheError(f"The head in {run_dir} has not been evaluated; run 'featcache evaluate --backbone "
                              f"{record['backbone']}' first. Received: run_dir={str(run_dir)!r}")
-    report = json.loads(path.read_text())
+    report = read_report(run_dir)
     if report["head"]["head_sha256"] != record["head_sha256"] or report["cache_fingerprint"] != record["cache_fingerprint"]:
         raise CacheMismatchError(f"{path} evaluated another head than {run_dir}/head.keras (trained again since?); "
                                  f"re-run 'featcache evaluate'. Received: run_dir={str(run_dir)!r}")
@@ -128,9 +148,14 @@ def write_saved_model(model, path: Path, image_size: int, threshold: float, clas
         probability = model(images, training=False)[:, 0]
         return {"probability": probability, "label": tf.gather(names, tf.cast(probability >= threshold, tf.int32))}
 
+    @tf.function(input_signature=[])
+    def saved_threshold():  # lets 'featcache verify' compare the SavedModel's threshold with model.json's
+        return {"threshold": tf.constant(threshold, tf.float64)}
+
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(SIGNATURE, serve)
+    archive.add_endpoint(THRESHOLD_SIGNATURE, saved_threshold)
     tf_log = logging.getLogger("tensorflow")
     level = tf_log.level
     tf_log.setLevel(logging.WARNING)  # "Assets written to <temporary folder>" would only confuse
@@ -142,16 +167,19 @@ def write_saved_model(model, path: Path, image_size: int, threshold: float, clas
 
 def _verification_images(report: dict, image_size: int) -> list[tuple[str, bytes]]:
     """Encoded images to check the artifacts on: the first evaluated test files if still there, else
-    synthetic PNG/JPEG images (gray and colour, not square), so export works without the data folder."""
-    import tensorflow as tf
-
+    ``synthetic_images``, so export works without the data folder."""
     found = []
     for path in report["predictions"]["path"][:VERIFY_IMAGES]:
         file = Path(report["data_dir"]) / path
         if file.is_file():
             found.append((path, file.read_bytes()))
-    if found:
-        return found
+    return found or synthetic_images(image_size)
+
+
+def synthetic_images(image_size: int) -> list[tuple[str, bytes]]:
+    """Two seeded encoded images, a gray PNG and a colour JPEG, neither square nor of ``image_size``."""
+    import tensorflow as tf
+
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (image_size + 7, image_size * 2, 1), dtype=np.uint8)
     colour = rng.integers(0, 256, (image_size * 2, image_size + 3, 3), dtype=np.uint8)
@@ -185,12 +213,12 @@ def verify_export(folder: Path, assembled: EndToEnd, encoded: list[tuple[str, by
 
 
 def model_card(assembled: EndToEnd, cache_path: Path, report: dict, verification: dict, keras_sha256: str) -> dict:
-    """model.json: what the model is, what it was built from, how it scored."""
+    """model.json: what the model is, what it was built from, how it scored; sealed with its own SHA-256."""
     import keras
     import tensorflow as tf
 
     manifest, record = assembled.manifest, assembled.record
-    return {
+    return seal_card({
         "backbone": manifest["backbone"],
         "weights": {"source": manifest["weights"]["source"], "sha256": assembled.weights_sha256},
         "cache_file": Path(cache_path).name,
@@ -222,7 +250,7 @@ def model_card(assembled: EndToEnd, cache_path: Path, report: dict, verification
                   "keras_input": f"(None, {manifest['image_size']}, {manifest['image_size']}, 3) uint8 RGB"},
         "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
 
 
 def _remove_stale(out: Path) -> None:

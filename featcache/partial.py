@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache import CachePaths, CacheWriter, FileTable, open_cache, read_rows
+from featcache.checksums import check_dataset, read_checked
 from featcache.data import SPLIT_CODES
 from featcache.errors import FeatcacheError, storage_error
 
@@ -130,10 +131,12 @@ class ReusableCache:
 
     def __init__(self, handle):
         self.handle = handle
-        files = handle["files"]
-        paths = files["path"].asstr()[...].tolist()
-        shas = files["sha256"][...].astype(str).tolist()
-        source, copy = handle["source_index"][...], handle["copy_index"][...]
+        split = read_checked(handle, "split")
+        for name in ("features", "pooled"):  # verified whole: reused rows must not carry damage into a new cache
+            check_dataset(handle, name, split)
+        paths = read_checked(handle, "files/path").tolist()
+        shas = read_checked(handle, "files/sha256").astype(str).tolist()
+        source, copy = read_checked(handle, "source_index", split), read_checked(handle, "copy_index", split)
         self.index = {(paths[s], shas[s], int(k)): ("old", i) for i, (s, k) in enumerate(zip(source, copy))}
         self.n_rows = len(source)
         manifest = json.loads(handle.attrs["manifest"])
@@ -148,7 +151,11 @@ class ReusableCache:
         if handle.attrs["fingerprint"] != fingerprint:  # cannot happen: the name holds the fingerprint
             handle.close()
             raise FeatcacheError(f"{path} has fingerprint {handle.attrs['fingerprint']}, expected {fingerprint}.")
-        return cls(handle)
+        try:
+            return cls(handle)
+        except BaseException:
+            handle.close()
+            raise
 
     def close(self) -> None:
         self.handle.close()

@@ -1,10 +1,14 @@
 """``featcache predict``: a label and probability per image from an exported model folder, at the
-threshold saved in its model card. Unreadable files are reported and skipped."""
+threshold saved in its model card (checked against the card's own SHA-256). Only regular files up to a
+size limit are read; everything else is reported and skipped."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +16,10 @@ import numpy as np
 
 from featcache.assemble import predict_images
 from featcache.config import check_max_pixels
-from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, load_image
-from featcache.errors import DataError, FeatcacheError
-from featcache.export import CARD_FILE, KERAS_FILE
+from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, decode_bytes
+from featcache.errors import DataError
+from featcache.integrity import load_keras_checked
+from featcache.modelcard import CARD_FILE, KERAS_FILE, read_card
 
 log = logging.getLogger(__name__)
 
@@ -28,56 +33,94 @@ class PredictResult:
     card: dict
 
 
-def read_card(model_dir: str | Path) -> dict:
-    """The model card of an export folder.
-
-    Raises:
-        FeatcacheError: the folder is not a complete featcache export.
-    """
-    model_dir = Path(model_dir)
-    if not (model_dir / CARD_FILE).is_file() or not (model_dir / KERAS_FILE).is_file():
-        raise FeatcacheError(f"{model_dir} is not a featcache export (expected {CARD_FILE} and {KERAS_FILE}); run "
-                             f"'featcache export' or pass --model DIR. Received: model={str(model_dir)!r}")
-    return json.loads((model_dir / CARD_FILE).read_text())
+MAX_FILE_MB = 64  # default of --max-file-mb: larger inputs are skipped unread
+FIX = "re-run 'featcache export' or pass --model DIR."
 
 
 def find_inputs(inputs: list[Path]) -> tuple[list[Path], list[dict]]:
-    """Files to predict: each file given, and the JPEG/PNG images under each folder (sorted); paths
-    that do not exist are reported as skipped."""
+    """Candidate files: each path given, and the JPEG/PNG names under each folder (sorted; links to folders
+    are not followed); paths that do not exist are reported as skipped. Nothing is opened here."""
     files, skipped = [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                            and not p.name.startswith("."))
-        elif item.exists():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                            and not p.name.startswith(".") and not p.is_dir())
+        elif os.path.lexists(item):
             files.append(item)
         else:
             skipped.append({"path": str(item), "error": "does not exist"})
     return files, skipped
 
 
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; anything else is refused before it is opened
+    (a FIFO would block, /dev/zero never ends), and re-checked on the open descriptor.
+
+    Raises:
+        DataError: not a regular file, a dangling link or a link loop, too large, or unreadable.
+    """
+    try:
+        info = os.stat(path)  # follows links; a loop raises ELOOP, a dangling link ENOENT
+    except OSError as exc:
+        raise DataError(f"cannot read: {_stat_reason(path, exc)}") from None
+    _check_regular(info, max_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        _check_regular(os.fstat(fd), max_bytes)  # the path may have been swapped since the stat
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DataError(f"larger than {max_bytes / 2**20:g} MiB (--max-file-mb)")
+    return data
+
+
+def _check_regular(info: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise DataError(f"{kind}, not a regular file; not read")
+    if info.st_size > max_bytes:
+        raise DataError(f"{info.st_size / 2**20:.1f} MiB, larger than {max_bytes / 2**20:g} MiB (--max-file-mb); not read")
+
+
+def _stat_reason(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link loop"
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return "a dangling symbolic link"
+    return exc.strerror or type(exc).__name__
+
+
 def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 32,
-                  max_pixels: int = MAX_PIXELS) -> PredictResult:
+                  max_pixels: int = MAX_PIXELS, max_file_mb: float = MAX_FILE_MB) -> PredictResult:
     """Predict every image of ``inputs`` (files or folders) with the export in ``model_dir``; images of
     more than ``max_pixels`` pixels (by their header) are skipped without being decoded.
 
+    Only regular files of at most ``max_file_mb`` MiB are read; FIFOs, devices, link loops, dangling links and
+    larger files are skipped.
+
     Raises:
         FeatcacheError: ``model_dir`` is not an export.
+        DamagedFileError, CacheMismatchError: model.json was edited (its own SHA-256, e.g. the threshold), or
+            model.keras is not the file model.json records, or safe mode refuses it.
         DataError: no image could be read (nothing to predict).
     """
-    import keras
-
     check_max_pixels(max_pixels)
-    card = read_card(model_dir)
-    model = keras.saving.load_model(Path(model_dir) / KERAS_FILE, safe_mode=True, compile=False)
+    model_dir = Path(model_dir)
+    card = read_card(model_dir, FIX)
+    model = load_keras_checked(model_dir / KERAS_FILE, card["files"]["keras_sha256"], model_dir / CARD_FILE, FIX)
     files, skipped = find_inputs(inputs)
     size, threshold, names = card["image_size"], float(card["threshold"]), card["class_names"]
+    max_bytes = int(max_file_mb * 2**20)
     predictions: list[dict] = []
     for start in range(0, len(files), batch_size):
         images, kept = [], []
         for file in files[start:start + batch_size]:
             try:
-                images.append(load_image(file, size, max_pixels))
+                images.append(decode_bytes(read_regular_file(file, max_bytes), size, name=str(file),
+                                           max_pixels=max_pixels))
                 kept.append(file)
             except DataError as exc:
                 skipped.append({"path": str(file), "error": str(exc)})

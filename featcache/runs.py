@@ -29,6 +29,7 @@ from featcache import __version__
 from featcache.cache import SUFFIX, read_manifest
 from featcache.data import hash_file
 from featcache.errors import CacheMismatchError, FeatcacheError
+from featcache.integrity import check_plain_name, load_json
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ JOURNAL_FILE = "study.journal"
 METRICS = ("loss", "accuracy", "roc_auc", "sensitivity", "specificity")
 PROBE_FILE = "probe.json"
 PARAMS = ("units", "dropout", "learning_rate", "batch_size", "l2", "class_weight", "standardize")
+# What later stages read from head.json; a record without them was not written by featcache (or was edited).
+HEAD_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "feature_shape": list,
+               "class_names": list, "params": dict, "threshold": (int, float), "threshold_method": str,
+               "val_metrics": dict, "trial_number": int, "head_file": str, "head_sha256": "sha256"}
 COLUMNS = ("number", "state", "pruned", "collapsed", *PARAMS, *(f"val_{m}" for m in METRICS), "epochs", "best_epoch",
            "seconds")
 
@@ -173,6 +178,7 @@ def load_head_record(path: str | Path) -> dict:
 
     Raises:
         FeatcacheError: no trained head there.
+        DamagedFileError: head.json is not JSON, lacks a field or has one of the wrong type.
         CacheMismatchError: head.keras is not the file head.json describes (changed or half replaced).
     """
     path = Path(path)
@@ -180,8 +186,9 @@ def load_head_record(path: str | Path) -> dict:
     record_path = run_dir / RECORD_FILE
     if not record_path.is_file():
         raise FeatcacheError(f"No trained head in {run_dir}; run 'featcache train-head' first. Received: path={str(path)!r}")
-    record = json.loads(record_path.read_text())
-    head_path = run_dir / record["head_file"]
+    fix = "re-run 'featcache train-head'."
+    record = load_json(record_path, HEAD_FIELDS, fix)
+    head_path = run_dir / check_plain_name(record["head_file"], record_path, fix)
     if not head_path.is_file() or hash_file(head_path) != record["head_sha256"]:
         raise CacheMismatchError(f"{head_path} is not the head {record_path.name} describes; re-run "
                                  f"'featcache train-head'. Received: path={str(path)!r}")

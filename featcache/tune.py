@@ -5,7 +5,6 @@ its decision threshold, the trials table and the linear-probe floor, written to
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import find_cache, list_caches, open_cache, read_manifest, read_rows
+from featcache.cache import find_cache, list_caches, load_pooled, read_manifest
 from featcache.config import TrainHeadConfig
 from featcache.errors import FeatcacheError, IncompleteCacheError
 from featcache.head import (HeadModels, HeadParams, InputStats, TrainViews, build_head, choose_threshold, fit_head,
@@ -95,20 +94,17 @@ def load_head_data(path: str | Path) -> HeadData:
     and nothing of test rows but their split code.
 
     Raises:
-        IncompleteCacheError, CacheMismatchError: from ``open_cache``.
+        IncompleteCacheError, CacheMismatchError, DamagedFileError: from ``load_pooled``.
         FeatcacheError: a split without rows or classes other than two.
     """
-    with open_cache(path) as handle:
-        split, copy = handle["split"][...], handle["copy_index"][...]
-        rows = np.flatnonzero((split == 0) | ((split == 1) & (copy == 0)))
-        pooled = read_rows(handle["pooled"], rows)
-        labels = read_rows(handle["labels"], rows).astype(np.int64)
-        source = read_rows(handle["source_index"], rows)
-        manifest = json.loads(handle.attrs["manifest"])
+    data = load_pooled(path, ("train", "val"))  # checked against the SHA-256 recorded at extraction
+    rows = (data.split == 0) | (data.copy_index == 0)
+    split, pooled, source, manifest = data.split[rows], data.pooled[rows], data.source_index[rows], data.manifest
+    labels = data.labels[rows].astype(np.int64)
     if len(manifest["class_names"]) != 2:
         raise FeatcacheError(f"The head is binary; {path} has classes {manifest['class_names']}. "
                              f"Received: class_names={manifest['class_names']}")
-    is_train = split[rows] == 0
+    is_train = split == 0
     for name, mask in (("train", is_train), ("validation", ~is_train)):
         if len(np.unique(labels[mask])) < 2:
             raise FeatcacheError(f"The {name} split of {path} lacks a class; add images or change the split seed. "

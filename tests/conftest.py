@@ -82,6 +82,23 @@ def read_datasets(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def corrupt_chunks(path: Path, name: str) -> int:
+    """Overwrite the stored bytes of every chunk of dataset ``name`` in place (HDF5 metadata stays valid,
+    the data is rotten); returns the number of chunks. A read of any of them must fail."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        dataset = handle[name]
+        chunks = [dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks())]
+    with open(path, "r+b") as raw:
+        for chunk in chunks:
+            raw.seek(chunk.byte_offset)
+            data = raw.read(min(chunk.size, 64))
+            raw.seek(chunk.byte_offset)
+            raw.write(bytes(255 - b for b in data))
+    return len(chunks)
+
+
 # --- synthetic caches (train-head tests) -------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from featcache.assemble import (
     predict_images,
 )
 from featcache.cache import open_cache, read_rows
-from featcache.data import load_image
+from featcache.data import hash_file, load_image
 from featcache.errors import CacheMismatchError, FeatcacheError, WeightsError
 from featcache.runs import check_head_matches_cache, load_head_record
 
@@ -110,4 +110,15 @@ def test_head_of_another_feature_shape_is_refused(run, tmp_path):
     build_head((1, 1, 16), HeadParams(units=4)).maps.save(tmp_path / "head.keras")
     manifest = json.loads((run["run_dir"] / "head.json").read_text())
     with pytest.raises(CacheMismatchError, match=r"shape \(1, 1, 16\).*\(2, 2, 16\)"):
-        load_head({**manifest, "head_path": str(tmp_path / "head.keras")}, {"feature_shape": [2, 2, 16]})
+        load_head({**manifest, "head_path": str(tmp_path / "head.keras"), "run_dir": str(tmp_path),
+                   "head_sha256": hash_file(tmp_path / "head.keras")}, {"feature_shape": [2, 2, 16]})
+
+
+def test_head_swapped_after_its_record_was_read_is_refused(run, tmp_path):
+    """load_head checks head.keras against head.json's SHA-256 again right before loading it."""
+    from featcache.head import HeadParams, build_head
+
+    record = load_head_record(run["cache"])
+    build_head((2, 2, 16), HeadParams(units=4)).maps.save(tmp_path / "head.keras")
+    with pytest.raises(CacheMismatchError, match="was replaced or damaged"):
+        load_head({**record, "head_path": str(tmp_path / "head.keras")}, {"feature_shape": [2, 2, 16]})

@@ -1,6 +1,10 @@
+import hashlib
+import re
+
 import h5py
 import numpy as np
 import pytest
+from conftest import corrupt_chunks
 
 from featcache.cache import (
     FORMAT_VERSION,
@@ -17,7 +21,8 @@ from featcache.cache import (
     read_manifest,
     read_rows,
 )
-from featcache.errors import CacheLockedError, CacheMismatchError, FeatcacheError, IncompleteCacheError
+from featcache.checksums import DATASETS
+from featcache.errors import CacheLockedError, CacheMismatchError, DamagedFileError, FeatcacheError, IncompleteCacheError
 from featcache.partial import BatchStore
 
 
@@ -32,7 +37,7 @@ def _write(path, n=5, commit=True):
     writer.write_rows(0, features, features.mean(axis=(1, 2)), labels=np.zeros(n), split=np.zeros(n),
                       source_index=np.arange(n), copy_index=np.zeros(n))
     if commit:
-        writer.commit({"fingerprint": "f" * 64, "backbone": "tiny"})
+        writer.commit({"fingerprint": "f" * 64, "backbone": "tiny", "class_names": ["A", "B"]})
     return writer
 
 
@@ -125,3 +130,119 @@ def test_batch_cut_short_is_ignored_and_recomputed(tmp_path):
     (store.folder / "b0.npz").write_bytes(b"")  # renamed before its data reached the disk (power loss)
     (store.folder / "b1.npz").write_bytes(b"PK\x03\x04 torn")
     assert store.index() == {}
+
+
+# --- integrity: checksums recorded while writing, checked while reading --------------------------
+
+
+def _edit(path, name, change):
+    """Rewrite a dataset through h5py: valid HDF5 (fletcher32 recomputed), only the values differ.
+    ``change(values, row)`` edits in place; ``row`` is the first train row."""
+    with h5py.File(path, "r+") as handle:
+        values, row = handle[name][...], int(np.flatnonzero(handle["split"][...] == 0)[0])
+        change(values, row)
+        handle[name][...] = values
+
+
+def test_checksums_are_recorded_per_split_and_chunks_carry_fletcher32(synthetic_cache):
+    path = synthetic_cache()
+    records = read_manifest(path)["datasets"]
+    assert set(records) == set(DATASETS)
+    assert set(records["pooled"]["sha256"]) == {"train", "val", "test"} and set(records["split"]["sha256"]) == {"all"}
+    with h5py.File(path, "r") as handle:
+        split = handle["split"][...]
+        train = np.ascontiguousarray(handle["pooled"][...][split == 0])
+        assert all(handle[name].fletcher32 for name in ("features", "pooled", "labels", "split", "source_index"))
+        assert records["features"]["shape"] == list(handle["features"].shape)
+    assert records["pooled"]["sha256"]["train"] == hashlib.sha256(train.tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("pooled", lambda v, r: v.__imul__(1000), "/pooled (train rows) does not match the SHA-256"),
+    ("pooled", lambda v, r: v.__setitem__((r, 0), np.nan), "/pooled holds 1 NaN or infinite values"),
+    ("pooled", lambda v, r: v.__setitem__((r, 1), np.inf), "/pooled holds 1 NaN or infinite values"),
+    ("labels", lambda v, r: v.__setitem__(r, 5), "/labels holds 1 values outside 0..1"),
+    ("labels", lambda v, r: v.__setitem__(r, 1 - v[r]), "/labels (train rows) does not match"),
+    ("source_index", lambda v, r: v.__setitem__(r, 10_000), "/source_index holds 1 values outside"),
+    ("split", lambda v, r: v.__setitem__(r, 7), "/split holds 1 values outside 0..2"),
+    ("split", lambda v, r: v.__setitem__(r, 2), "/split does not match"),  # a train row moved into test
+    ("copy_index", lambda v, r: v.__setitem__(r, -1), "/copy_index holds 1 values outside"),
+])
+def test_edited_arrays_in_valid_hdf5_are_refused(synthetic_cache, name, change, message):
+    path = synthetic_cache()
+    _edit(path, name, change)
+    with pytest.raises(DamagedFileError, match=re.escape(message)) as error:
+        load_pooled(path, ("train", "val"))
+    assert str(path) in str(error.value) and "re-run 'featcache extract'" in str(error.value)
+
+
+def test_only_the_splits_read_are_checked(synthetic_cache):
+    path = synthetic_cache()
+    with h5py.File(path, "r") as handle:
+        test_rows = np.flatnonzero(handle["split"][...] == 2)
+    _edit(path, "pooled", lambda v, _: v.__setitem__(test_rows, v[test_rows] * 1000))
+    assert len(load_pooled(path, ("train", "val")).pooled)  # train-head never reads test rows...
+    with pytest.raises(DamagedFileError, match=re.escape("/pooled (test rows) does not match")):
+        load_pooled(path)  # ...but whoever reads them notices
+
+
+def test_rotten_chunks_fail_their_fletcher32_check(synthetic_cache):
+    path = synthetic_cache()
+    assert corrupt_chunks(path, "pooled") >= 1
+    with pytest.raises(DamagedFileError, match="/pooled cannot be read"):
+        load_pooled(path)
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    (lambda f: f.attrs.__setitem__("manifest", "{not json"), DamagedFileError, "is not valid JSON"),
+    (lambda f: f.attrs.__setitem__("manifest", "[1, 2]"), DamagedFileError, "holds a JSON list, not an object"),
+    (lambda f: f.attrs.__setitem__("manifest", '{"backbone": "tiny"}'), DamagedFileError, "'fingerprint' is missing"),
+    (lambda f: f.__delitem__("labels"), DamagedFileError, "dataset /labels is missing"),
+    (lambda f: f.__delitem__("files/path"), DamagedFileError, "dataset /files/path is missing"),
+    (lambda f: f.attrs.__setitem__("format_version", 1), CacheMismatchError, "format version 1"),
+    (lambda f: f.attrs.__setitem__("manifest", f.attrs["manifest"].replace('"NORMAL", "PNEUMONIA"',
+                                                                          '"PNEUMONIA", "NORMAL"')),
+     DamagedFileError, "its manifest was edited"),  # valid JSON, every field there: classes swapped
+])
+def test_damaged_metadata_is_one_line(synthetic_cache, damage, error, message):
+    path = synthetic_cache()
+    with h5py.File(path, "r+") as handle:
+        damage(handle)
+    with pytest.raises(error, match=re.escape(message)) as raised:
+        open_cache(path)
+    assert "\n" not in str(raised.value) and str(path) in str(raised.value) and "Received:" in str(raised.value)
+
+
+def test_flipped_bytes_anywhere_in_the_metadata_give_featcache_errors(synthetic_cache, tmp_path):
+    """Every damaged byte in the first 8 KiB (superblock, object headers, B-trees, heaps) is either harmless
+    or a one-line FeatcacheError: never an h5py exception or a crash."""
+    original = synthetic_cache().read_bytes()
+    damaged, outcomes = tmp_path / "damaged.h5", set()
+    for offset in range(0, 8192, 41):
+        data = bytearray(original)
+        data[offset:offset + 3] = bytes(255 - b for b in data[offset:offset + 3])
+        damaged.write_bytes(bytes(data))
+        try:
+            load_pooled(damaged)
+            outcomes.add("ok")
+        except FeatcacheError as exc:
+            assert "\n" not in str(exc)
+            outcomes.add(type(exc).__name__)
+    assert {"DamagedFileError", "CacheMismatchError"} <= outcomes
+
+
+@pytest.mark.parametrize("compression", ["gzip", "lzf"])
+def test_fletcher32_works_with_compression(tmp_path, compression):
+    """fletcher32 runs after the compression filter: it checks the stored (compressed) bytes."""
+    path = tmp_path / "tiny-ffffffffffff.h5"
+    writer = CacheWriter(path, _table(6), 6, (2, 2, 3), compression=compression)
+    features = np.random.default_rng(0).random((6, 2, 2, 3)).astype(np.float32)
+    writer.write_rows(0, features, features.mean(axis=(1, 2)), labels=np.zeros(6), split=np.zeros(6),
+                      source_index=np.arange(6), copy_index=np.zeros(6))
+    writer.commit({"fingerprint": "f" * 64, "backbone": "tiny", "class_names": ["A", "B"]})
+    with open_cache(path) as handle:
+        assert handle["features"].compression == compression and handle["features"].fletcher32
+    np.testing.assert_array_equal(load_pooled(path).pooled, features.mean(axis=(1, 2)))
+    corrupt_chunks(path, "pooled")
+    with pytest.raises(DamagedFileError, match="/pooled cannot be read"):
+        load_pooled(path)

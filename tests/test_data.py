@@ -1,3 +1,5 @@
+import json
+import re
 import shutil
 
 import numpy as np
@@ -13,7 +15,7 @@ from featcache.data import (
     split_patients,
     write_split_registry,
 )
-from featcache.errors import DataError
+from featcache.errors import DamagedFileError, DataError
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -133,8 +135,24 @@ def test_split_registry_round_trip_and_corruption(tmp_path):
     assert read_split_registry(tmp_path, seed=3) == {"p1": "train", "p2": "val"}
     assert read_split_registry(tmp_path, seed=4) == {}
     (tmp_path / "split-seed3.json").write_text("{broken")
-    with pytest.raises(DataError, match="not a featcache split file"):
+    with pytest.raises(DamagedFileError, match="split-seed3.json is not valid JSON"):
         read_split_registry(tmp_path, seed=3)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"seed": 3, "patients": {"p1": "train", "p2": "test"}}, "'p2' is assigned 'test'"),  # would move p2 into test
+    ({"seed": 3, "patients": {"p1": "val", "p2": 1}}, "'p2' is assigned 1"),
+    ({"seed": 3, "patients": {"p1": None}}, "'p1' is assigned None"),
+    ({"seed": 3, "patients": ["p1", "train"]}, "field 'patients' is list, expected dict"),
+    ({"seed": "3", "patients": {}}, "field 'seed' is str, expected int"),
+    ({"seed": 4, "patients": {"p1": "train"}}, "seed 4 instead of 3"),
+    ({"patients": {"p1": "train"}}, "field 'seed' is missing"),
+])
+def test_edited_split_registry_is_refused(tmp_path, record, message):
+    (tmp_path / "split-seed3.json").write_text(json.dumps(record))
+    with pytest.raises(DamagedFileError, match=re.escape(message)) as error:
+        read_split_registry(tmp_path, seed=3)
+    assert "split-seed3.json" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_decoder_errors_say_what_is_wrong(bad_inputs):
@@ -142,3 +160,11 @@ def test_decoder_errors_say_what_is_wrong(bad_inputs):
         load_image(bad_inputs / "truncated.jpeg", 32)
     with pytest.raises(DataError, match="Unknown image file format"):
         load_image(bad_inputs / "notes.jpeg", 32)
+
+
+def test_a_registry_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "split-seed3.json")  # reading it would block forever
+    with pytest.raises(DamagedFileError, match="is not a regular file"):
+        read_split_registry(tmp_path, seed=3)

@@ -4,6 +4,7 @@ scores raw image bytes, the model card, and refusals that leave nothing half-wri
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -171,3 +172,110 @@ def test_export_without_the_data_folder_checks_synthetic_images(run, tmp_path):
     assert card["verification"]["images"] == ["synthetic-gray.png", "synthetic-colour.jpeg"]
     assert card["verification"]["max_abs_diff_saved_model"] <= 1e-5
 
+
+
+# --- --force replaces only a provable earlier export (bug 5) ---------------------------------------
+
+
+def _tree(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def _project_with_a_model_json(folder):
+    (folder / "src").mkdir(parents=True)
+    (folder / "src" / "main.py").write_text("print('my project')\n")
+    (folder / "model.json").write_text('{"layers": 3}\n')
+    return _tree(folder)
+
+
+def _not_an_export(kind, folder, export):
+    """Folders that hold a model.json but are not (or no longer) an untouched featcache export."""
+    if kind == "project":  # the reported bug: a user's project that merely holds a model.json
+        return _project_with_a_model_json(folder)
+    if kind == "card alone":
+        folder.mkdir()
+        shutil.copyfile(export / "model.json", folder / "model.json")
+        return _tree(folder)
+    shutil.copytree(export, folder)
+    if kind == "export plus a file":
+        (folder / "notes.txt").write_text("mine")
+    elif kind == "swapped model.keras":
+        (folder / "model.keras").write_bytes(b"other")
+    elif kind == "file in the SavedModel":
+        (folder / "model.export" / "extra.py").write_text("x")
+    elif kind == "card of another kind":
+        _edit_json(folder / "model.json", backbone=7)
+    return _tree(folder)
+
+
+@pytest.mark.parametrize("kind", ["project", "card alone", "export plus a file", "swapped model.keras",
+                                  "file in the SavedModel", "card of another kind"])
+def test_force_refuses_anything_but_an_earlier_export(run, tmp_path, kind):
+    out = tmp_path / "out"
+    before = _not_an_export(kind, out, run["model"])
+    result = run_cli("export", "--cache-dir", run["cache_dir"], "--out", out, "--force")
+    _one_line_error(result, "nothing was deleted")
+    assert _tree(out) == before  # not one file removed or renamed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or renamed folders
+
+
+def _edit_json(path, **changes):
+    card = json.loads(path.read_text())
+    card.update(changes)
+    path.write_text(json.dumps(card))
+
+
+def test_force_through_a_symlink_replaces_the_target_and_keeps_the_link(run, tmp_path):
+    copy = copy_run(run, tmp_path)
+    target = tmp_path / "models" / "v1"
+    target.parent.mkdir()
+    shutil.move(copy["model"], target)
+    link = tmp_path / "current"
+    link.symlink_to(target, target_is_directory=True)
+    before = json.loads((target / "model.json").read_text())["created"]
+    result = run_cli("export", "--cache-dir", copy["cache_dir"], "--out", link, "--force", "--backbone", "tiny")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert json.loads((target / "model.json").read_text())["created"] >= before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "current", "models"]  # no stray renamed link
+    assert sorted(p.name for p in target.parent.iterdir()) == ["v1"]  # no temporary or old folders
+
+
+def test_symlinks_to_foreign_folders_or_nowhere_are_refused(run, tmp_path):
+    project = tmp_path / "project"
+    before = _project_with_a_model_json(project)
+    link = tmp_path / "link"
+    link.symlink_to(project, target_is_directory=True)
+    _one_line_error(run_cli("export", "--cache-dir", run["cache_dir"], "--out", link, "--force"),
+                    "nothing was deleted")
+    assert _tree(project) == before and link.is_symlink()
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
+    _one_line_error(run_cli("export", "--cache-dir", run["cache_dir"], "--out", dangling, "--force"),
+                    "symbolic link that leads nowhere")
+    assert dangling.is_symlink() and not (tmp_path / "gone").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "link", "project"]
+
+
+def test_card_is_sealed_and_the_saved_model_carries_the_threshold(run):
+    import tensorflow as tf
+
+    from featcache.integrity import canonical_sha256
+
+    card = json.loads((run["model"] / "model.json").read_text())
+    assert card["card_sha256"] == canonical_sha256(card, "card_sha256")
+    saved = tf.saved_model.load(str(run["model"] / "model.export")).signatures["threshold"]
+    assert float(saved()["threshold"].numpy()) == card["threshold"]
+
+
+def test_an_unsealed_export_of_an_earlier_version_is_replaceable_but_not_trusted(run, tmp_path):
+    from featcache.modelcard import check_export_folder, read_card
+
+    old = tmp_path / "old"
+    shutil.copytree(run["model"], old)
+    card = json.loads((old / "model.json").read_text())
+    del card["card_sha256"]
+    (old / "model.json").write_text(json.dumps(card))
+    assert check_export_folder(old, "fix")["backbone"] == "tiny"  # --force may replace it
+    with pytest.raises(FeatcacheError, match="'card_sha256' is missing"):
+        read_card(old, "fix")  # predict and verify do not trust it

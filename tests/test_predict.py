@@ -1,7 +1,11 @@
 """``featcache predict``: labels and probabilities from an export, skipped files and exit codes."""
 
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,3 +74,115 @@ def test_nothing_readable_is_an_error(run, bad_inputs):
 def test_not_an_export(tmp_path, bad_inputs):
     result = run_cli("predict", bad_inputs / "notes.jpeg", "--model", tmp_path)
     assert result.exit_code == 1 and "is not a featcache export" in result.output
+
+
+# --- hostile inputs: only regular files are opened, and only up to --max-file-mb ---------------------
+
+
+def test_fifos_devices_links_and_large_files_are_skipped_promptly(run, images, tmp_path):
+    folder, expected = images
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    os.mkfifo(hostile / "fifo.jpeg")  # opening it for reading would block forever
+    (hostile / "loop.jpeg").symlink_to(hostile / "loop.jpeg")
+    (hostile / "dangling.png").symlink_to(hostile / "gone.png")
+    (hostile / "zero.jpeg").symlink_to("/dev/zero")  # reading it would never end
+    fifo_arg = tmp_path / "fifo-arg.jpeg"
+    os.mkfifo(fifo_arg)
+    command = [sys.executable, "-m", "featcache", "predict", folder, hostile, fifo_arg, "/dev/zero",
+               "--model", run["model"], "--json"]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    out = json.loads(result.stdout)
+    assert len(out["predictions"]) == len(expected)  # the regular images are all predicted
+    skipped = {s["path"].rsplit("/", 1)[-1]: s["error"] for s in out["skipped"]}
+    assert "FIFO" in skipped["fifo.jpeg"] and "FIFO" in skipped["fifo-arg.jpeg"]
+    assert "link loop" in skipped["loop.jpeg"] and "dangling" in skipped["dangling.png"]
+    assert "character device" in skipped["zero.jpeg"] and "character device" in skipped["zero"]
+    by_size = sorted(folder.rglob("*.jpeg"), key=lambda p: p.stat().st_size)
+    small, large = by_size[0], by_size[-1]
+    limit_mb = (large.stat().st_size - 1) / 2**20  # a regular file: in-process is safe here
+    limited = run_cli("predict", small, large, "--model", run["model"], "--max-file-mb", f"{limit_mb:.6f}", "--json")
+    assert limited.exit_code == 2, limited.output
+    out = json.loads(limited.stdout)
+    assert [p["path"] for p in out["predictions"]] == [str(small)]
+    assert out["skipped"][0]["path"] == str(large) and "--max-file-mb" in out["skipped"][0]["error"]
+
+
+# --- a tampered export is refused before anything is predicted ---------------------------------------
+
+
+def _reseal(path, **changes):
+    from featcache.modelcard import seal_card
+
+    card = json.loads(path.read_text())
+    card.update(changes)
+    path.write_text(json.dumps(seal_card({k: v for k, v in card.items() if k != "card_sha256"})))
+
+
+def _one_line(result, message):
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.fixture
+def export_copy(run, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(run["model"], copy)
+    return copy
+
+
+def test_edited_threshold_is_refused(run, images, export_copy):
+    card = json.loads((export_copy / "model.json").read_text())
+    card["threshold"] = 0.01
+    (export_copy / "model.json").write_text(json.dumps(card, indent=1))
+    _one_line(run_cli("predict", images[0], "--model", export_copy), "was edited after export")
+
+
+def test_swapped_model_keras_is_refused(run, images, export_copy, tmp_path):
+    from featcache.head import HeadParams, build_head
+
+    build_head((2, 2, 16), HeadParams(units=8)).maps.save(tmp_path / "other.keras")
+    shutil.copyfile(tmp_path / "other.keras", export_copy / "model.keras")
+    _one_line(run_cli("predict", images[0], "--model", export_copy), "records")
+
+
+def _lambda_model(path):
+    import keras
+
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs)).save(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a zip at all", "Keras cannot load"),
+    (_lambda_model, "safe mode"),  # a Lambda layer: arbitrary code, refused by safe mode
+])
+def test_model_keras_that_safe_mode_refuses_is_one_line(run, images, export_copy, content, message):
+    keras_path = export_copy / "model.keras"
+    if callable(content):
+        keras_path.unlink()
+        content(keras_path)
+    else:
+        keras_path.write_bytes(content)
+    files = {**json.loads((export_copy / "model.json").read_text())["files"],
+             "keras_sha256": hashlib.sha256(keras_path.read_bytes()).hexdigest()}
+    _reseal(export_copy / "model.json", files=files)  # the record matches: only loading can tell
+    _one_line(run_cli("predict", images[0], "--model", export_copy), message)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "is not valid JSON"),
+    ("[]", "holds a JSON list"),
+    ('{"backbone": "tiny"}', "is missing"),
+    (None, "'threshold' is str, expected int or float"),
+])
+def test_malformed_model_json_is_one_line(run, images, export_copy, text, message):
+    path = export_copy / "model.json"
+    if text is None:
+        card = json.loads(path.read_text())
+        card["threshold"] = "0.5"
+        text = json.dumps(card)
+    path.write_text(text)
+    _one_line(run_cli("predict", images[0], "--model", export_copy), message)

@@ -6,6 +6,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from conftest import corrupt_chunks
 
 from featcache.config import TrainHeadConfig
 from featcache.errors import CacheMismatchError, FeatcacheError, IncompleteCacheError
@@ -70,7 +71,7 @@ def test_load_reads_train_and_val_rows_only_and_never_the_maps(synthetic_cache):
         pooled = handle["pooled"][...]
         pooled[test_rows] = np.nan  # a read of any test row would show up as NaN
         handle["pooled"][...] = pooled
-        del handle["features"]  # and a read of the maps would fail
+    corrupt_chunks(path, "features")  # and a read of the maps would fail (fletcher32)
     data = load_head_data(path)
     assert len(data.train.pooled) == 30 * 4 and len(data.val_pooled) == 10
     assert np.isfinite(data.train.pooled).all() and np.isfinite(data.val_pooled).all()
@@ -201,13 +202,20 @@ def _poison(path, splits, value):
 
 
 def test_standardization_statistics_come_from_training_views_only(synthetic_cache, tmp_path):
-    clean = load_head_data(synthetic_cache(cache_dir=tmp_path / "a"))
+    clean_path = synthetic_cache(cache_dir=tmp_path / "a")
+    clean = load_head_data(clean_path)
     path = synthetic_cache(cache_dir=tmp_path / "b")
-    _poison(path, (1, 2), 1e6)  # validation and test rows
+    _poison(path, (2,), 1e6)  # test rows (train-head never reads them; their checksum is not checked there)
     poisoned = load_head_data(path)
     np.testing.assert_array_equal(poisoned.stats.mean, clean.stats.mean)
     np.testing.assert_array_equal(poisoned.stats.variance, clean.stats.variance)
-    np.testing.assert_allclose(clean.stats.mean, clean.train.pooled.astype(np.float64).mean(axis=0), rtol=1e-5)
+    with h5py.File(clean_path, "r") as handle:  # exactly the train-split rows (originals and copies), not val
+        train_rows = handle["pooled"][...][handle["split"][...] == 0].astype(np.float64)
+        val_rows = handle["pooled"][...][handle["split"][...] == 1].astype(np.float64)
+    np.testing.assert_allclose(clean.stats.mean, train_rows.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(clean.stats.variance, train_rows.var(axis=0), rtol=1e-4)
+    with_val = np.concatenate([train_rows, val_rows])
+    assert not np.allclose(clean.stats.mean, with_val.mean(axis=0), rtol=1e-5)  # val rows would show
 
 
 def test_badly_scaled_cache_is_learned_with_standardization(synthetic_cache, tmp_path):

@@ -1,0 +1,183 @@
+"""Integrity of a cache's datasets: SHA-256 digests computed while the file is written and checked when it is
+read, the value ranges of every column, and the layout (which datasets, which lengths).
+
+Per-row datasets are digested **per split** (``train``, ``val``, ``test``), so a stage can check exactly the
+rows it reads: ``train-head`` checks the train and validation rows of ``pooled`` without touching the test
+rows, ``evaluate`` the test rows of ``features``. ``featcache verify`` checks everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+
+import h5py
+import numpy as np
+
+from featcache.data import SPLIT_CODES, SPLITS
+from featcache.errors import DamagedFileError, FeatcacheError
+from featcache.integrity import array_bytes, first_line
+
+ROW_DATASETS = ("features", "pooled", "labels", "source_index", "copy_index")  # digested per split
+WHOLE_DATASETS = ("split", "files/path", "files/sha256", "files/label", "files/split", "files/patient")
+DATASETS = (*ROW_DATASETS, *WHOLE_DATASETS)
+WHOLE = "all"
+STREAM_BYTES = 64 * 2**20  # block size when a whole dataset is checked
+H5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)  # what h5py raises on damaged files
+
+
+class Digests:
+    """Running SHA-256 of each dataset: per split for ``ROW_DATASETS``, of the whole for the others."""
+
+    def __init__(self, names=DATASETS):
+        self._hashes: dict[str, dict[str, "hashlib._Hash"]] = {}
+        for name in names:
+            for part in SPLITS if name in ROW_DATASETS else (WHOLE,):
+                self._hashes.setdefault(name, {})[part] = hashlib.sha256()
+
+    def update(self, name: str, values: np.ndarray, split: np.ndarray | None = None) -> None:
+        """Add the next rows of ``name`` (``split``: their split codes, for per-row datasets)."""
+        if name not in ROW_DATASETS:
+            self._hashes[name][WHOLE].update(array_bytes(values))
+            return
+        for code, part in enumerate(SPLITS):
+            self._hashes[name][part].update(array_bytes(values[split == code]))
+
+    def hexdigests(self) -> dict[str, dict[str, str]]:
+        return {name: {part: h.hexdigest() for part, h in parts.items()} for name, parts in self._hashes.items()}
+
+
+def dataset_records(handle: h5py.File, digests: Digests) -> dict:
+    """What the manifest records of each dataset: shape, dtype and SHA-256 (per split or whole)."""
+    found = digests.hexdigests()
+    return {name: {"shape": list(handle[name].shape), "dtype": str(handle[name].dtype), "sha256": found[name]}
+            for name in DATASETS}
+
+
+def check_layout(handle: h5py.File, manifest: dict) -> None:
+    """Every dataset present, of the shape and dtype the manifest records, with consistent lengths.
+
+    Raises:
+        DamagedFileError: a dataset is missing or differs from its record.
+    """
+    path = handle.filename
+    for name in DATASETS:
+        record = manifest["datasets"].get(name)
+        if not isinstance(record, dict) or not isinstance(record.get("sha256"), dict):
+            _damaged(path, f"its manifest has no checksum record for /{name}", f"dataset={name!r}")
+        if name not in handle or not isinstance(handle[name], h5py.Dataset):
+            _damaged(path, f"dataset /{name} is missing", f"dataset={name!r}")
+        shape, dtype = list(handle[name].shape), str(handle[name].dtype)
+        if shape != record.get("shape") or dtype != record.get("dtype"):
+            _damaged(path, f"/{name} is {tuple(shape)} {dtype}, its record says {record.get('shape')} "
+                           f"{record.get('dtype')}", f"dataset={name!r}")
+    n, m = handle["split"].shape[0], handle["files/path"].shape[0]
+    for name in DATASETS:
+        expected = n if name in ROW_DATASETS or name == "split" else m
+        if handle[name].shape[0] != expected:
+            _damaged(path, f"/{name} has {handle[name].shape[0]} rows, expected {expected}", f"dataset={name!r}")
+
+
+def read_checked(handle: h5py.File, name: str, split: np.ndarray | None = None, parts=SPLITS) -> np.ndarray:
+    """A dataset of an open cache, its values and SHA-256 checked against the manifest.
+
+    Args:
+        handle: from ``cache.open_cache`` (layout already checked).
+        name: one of ``DATASETS``.
+        split: for ``ROW_DATASETS``, the whole /split column (itself read with ``read_checked``).
+        parts: for ``ROW_DATASETS``, the splits whose rows are read (in row order); only those are checked.
+
+    Returns:
+        The values: (rows in ``parts``, ...) for per-row datasets; strings as str for the string columns.
+
+    Raises:
+        DamagedFileError: unreadable chunks (HDF5's fletcher32 check included), out-of-range values, or a
+            SHA-256 that differs from the one recorded when the file was written.
+    """
+    with _reading(handle, name):
+        per_row = name in ROW_DATASETS
+        rows = np.flatnonzero(np.isin(split, [SPLIT_CODES[p] for p in parts])) if per_row else None
+        values = _read(handle, name, rows)
+        _check_values(handle, name, values)
+        digests = Digests((name,))
+        digests.update(name, values, split[rows] if per_row else None)
+        _compare(handle, name, digests, parts if per_row else (WHOLE,))
+    return values
+
+
+def check_dataset(handle: h5py.File, name: str, split: np.ndarray) -> None:
+    """Check a whole dataset (every split), streamed in blocks so /features never has to fit in memory.
+
+    Raises:
+        DamagedFileError: as ``read_checked``.
+    """
+    if name not in ROW_DATASETS:
+        read_checked(handle, name)
+        return
+    with _reading(handle, name):
+        dataset = handle[name]
+        row_bytes = max(1, int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize)
+        block = max(1, STREAM_BYTES // row_bytes)
+        digests = Digests((name,))
+        for start in range(0, dataset.shape[0], block):
+            values = _read(handle, name, slice(start, start + block))
+            _check_values(handle, name, values)
+            digests.update(name, values, split[start:start + block])
+        _compare(handle, name, digests, SPLITS)
+
+
+@contextmanager
+def _reading(handle: h5py.File, name: str):
+    """h5py's errors on damaged chunks or object headers (fletcher32 failures included) -> one line."""
+    try:
+        yield
+    except FeatcacheError:
+        raise
+    except H5_ERRORS as exc:
+        _damaged(handle.filename, f"/{name} cannot be read ({first_line(exc)})", f"dataset={name!r}")
+
+
+def _read(handle: h5py.File, name: str, rows) -> np.ndarray:
+    from featcache.cache import read_rows  # cache imports this module
+
+    dataset = handle[name]
+    if isinstance(rows, np.ndarray):
+        return read_rows(dataset, rows)
+    if dataset.dtype.kind == "O":
+        return dataset.asstr()[...]
+    return dataset[rows if rows is not None else ...]
+
+
+def _check_values(handle: h5py.File, name: str, values: np.ndarray) -> None:
+    """NaN/inf in the float arrays; labels, split codes, file rows and copy indices out of range."""
+    if name in ("features", "pooled"):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            _damaged(handle.filename, f"/{name} holds {int(bad.sum())} NaN or infinite values", f"dataset={name!r}")
+        return
+    n_classes = len(json.loads(handle.attrs["manifest"])["class_names"])
+    limits = {"labels": n_classes, "files/label": n_classes, "split": len(SPLITS), "files/split": len(SPLITS),
+              "source_index": handle["files/path"].shape[0], "copy_index": np.iinfo(np.int16).max + 1}
+    if name not in limits:
+        return
+    bad = (values < 0) | (values >= limits[name])
+    if bad.any():
+        example = values[bad][0]
+        _damaged(handle.filename, f"/{name} holds {int(bad.sum())} values outside 0..{limits[name] - 1}",
+                 f"{name}={example!r}")
+
+
+def _compare(handle: h5py.File, name: str, digests: Digests, parts) -> None:
+    recorded = json.loads(handle.attrs["manifest"])["datasets"][name]["sha256"]
+    found = digests.hexdigests()[name]
+    for part in parts:
+        if recorded.get(part) != found[part]:
+            rows = "" if part == WHOLE else f" ({part} rows)"
+            _damaged(handle.filename, f"/{name}{rows} does not match the SHA-256 recorded when the cache was "
+                                      "written (edited or damaged since)", f"dataset={name!r}")
+
+
+def _damaged(path, problem: str, received: str):
+    raise DamagedFileError(f"Cache {path} is damaged: {problem}. Delete it and re-run 'featcache extract'. "
+                           f"Received: {received}")
