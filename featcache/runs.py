@@ -39,6 +39,7 @@ RECORD_FILE = "head.json"
 JOURNAL_FILE = "study.journal"
 METRICS = ("loss", "accuracy", "roc_auc", "sensitivity", "specificity")
 PROBE_FILE = "probe.json"
+STARTUP_TRIALS = 5
 PARAMS = ("units", "dropout", "learning_rate", "batch_size", "l2", "class_weight", "standardize")
 # What later stages read from head.json; a record without them was not written by featcache (or was edited).
 HEAD_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "feature_shape": list,
@@ -80,7 +81,9 @@ def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, refere
     # Seeded by (seed, trials so far): a fresh study is reproducible, and a continued one does not
     # replay the draws of the run before it. Workers sharing a study should use different --seed.
     sampler_seed = int(np.random.SeedSequence([config.seed, existing]).generate_state(1)[0])
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+    # TPE models the trials from the 6th on: the two reference trials and 3 random ones are its start
+    # (Optuna's default of 10 random trials would spend half of a 20-trial budget blind).
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=STARTUP_TRIALS)
     recorded = study.user_attrs.get("cache_fingerprint")
     if recorded is not None and recorded != fingerprint:
         raise CacheMismatchError(f"Study {name} was run on a cache with fingerprint {recorded[:12]}; {cache_path} "
