@@ -279,3 +279,36 @@ def test_an_unsealed_export_of_an_earlier_version_is_replaceable_but_not_trusted
     assert check_export_folder(old, "fix")["backbone"] == "tiny"  # --force may replace it
     with pytest.raises(FeatcacheError, match="'card_sha256' is missing"):
         read_card(old, "fix")  # predict and verify do not trust it
+
+
+def test_a_standardized_head_exports_as_plain_keras_and_keeps_parity(run, tmp_path):
+    """A head with a Normalization layer (trial 1 of the study, the standardized reference) goes through
+    evaluate (parity) and export, and model.keras loads in safe mode in a process without featcache."""
+    from featcache.head import choose_threshold, score_probs
+    from featcache.runs import load_head_record, write_head
+    from featcache.tune import _refit, load_head_data
+
+    mine = copy_run(run, tmp_path)
+    record = load_head_record(mine["run_dir"])
+    rows = [json.loads(line) for line in (mine["run_dir"] / "trials.jsonl").read_text().splitlines()]
+    trial = next(r for r in rows if r["number"] == 1)
+    assert trial["params"]["standardize"] is True
+    data = load_head_data(mine["cache"])
+    models, probs = _refit(trial, data, data.train)
+    threshold, method = choose_threshold(data.val_labels, probs)
+    write_head(mine["run_dir"], models.maps, mine["cache"], data.manifest, trial, threshold, method,
+               score_probs(data.val_labels, probs, threshold), record["study_name"], probe=record["probe"])
+    result = run_cli("evaluate", "--cache-dir", mine["cache_dir"], "--bootstrap", "50")
+    assert result.exit_code == 0, result.output
+    report = json.loads((mine["run_dir"] / "report.json").read_text())
+    assert report["head"]["params"]["standardize"] is True and report["parity"]["max_abs_diff"] <= 1e-3
+    out = tmp_path / "standardized-model"
+    result = run_cli("export", "--cache-dir", mine["cache_dir"], "--out", out)
+    assert result.exit_code == 0, result.output
+    paths = report["predictions"]["path"][:N]
+    np.save(tmp_path / "images.npy", np.stack([load_image(run["data"] / p, 64) for p in paths]))
+    script = PLAIN_KERAS.replace('"dtype": str(model.input.dtype)', '"layers": [l.__class__.__name__ for l in '
+                                 'model.get_layer("head").layers]')
+    loaded = _python(tmp_path, script, out / "model.keras", tmp_path / "images.npy")
+    assert loaded["featcache"] == [] and "Normalization" in loaded["layers"]
+    np.testing.assert_allclose(loaded["probs"], report["predictions"]["probability"][:N], atol=1e-5)
