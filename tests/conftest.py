@@ -99,6 +99,17 @@ def corrupt_chunks(path: Path, name: str) -> int:
     return len(chunks)
 
 
+def assert_same_datasets(a: Path, b: Path, float_tolerance: float = 0.0) -> None:
+    """Two HDF5 files hold the same datasets: bit for bit, or floats within ``float_tolerance``."""
+    da, db = read_datasets(a), read_datasets(b)
+    assert da.keys() == db.keys()
+    for name in da:
+        if float_tolerance and da[name].dtype.kind == "f":
+            np.testing.assert_allclose(da[name], db[name], rtol=float_tolerance, atol=float_tolerance, err_msg=name)
+        else:
+            assert np.array_equal(da[name], db[name]), name
+
+
 # --- synthetic caches (train-head tests) -------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import copy_subset, read_datasets
+from conftest import assert_same_datasets, copy_subset
 from featcache.cache import CacheLock, list_caches, open_cache, read_manifest
 from featcache.errors import CacheLockedError
 from featcache.extract import extract_features
@@ -46,7 +46,7 @@ def test_two_runs_give_identical_caches_and_a_rerun_computes_nothing(small_xrays
     (a,) = extract_features(extract_config(small_xrays, cache_dir=tmp_path / "a"))
     (b,) = extract_features(extract_config(small_xrays, cache_dir=tmp_path / "b"))
     assert a.cache_path.name == b.cache_path.name
-    _assert_same_datasets(a.cache_path, b.cache_path)
+    assert_same_datasets(a.cache_path, b.cache_path)
     mtime = a.cache_path.stat().st_mtime_ns
     (again,) = extract_features(extract_config(small_xrays, cache_dir=tmp_path / "a"))
     assert again.computed_rows == 0 and again.reused_rows == a.counts["rows"]
@@ -70,7 +70,7 @@ def test_incremental_add_change_remove(small_xrays, extract_config, dev_data, tm
     assert added["counts"]["test"] == 7
     (clean,) = extract_features(extract_config(small_xrays, cache_dir=tmp_path / "clean"))
     # Other batch compositions than a clean run: oneDNN may differ in the last float32 bit.
-    _assert_same_datasets(second.cache_path, clean.cache_path, float_tolerance=1e-5)
+    assert_same_datasets(second.cache_path, clean.cache_path, float_tolerance=1e-5)
 
 
 def test_feature_settings_get_their_own_cache(small_xrays, extract_config):
@@ -143,7 +143,7 @@ def test_sigkill_mid_run_then_resume_equals_a_clean_run(dev_data, tmp_path):
     assert computed <= rows - 4 * (done_before - 1)  # at most the batches in flight were recomputed
     clean = subprocess.run(args + ["--cache-dir", str(tmp_path / "clean")], env=env, capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
-    _assert_same_datasets(list_caches(killed)[0], list_caches(tmp_path / "clean")[0])
+    assert_same_datasets(list_caches(killed)[0], list_caches(tmp_path / "clean")[0])
     assert not list(killed.glob("*.partial")), "the work folder is removed once the cache is complete"
 
 
@@ -152,15 +152,6 @@ def _split_of(cache_path, rel_path):
         paths = handle["files/path"].asstr()[...].tolist()
         return ("train", "val", "test")[handle["files/split"][paths.index(rel_path)]]
 
-
-def _assert_same_datasets(a, b, float_tolerance=0.0):
-    da, db = read_datasets(a), read_datasets(b)
-    assert da.keys() == db.keys()
-    for name in da:
-        if float_tolerance and da[name].dtype.kind == "f":
-            np.testing.assert_allclose(da[name], db[name], rtol=float_tolerance, atol=float_tolerance, err_msg=name)
-        else:
-            assert np.array_equal(da[name], db[name]), name
 
 
 def test_mixed_precision_gets_its_own_cache_and_stays_close(small_xrays, extract_config):

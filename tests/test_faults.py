@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import copy_subset, read_datasets
+from conftest import assert_same_datasets, copy_subset
 from featcache.cache import ROW_DTYPES, list_caches, read_manifest
 from featcache.config import MAX_AUGMENT_COPIES, MAX_SEED, ExtractConfig
 from featcache.errors import FeatcacheError, StorageError
@@ -62,15 +62,6 @@ def _extract(data: Path, cache_dir: Path) -> subprocess.Popen:
     args = [sys.executable, "-m", "featcache", "extract", "--data", str(data), "--cache-dir", str(cache_dir), *CLI]
     return subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-
-def _assert_same_datasets(a: Path, b: Path, float_tolerance: float = 0.0) -> None:
-    da, db = read_datasets(a), read_datasets(b)
-    assert da.keys() == db.keys()
-    for name in da:
-        if float_tolerance and da[name].dtype.kind == "f":
-            np.testing.assert_allclose(da[name], db[name], rtol=float_tolerance, atol=float_tolerance, err_msg=name)
-        else:
-            assert np.array_equal(da[name], db[name]), name
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -168,7 +159,7 @@ def test_sigkill_at_seeded_random_points_then_resume_equals_a_clean_run(faulty_r
         assert returncode == -signal.SIGKILL, f"the run to kill after {n} batches ended with {returncode}"
         assert list_caches(folder) == [], "a killed run must not leave a cache that looks complete"
         (resumed,) = extract_features(_config(data, folder))
-        _assert_same_datasets(resumed.cache_path, clean)
+        assert_same_datasets(resumed.cache_path, clean)
         assert not list(folder.glob("*.partial")) and not list(folder.glob("*.incomplete"))
 
 
@@ -184,7 +175,7 @@ def test_file_size_limit_is_one_line_then_the_rerun_completes(faulty_runs, data,
     assert len(list(folder.glob("*.partial/*.npz"))) == 35, "every finished batch is kept"
     (resumed,) = extract_features(_config(data, folder))
     assert resumed.computed_rows == 0
-    _assert_same_datasets(resumed.cache_path, clean)
+    assert_same_datasets(resumed.cache_path, clean)
 
 
 def test_no_space_for_the_weights_file_is_one_line(data, tmp_path, monkeypatch):
@@ -219,7 +210,7 @@ def test_a_failed_batch_write_is_one_line_and_keeps_earlier_batches(data, clean,
     assert kept >= 4 and not list((tmp_path / "cache").glob("*.partial/.*"))  # no temporary file left
     (resumed,) = extract_features(_config(data, tmp_path / "cache"))
     assert resumed.computed_rows == 70 - 2 * kept
-    _assert_same_datasets(resumed.cache_path, clean)
+    assert_same_datasets(resumed.cache_path, clean)
 
 
 # --- folders that cannot be written ----------------------------------------------------------------
@@ -279,7 +270,7 @@ def test_damaged_batch_files_are_recomputed(data, clean, tmp_path, monkeypatch, 
     assert resumed.computed_rows == 6
     assert sum("unreadable batch" in r.message for r in caplog.records) == 3
     # Rows recomputed in other batches than a clean run's may differ in the last float32 bit.
-    _assert_same_datasets(resumed.cache_path, clean, float_tolerance=1e-5)
+    assert_same_datasets(resumed.cache_path, clean, float_tolerance=1e-5)
 
 
 # --- worker threads ---------------------------------------------------------------------------------
