@@ -55,8 +55,8 @@ def run_dir_for(cache_path: str | Path) -> Path:
 
 
 def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, references: list[dict]):
-    """Create or continue the study of one cache (name = cache file stem); a new one gets ``references`` first,
-    in order (trial 0 is the reference head).
+    """Create or continue the study of one cache (name = cache file stem). Trial n of the study, for n below
+    ``len(references)``, runs ``references[n]`` (trial 0 is the reference head), whichever worker runs it.
 
     Raises:
         FeatcacheError: the storage cannot be opened.
@@ -80,16 +80,52 @@ def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, refere
     # Seeded by (seed, trials so far): a fresh study is reproducible, and a continued one does not
     # replay the draws of the run before it. Workers sharing a study should use different --seed.
     sampler_seed = int(np.random.SeedSequence([config.seed, existing]).generate_state(1)[0])
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+    study.sampler = ReferencesFirst(optuna.samplers.TPESampler(seed=sampler_seed), references)
     recorded = study.user_attrs.get("cache_fingerprint")
     if recorded is not None and recorded != fingerprint:
         raise CacheMismatchError(f"Study {name} was run on a cache with fingerprint {recorded[:12]}; {cache_path} "
                                  f"has {fingerprint[:12]}. Use another --storage. Received: cache={str(cache_path)!r}")
-    if not existing:  # new study: the reference heads are its first trials
+    if recorded is None:  # several new workers may all write it: the same value
         study.set_user_attr("cache_fingerprint", fingerprint)
-        for params in references:
-            study.enqueue_trial(params)
     return study
+
+
+class ReferencesFirst:  # duck-typed optuna.samplers.BaseSampler: this module imports Optuna only when used
+    """A sampler that gives trial n the parameters ``references[n]`` and asks ``base`` for every other trial.
+
+    Why not ``study.enqueue_trial``: trial numbers are handed out atomically by every Optuna storage (a row
+    lock on the study in an RDB, the order of the log in a journal), so binding the references to trial
+    numbers runs each exactly once however many workers start a new study at the same instant. Enqueueing
+    needs one worker to decide that the study is new; two that both see it empty both enqueue, and a worker
+    that asks for a trial before the creator has enqueued samples its own trial 0.
+    """
+
+    def __init__(self, base, references: list[dict]):
+        self.base, self.references = base, [dict(params) for params in references]
+
+    def _reference(self, trial) -> dict | None:
+        return self.references[trial.number] if trial.number < len(self.references) else None
+
+    def infer_relative_search_space(self, study, trial):
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return {} if self._reference(trial) is not None else self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, name, distribution):
+        reference = self._reference(trial)
+        if reference is not None and name in reference:
+            return reference[name]
+        return self.base.sample_independent(study, trial, name, distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
 
 
 def _open_storage(url: str | None, run_dir: Path):
