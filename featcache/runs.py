@@ -182,12 +182,24 @@ def write_tables(run_dir: Path, rows: list[dict]) -> None:
 
 
 def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict, threshold: float, method: str,
-               val_metrics: dict, study_name: str, probe: dict) -> Path:
+               val_metrics: dict, study_name: str, probe: dict, keep=None) -> dict:
     """Save ``head.keras`` then ``head.json`` (with the head's SHA-256), each via a temporary name + rename,
-    under a lock, so readers see either the old pair or the new one."""
+    under a lock, so readers see either the old pair or the new one.
+
+    Args:
+        keep: called under the lock with the ``head.json`` already there (if any); when it returns True that
+            head stays and nothing is written (a worker that finished later saved a better trial).
+
+    Returns:
+        The record of the head now in ``run_dir`` (this one, or the one kept).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".write.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # blocking: concurrent workers take turns
+        saved = _read_json(run_dir / RECORD_FILE)
+        if keep is not None and saved is not None and keep(saved):
+            log.info("kept the head of trial %s already in %s", saved.get("trial_number"), run_dir)
+            return saved
         tmp = run_dir / f".head-{os.getpid()}.tmp.keras"
         head.save(tmp)
         digest = hash_file(tmp)
@@ -203,7 +215,15 @@ def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         _write_atomic(run_dir / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return run_dir / HEAD_FILE
+    return record
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def load_head_record(path: str | Path) -> dict:

@@ -4,8 +4,8 @@ head is the study's best; on the default journal file and on a real PostgreSQL s
 
 from featcache.cache import read_manifest
 from featcache.config import TrainHeadConfig
-from featcache.runs import open_study, run_dir_for
-from featcache.tune import REFERENCE, STANDARDIZED_REFERENCE, suggest_params
+from featcache.runs import load_head_record, open_study, run_dir_for, study_rows
+from featcache.tune import REFERENCE, STANDARDIZED_REFERENCE, rank_trial, suggest_params
 
 REFERENCES = [REFERENCE.to_dict(), STANDARDIZED_REFERENCE.to_dict()]
 
@@ -26,3 +26,25 @@ def test_references_follow_trial_numbers_whichever_worker_asks_first(synthetic_c
     assert [trial.number for trial in trials] == [0, 1, 2, 3]
     assert params[:2] == REFERENCES
     assert not any(p in REFERENCES for p in params[2:]) and params[2] != params[3]
+
+
+def test_a_worker_that_saves_last_keeps_a_better_head_of_the_study(synthetic_cache):
+    """A worker that finished first may save after one that saw more trials; the better head stays."""
+    from featcache.runs import write_head
+    from featcache.tune import _better_saved, train_heads
+
+    path = synthetic_cache(separation=0.7)
+    (summary,) = train_heads(TrainHeadConfig(cache_dir=path.parent, trials=4, max_epochs=8, patience=3, progress=False))
+    saved = load_head_record(path)
+    study = _open(path)
+    worse = max((row for row in study_rows(study) if not row["pruned"]), key=rank_trial)
+    assert rank_trial(worse) > rank_trial(summary.best)
+    stale = dict(cache_path=path, manifest=read_manifest(path), best=worse, threshold=0.5, val_metrics={}, probe={},
+                 study_name=study.study_name)
+    kept = write_head(run_dir_for(path), None, method="youden",
+                      keep=_better_saved(study, worse, "youden", {}), **stale)  # head=None: it must not be saved
+    assert kept["trial_number"] == summary.best["number"] and load_head_record(path) == saved
+    # Another threshold rule is a new choice, not a worse one: it replaces the head.
+    train_heads(TrainHeadConfig(cache_dir=path.parent, trials=4, max_epochs=8, patience=3, progress=False,
+                                min_sensitivity=0.98))
+    assert load_head_record(path)["threshold_method"] == "min_sensitivity=0.98"
