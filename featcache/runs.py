@@ -13,6 +13,7 @@ Layout of ``<cache-dir>/runs/<cache stem>/``::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import fcntl
@@ -39,6 +40,7 @@ RECORD_FILE = "head.json"
 JOURNAL_FILE = "study.journal"
 METRICS = ("loss", "accuracy", "roc_auc", "sensitivity", "specificity")
 PROBE_FILE = "probe.json"
+SCHEMA_LOCK_KEY = 0x66656174636163  # PostgreSQL advisory lock taken while Optuna sets up its tables ("featcac")
 PARAMS = ("units", "dropout", "learning_rate", "batch_size", "l2", "class_weight", "standardize")
 # What later stages read from head.json; a record without them was not written by featcache (or was edited).
 HEAD_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "feature_shape": list,
@@ -141,12 +143,34 @@ def _open_storage(url: str | None, run_dir: Path):
             raise FeatcacheError(f"Cannot open the study journal {path} ({type(exc).__name__}: "
                                  f"{_first_line(exc)}). Received: storage=None") from exc
     try:
-        return optuna.storages.RDBStorage(url)
+        with _schema_lock(url):
+            return optuna.storages.RDBStorage(url)
     except Exception as exc:  # noqa: BLE001 - bad scheme, missing driver, unreachable server, ...
-        raise FeatcacheError(
-            f"Cannot open --storage {_redact(url)} ({type(exc).__name__}: {_first_line(exc)}); pass an Optuna RDB "
-            f"URL such as sqlite:///cache/study.db or postgresql://host/db. Received: storage={_redact(url)!r}"
-        ) from exc
+        fix = ("install the PostgreSQL driver: pip install 'featcache[postgres]'" if isinstance(exc, ImportError)
+               and url.startswith("postgresql") else "pass an Optuna RDB URL such as sqlite:///cache/study.db or "
+               "postgresql://user:password@host/db")
+        raise FeatcacheError(f"Cannot open --storage {_redact(url)} ({type(exc).__name__}: {_first_line(exc)}); "
+                             f"{fix}. Received: storage={_redact(url)!r}") from exc
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str):
+    """On PostgreSQL, hold an advisory lock while Optuna creates or checks its tables: workers that start on an
+    empty database at the same instant would otherwise all create them, and all but one fail
+    (``duplicate key value violates unique constraint "pg_type_typname_nsp_index"``)."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:  # a session lock: released at the latest when this connection closes
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            yield
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
 
 
 def study_rows(study) -> list[dict]:
