@@ -185,9 +185,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_cluster(root: Path) -> tuple[str, list[str], str]:
+def _start_cluster(root: Path) -> tuple[str, list[str]]:
     """initdb + pg_ctl start of a throwaway cluster in ``root`` on 127.0.0.1 (trust auth, fsync off);
-    returns its admin URL, the pg_ctl stop command and the cluster folder."""
+    returns its admin URL and the command that stops it."""
     import glob
     import subprocess
 
@@ -206,7 +206,7 @@ def _start_cluster(root: Path) -> tuple[str, list[str], str]:
     subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"),
                     "-w", "-t", "60", "start"], check=True, capture_output=True)
     stop = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
-    return f"postgresql://featcache@127.0.0.1:{port}/postgres", stop, str(data)
+    return f"postgresql://featcache@127.0.0.1:{port}/postgres", stop
 
 
 @pytest.fixture(scope="session")
@@ -226,11 +226,11 @@ def postgres_server():
         return
     root = Path(tempfile.mkdtemp(prefix="featcache-pg-"))
     try:
-        url, stop, _ = _start_cluster(root)
-    except subprocess.CalledProcessError as exc:
+        url, stop = _start_cluster(root)
+    except (subprocess.CalledProcessError, LookupError, OSError) as exc:  # LookupError: no user postgres (root)
         log = (root / "log").read_text() if (root / "log").is_file() else ""
         shutil.rmtree(root, ignore_errors=True)
-        _skip_or_fail(f"could not start a PostgreSQL cluster ({exc}; {exc.stderr!r} {log[-500:]})")
+        _skip_or_fail(f"could not start a PostgreSQL cluster ({exc}; {getattr(exc, 'stderr', '')!r} {log[-500:]})")
     try:
         yield url
     finally:
