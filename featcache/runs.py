@@ -13,6 +13,7 @@ Layout of ``<cache-dir>/runs/<cache stem>/``::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import fcntl
@@ -40,6 +41,7 @@ JOURNAL_FILE = "study.journal"
 METRICS = ("loss", "accuracy", "roc_auc", "sensitivity", "specificity")
 PROBE_FILE = "probe.json"
 STARTUP_TRIALS = 5
+SCHEMA_LOCK_KEY = 0x66656174636163  # PostgreSQL advisory lock taken while Optuna sets up its tables ("featcac")
 PARAMS = ("units", "dropout", "learning_rate", "batch_size", "l2", "class_weight", "standardize")
 # What later stages read from head.json; a record without them was not written by featcache (or was edited).
 HEAD_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "feature_shape": list,
@@ -56,8 +58,8 @@ def run_dir_for(cache_path: str | Path) -> Path:
 
 
 def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, references: list[dict]):
-    """Create or continue the study of one cache (name = cache file stem); a new one gets ``references`` first,
-    in order (trial 0 is the reference head).
+    """Create or continue the study of one cache (name = cache file stem). Trial n of the study, for n below
+    ``len(references)``, runs ``references[n]`` (trial 0 is the reference head), whichever worker runs it.
 
     Raises:
         FeatcacheError: the storage cannot be opened.
@@ -83,16 +85,53 @@ def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, refere
     sampler_seed = int(np.random.SeedSequence([config.seed, existing]).generate_state(1)[0])
     # TPE models the trials from the 6th on: the two reference trials and 3 random ones are its start
     # (Optuna's default of 10 random trials would spend half of a 20-trial budget blind).
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=STARTUP_TRIALS)
+    study.sampler = ReferencesFirst(optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=STARTUP_TRIALS),
+                                    references)
     recorded = study.user_attrs.get("cache_fingerprint")
     if recorded is not None and recorded != fingerprint:
         raise CacheMismatchError(f"Study {name} was run on a cache with fingerprint {recorded[:12]}; {cache_path} "
                                  f"has {fingerprint[:12]}. Use another --storage. Received: cache={str(cache_path)!r}")
-    if not existing:  # new study: the reference heads are its first trials
+    if recorded is None:  # several new workers may all write it: the same value
         study.set_user_attr("cache_fingerprint", fingerprint)
-        for params in references:
-            study.enqueue_trial(params)
     return study
+
+
+class ReferencesFirst:  # duck-typed optuna.samplers.BaseSampler: this module imports Optuna only when used
+    """A sampler that gives trial n the parameters ``references[n]`` and asks ``base`` for every other trial.
+
+    Why not ``study.enqueue_trial``: trial numbers are handed out atomically by every Optuna storage (a row
+    lock on the study in an RDB, the order of the log in a journal), so binding the references to trial
+    numbers runs each exactly once however many workers start a new study at the same instant. Enqueueing
+    needs one worker to decide that the study is new; two that both see it empty both enqueue, and a worker
+    that asks for a trial before the creator has enqueued samples its own trial 0.
+    """
+
+    def __init__(self, base, references: list[dict]):
+        self.base, self.references = base, [dict(params) for params in references]
+
+    def _reference(self, trial) -> dict | None:
+        return self.references[trial.number] if trial.number < len(self.references) else None
+
+    def infer_relative_search_space(self, study, trial):
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return {} if self._reference(trial) is not None else self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, name, distribution):
+        reference = self._reference(trial)
+        if reference is not None and name in reference:
+            return reference[name]
+        return self.base.sample_independent(study, trial, name, distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
 
 
 def _open_storage(url: str | None, run_dir: Path):
@@ -108,12 +147,34 @@ def _open_storage(url: str | None, run_dir: Path):
             raise FeatcacheError(f"Cannot open the study journal {path} ({type(exc).__name__}: "
                                  f"{_first_line(exc)}). Received: storage=None") from exc
     try:
-        return optuna.storages.RDBStorage(url)
+        with _schema_lock(url):
+            return optuna.storages.RDBStorage(url)
     except Exception as exc:  # noqa: BLE001 - bad scheme, missing driver, unreachable server, ...
-        raise FeatcacheError(
-            f"Cannot open --storage {_redact(url)} ({type(exc).__name__}: {_first_line(exc)}); pass an Optuna RDB "
-            f"URL such as sqlite:///cache/study.db or postgresql://host/db. Received: storage={_redact(url)!r}"
-        ) from exc
+        fix = ("install the PostgreSQL driver: pip install 'featcache[postgres]'" if isinstance(exc, ImportError)
+               and url.startswith("postgresql") else "pass an Optuna RDB URL such as sqlite:///cache/study.db or "
+               "postgresql://user:password@host/db")
+        raise FeatcacheError(f"Cannot open --storage {_redact(url)} ({type(exc).__name__}: {_first_line(exc)}); "
+                             f"{fix}. Received: storage={_redact(url)!r}") from exc
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str):
+    """On PostgreSQL, hold an advisory lock while Optuna creates or checks its tables: workers that start on an
+    empty database at the same instant would otherwise all create them, and all but one fail
+    (``duplicate key value violates unique constraint "pg_type_typname_nsp_index"``)."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:  # a session lock: released at the latest when this connection closes
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            yield
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
 
 
 def study_rows(study) -> list[dict]:
@@ -149,12 +210,24 @@ def write_tables(run_dir: Path, rows: list[dict]) -> None:
 
 
 def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict, threshold: float, method: str,
-               val_metrics: dict, study_name: str, probe: dict) -> Path:
+               val_metrics: dict, study_name: str, probe: dict, keep=None) -> dict:
     """Save ``head.keras`` then ``head.json`` (with the head's SHA-256), each via a temporary name + rename,
-    under a lock, so readers see either the old pair or the new one."""
+    under a lock, so readers see either the old pair or the new one.
+
+    Args:
+        keep: called under the lock with the ``head.json`` already there (if any); when it returns True that
+            head stays and nothing is written (a worker that finished later saved a better trial).
+
+    Returns:
+        The record of the head now in ``run_dir`` (this one, or the one kept).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".write.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # blocking: concurrent workers take turns
+        saved = _read_json(run_dir / RECORD_FILE)
+        if keep is not None and saved is not None and keep(saved):
+            log.info("kept the head of trial %s already in %s", saved.get("trial_number"), run_dir)
+            return saved
         tmp = run_dir / f".head-{os.getpid()}.tmp.keras"
         head.save(tmp)
         digest = hash_file(tmp)
@@ -170,7 +243,15 @@ def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         _write_atomic(run_dir / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return run_dir / HEAD_FILE
+    return record
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def load_head_record(path: str | Path) -> dict:

@@ -171,15 +171,35 @@ def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
         _refit(best, data, train)
     threshold, method = choose_threshold(data.val_labels, probs, config.min_sensitivity)
     val_metrics = score_probs(data.val_labels, probs, threshold)
-    write_tables(run_dir, rows)
     probe_record = {"c": probe.c, **{f"val_{key}": value for key, value in probe.val_scores.items()}}
-    write_head(run_dir, models.maps, cache_path, manifest, best, threshold, method, val_metrics, study.study_name,
-               probe=probe_record)
+    latest = {"rows": rows}
+    record = write_head(run_dir, models.maps, cache_path, manifest, best, threshold, method, val_metrics,
+                        study.study_name, probe=probe_record, keep=_better_saved(study, best, method, latest))
+    rows = latest["rows"]
+    if record["trial_number"] != best["number"]:  # another worker saved a better trial of the study meanwhile
+        best = next(row for row in rows if row["number"] == record["trial_number"])
+        threshold, val_metrics = record["threshold"], record["val_metrics"]
+    write_tables(run_dir, rows)
     if best["val_roc_auc"] < probe.val_scores["roc_auc"]:
         log.warning("%s: the chosen head's validation ROC-AUC %.4f is below the linear probe's %.4f",
                     manifest["backbone"], best["val_roc_auc"], probe.val_scores["roc_auc"])
     return TrainHeadSummary(manifest["backbone"], Path(cache_path), run_dir, rows, best, threshold, method,
                             val_metrics, todo, time.perf_counter() - started, probe)
+
+
+def _better_saved(study, best: dict, method: str, latest: dict):
+    """``write_head``'s ``keep``: the saved head stays when it is a finished trial of this very study (same
+    number, parameters and seed), chosen by the same threshold rule, that ranks above ``best``. Workers that
+    share a run folder then leave the best head of the study there, whichever finishes last."""
+
+    def keep(saved: dict) -> bool:
+        latest["rows"] = study_rows(study)  # read under the lock: trials other workers finished meanwhile
+        row = next((r for r in latest["rows"] if r["number"] == saved.get("trial_number")), None)
+        return (row is not None and not row["pruned"] and saved.get("study_name") == study.study_name
+                and saved.get("params") == row["params"] and saved.get("seed") == row["seed"]
+                and saved.get("threshold_method") == method and rank_trial(row) < rank_trial(best))
+
+    return keep
 
 
 def _probe(data: HeadData, run_dir: Path) -> Probe:

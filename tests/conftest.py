@@ -173,3 +173,91 @@ def synthetic_cache(tmp_path):
         return write_synthetic_cache(overrides.pop("cache_dir", tmp_path / "cache"), **overrides)
 
     return make
+
+
+# --- PostgreSQL (shared-study tests) ------------------------------------------------------------
+
+
+POSTGRES_BINARIES = "/usr/lib/postgresql/*/bin"
+
+
+def _skip_or_fail(reason: str):
+    """Skip on a developer's machine; in CI (env CI set) a test that needs PostgreSQL must run, so fail."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run the PostgreSQL tests (.ci/run installs the server)")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_cluster(root: Path) -> tuple[str, list[str]]:
+    """initdb + pg_ctl start of a throwaway cluster in ``root`` on 127.0.0.1 (trust auth, fsync off);
+    returns its admin URL and the command that stops it."""
+    import glob
+    import subprocess
+
+    found = sorted(glob.glob(f"{POSTGRES_BINARIES}/initdb"))
+    if not found:
+        _skip_or_fail(f"PostgreSQL server binaries not found under {POSTGRES_BINARIES} (apt-get install postgresql, "
+                      f"or set FEATCACHE_TEST_POSTGRES_URL)")
+    bin_dir = Path(found[-1]).parent  # the newest version installed
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses to run as root
+    if as_user:
+        shutil.chown(root, "postgres")
+    data, port = root / "data", _free_port()
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "featcache", "--auth=trust",
+                    "-E", "UTF8", "--locale=C", "--no-sync"], check=True, capture_output=True)
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"),
+                    "-w", "-t", "60", "start"], check=True, capture_output=True)
+    stop = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
+    return f"postgresql://featcache@127.0.0.1:{port}/postgres", stop
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The admin URL of a PostgreSQL server for the session: ``FEATCACHE_TEST_POSTGRES_URL`` (its user must be
+    allowed to create databases), else a throwaway cluster started here and stopped and deleted at the end."""
+    import subprocess
+    import tempfile
+
+    try:
+        import psycopg  # noqa: F401 - the driver of postgresql:// URLs (SQLAlchemy 2.1)
+    except ImportError:
+        _skip_or_fail("psycopg is not installed (pip install -e '.[postgres]')")
+    url = os.environ.get("FEATCACHE_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    root = Path(tempfile.mkdtemp(prefix="featcache-pg-"))
+    try:
+        url, stop = _start_cluster(root)
+    except (subprocess.CalledProcessError, LookupError, OSError) as exc:  # LookupError: no user postgres (root)
+        log = (root / "log").read_text() if (root / "log").is_file() else ""
+        shutil.rmtree(root, ignore_errors=True)
+        _skip_or_fail(f"could not start a PostgreSQL cluster ({exc}; {getattr(exc, 'stderr', '')!r} {log[-500:]})")
+    try:
+        yield url
+    finally:
+        subprocess.run(stop, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A URL of a new, empty database on the session's server (each test its own studies)."""
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"featcache_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return make_url(postgres_server).set(database=name).render_as_string(hide_password=False)

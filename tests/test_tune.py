@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import h5py
 import numpy as np
@@ -156,6 +157,17 @@ def test_bad_storage_url_is_refused_without_writing(synthetic_cache, tmp_path):
             _train(path.parent, storage=url)
         assert info.value.args[0].endswith(f"Received: storage={url!r}")
     assert _no_runs(path.parent)
+
+
+def test_postgresql_url_without_its_driver_says_what_to_install(synthetic_cache, monkeypatch):
+    path = synthetic_cache()
+    for module in ("psycopg", "psycopg2"):
+        monkeypatch.setitem(sys.modules, module, None)  # as where the postgres extra is not installed
+    url = "postgresql://featcache:secret@127.0.0.1:1/featcache"
+    with pytest.raises(FeatcacheError, match=r"pip install 'featcache\[postgres\]'") as info:
+        _train(path.parent, storage=url)
+    assert info.value.args[0].endswith("Received: storage='postgresql://featcache:***@127.0.0.1:1/featcache'")
+    assert "secret" not in info.value.args[0] and _no_runs(path.parent)
 
 
 def test_trials_must_be_positive():
