@@ -114,6 +114,8 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples of the test set for the 95 % intervals.")] = 1000,
     seed: Seed = 0,
     max_pixels: MaxPixels = MAX_PIXELS,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Test images decoded and scored at a time.")] = 32,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Score the reassembled end-to-end models on the raw test images, check parity with the cache, pick the best backbone by validation AUC."""
     from featcache.config import EvaluateConfig
@@ -122,7 +124,8 @@ def evaluate(
 
     try:
         config = EvaluateConfig(cache_dir=cache_dir, data_dir=data, backbones=tuple(backbone or ()),
-                                n_bootstrap=bootstrap, seed=seed, max_pixels=max_pixels)
+                                n_bootstrap=bootstrap, seed=seed, max_pixels=max_pixels, batch_size=batch_size,
+                                progress=progress)
         reports, selection = evaluate_backbones(config)
     except FeatcacheError as error:
         _fail(error)
