@@ -159,12 +159,15 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of lines.")] = False,
     max_pixels: MaxPixels = MAX_PIXELS,
     max_file_mb: Annotated[float, typer.Option("--max-file-mb", min=0.001, help="Skip files larger than this (MiB) unread.")] = 64.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images read, decoded and scored at a time.")] = 32,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (on stderr).")] = True,
 ) -> None:
     """Label and probability per image at the exported threshold. Exit 0: all read; 2: some skipped; 1: error."""
     from featcache.predict import format_predictions, predict_files
 
     try:
-        result = predict_files(inputs, model, max_pixels=max_pixels, max_file_mb=max_file_mb)
+        result = predict_files(inputs, model, batch_size=batch_size, max_pixels=max_pixels, max_file_mb=max_file_mb,
+                               progress=progress)
     except FeatcacheError as error:
         _fail(error)
     typer.echo(format_predictions(result, as_json))

@@ -267,7 +267,7 @@ def test_predict_skips_a_bomb_and_the_saved_model_refuses_it(run, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "bomb.png").write_bytes(png_bomb())
     (tmp_path / "in" / good.name).write_bytes(good.read_bytes())
-    result = run_cli("predict", tmp_path / "in", "--model", run["model"], "--json")
+    result = run_cli("predict", "--no-progress", tmp_path / "in", "--model", run["model"], "--json")
     assert result.exit_code == 2, result.output
     out = __import__("json").loads(result.stdout)
     assert [p["path"].rsplit("/", 1)[-1] for p in out["predictions"]] == [good.name]
