@@ -33,7 +33,7 @@ CLASSES = ("NORMAL", "PNEUMONIA")
 FAST = ["--backbone", "tiny", "--weights", "random", "--image-size", "64", "--augment-copies", "0", "--no-progress"]
 
 
-def make_image(rng: np.random.Generator, label: int, noise: np.ndarray) -> "Image.Image":
+def make_image(rng: np.random.Generator, label: int, noise: np.ndarray):
     """A 1,024 px grey X-ray stand-in that compresses like one (~140 KB as JPEG); ``noise`` is a shared
     (SIDE, SIDE) float32 bank, rolled by a random offset (drawing fresh noise would triple the cost)."""
     from PIL import Image
