@@ -11,8 +11,8 @@
    read as it exits; RUSAGE_CHILDREN would carry this parent's peak across fork+exec) and its wall time.
    Prints both and the ratio of the largest size's peak to the smallest's (target <= 1.2x).
 
---src DIR runs the subprocesses on another featcache source tree (e.g. an export of an older commit,
-``git archive <rev> featcache | tar -x -C DIR``), for a before/after comparison.
+The subprocesses import featcache from this checkout; --src DIR runs another source tree instead (e.g. an
+older commit: ``git archive <rev> featcache | tar -x -C DIR``), for a before/after comparison.
 
 Reproduce: python benchmarks/bench_evaluate_memory.py [--sizes 500 5000] [--work-dir /tmp/featcache-bench-eval]
 """
@@ -76,18 +76,18 @@ def data_folder(root: Path, full: Path, n_test: int) -> Path:
     return target
 
 
-def featcache(args: list, src: Path | None, measure: bool = False) -> tuple[float, float | None, str]:
+def featcache(args: list, src: Path, measure: bool = False) -> tuple[float, float | None, str]:
     """Run one featcache command in a fresh interpreter: (wall seconds, peak RSS MiB or None, stdout)."""
     argv = ["featcache", *[str(a) for a in args]]
     code = f"import runpy, sys; sys.argv = {argv!r}\n"
     code += ("try:\n    runpy.run_module('featcache', run_name='__main__')\n"
              "finally:\n    print('VmHWM', [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1],"
              " file=sys.stderr)" if measure else "runpy.run_module('featcache', run_name='__main__')")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    if src is not None:
-        env["PYTHONPATH"] = f"{src}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    # The child runs in a neutral folder (``python -c`` puts its working folder first on sys.path), so the
+    # featcache it imports is ``src``: this checkout unless --src says otherwise.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
     wall = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"featcache {' '.join(argv[1:3])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 5000], help="Test images of each run.")
     parser.add_argument("--train", type=int, default=40, help="Train images (both classes; 20 %% go to validation).")
     parser.add_argument("--rounds", type=int, default=1, help="Evaluate runs per size, sizes alternated.")
-    parser.add_argument("--src", type=Path, default=None, help="featcache source tree to run (default: installed).")
+    parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="featcache source tree to run (default: this checkout).")
     args = parser.parse_args()
     sizes = sorted(args.sizes)
 
@@ -135,7 +136,7 @@ def main() -> None:
     print(f"\npeak RSS ratio {sizes[-1]:,} / {sizes[0]:,} images: {large / small:.3f}x (target <= 1.2x)")
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; reproduce: python "
           f"benchmarks/bench_evaluate_memory.py --work-dir {args.work_dir} --sizes {' '.join(map(str, sizes))} "
-          f"--train {args.train} --rounds {args.rounds}" + (f" --src {args.src}" if args.src else ""))
+          f"--train {args.train} --rounds {args.rounds} --src {args.src}")
 
 
 if __name__ == "__main__":
