@@ -113,26 +113,30 @@ def check_decoding(cache_path: str | Path, manifest: dict) -> None:
 
 
 def predict_images(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """(n, s, s, 3) uint8 -> (n,) float32 probabilities."""
-    return _predict_padded(model, images, batch_size)
+    """(n, s, s, 3) uint8 -> (n,) float32 probabilities. Fewer images than a batch are not padded."""
+    return predict_padded(model, images, max(1, min(batch_size, len(images))))
 
 
 def predict_features(head, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """(n, h, w, c) cached maps (any float dtype, cast to float32) -> (n,) float32 probabilities."""
-    return _predict_padded(head, features, batch_size, dtype=np.float32)
+    return predict_padded(head, features, max(1, min(batch_size, len(features))), dtype=np.float32)
 
 
-def _predict_padded(model, inputs: np.ndarray, batch_size: int, dtype=None) -> np.ndarray:
-    """Batches padded to ``batch_size``: one input shape, so Keras traces its predict step once per model
-    (a retrace of a ResNet152 costs seconds, more than the padding). Fewer inputs than a batch are not padded."""
-    batch_size = max(1, min(batch_size, len(inputs)))
+def predict_padded(model, inputs: np.ndarray, width: int, dtype=None) -> np.ndarray:
+    """(n, ...) -> (n,) float32 probabilities, in batches of exactly ``width`` rows, the last padded with zeros.
+
+    One input shape, so Keras traces its predict step once per model (a retrace of a ResNet152 costs
+    seconds, more than the padding). A caller that streams its inputs passes the same ``width`` on every
+    call: on a CPU a row's probability can differ in the last float32 bit between batch shapes (the
+    kernels are chosen by shape), so the streamed batches are the ones ``predict_images`` would run.
+    """
     probs = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
+    for start in range(0, len(inputs), width):
+        chunk = inputs[start:start + width]
         chunk = chunk.astype(dtype) if dtype is not None else chunk
         n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+        if n < width:
+            chunk = np.concatenate([chunk, np.zeros((width - n, *chunk.shape[1:]), chunk.dtype)])
         probs.append(np.asarray(model.predict_on_batch(chunk), np.float32)[:n, 0])
     return np.concatenate(probs) if probs else np.empty((0,), np.float32)
 

@@ -95,15 +95,62 @@ def read_checked(handle: h5py.File, name: str, split: np.ndarray | None = None, 
         DamagedFileError: unreadable chunks (HDF5's fletcher32 check included), out-of-range values, or a
             SHA-256 that differs from the one recorded when the file was written.
     """
+    if name in ROW_DATASETS:
+        rows = CheckedRows(handle, name, split, parts)
+        values = rows.read(len(rows.rows))
+        rows.finish()
+        return values
     with _reading(handle, name):
-        per_row = name in ROW_DATASETS
-        rows = np.flatnonzero(np.isin(split, [SPLIT_CODES[p] for p in parts])) if per_row else None
-        values = _read(handle, name, rows)
+        values = _read(handle, name, None)
         _check_values(handle, name, values)
         digests = Digests((name,))
-        digests.update(name, values, split[rows] if per_row else None)
-        _compare(handle, name, digests, parts if per_row else (WHOLE,))
+        digests.update(name, values)
+        _compare(handle, name, digests, (WHOLE,))
     return values
+
+
+class CheckedRows:
+    """The rows of ``parts`` of one per-row dataset, read block by block in row order.
+
+    Each block's values are checked as it is read (and HDF5's fletcher32 check runs on every chunk it
+    touches); its bytes go into a running SHA-256 of those splits, which ``finish()`` compares with the
+    manifest once every row has been read. So a stage can use /features a batch at a time and still have
+    checked exactly the rows it used, without ever holding them all: a caller must not act on what it
+    read (write anything) before ``finish()`` returned.
+
+    Attributes:
+        rows: (k,) increasing row numbers of the splits in ``parts``, the order ``read`` returns them in.
+    """
+
+    def __init__(self, handle: h5py.File, name: str, split: np.ndarray, parts=SPLITS):
+        if name not in ROW_DATASETS:
+            raise ValueError(f"CheckedRows reads per-row datasets only. Received: name={name!r}")
+        self._handle, self._name, self._split, self._parts = handle, name, split, tuple(parts)
+        self.rows = np.flatnonzero(np.isin(split, [SPLIT_CODES[p] for p in self._parts]))
+        self._done = 0
+        self._digests = Digests((name,))
+
+    def read(self, count: int) -> np.ndarray:
+        """The values of the next ``count`` rows (fewer at the end): (count, ...)."""
+        rows = self.rows[self._done:self._done + count]
+        with _reading(self._handle, self._name):
+            values = _read(self._handle, self._name, rows)
+            _check_values(self._handle, self._name, values)
+        self._digests.update(self._name, values, self._split[rows])
+        self._done += len(rows)
+        return values
+
+    def finish(self) -> None:
+        """Compare the digest of every row read with the manifest's.
+
+        Raises:
+            DamagedFileError: a digest differs.
+            ValueError: not every row was read (a bug of the caller).
+        """
+        if self._done != len(self.rows):
+            raise ValueError(f"/{self._name}: {self._done} of {len(self.rows)} rows read before finish(). "
+                             f"Received: parts={self._parts}")
+        _compare(self._handle, self._name, self._digests, self._parts)
 
 
 def check_dataset(handle: h5py.File, name: str, split: np.ndarray) -> None:
@@ -115,16 +162,12 @@ def check_dataset(handle: h5py.File, name: str, split: np.ndarray) -> None:
     if name not in ROW_DATASETS:
         read_checked(handle, name)
         return
-    with _reading(handle, name):
-        dataset = handle[name]
-        row_bytes = max(1, int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize)
-        block = max(1, STREAM_BYTES // row_bytes)
-        digests = Digests((name,))
-        for start in range(0, dataset.shape[0], block):
-            values = _read(handle, name, slice(start, start + block))
-            _check_values(handle, name, values)
-            digests.update(name, values, split[start:start + block])
-        _compare(handle, name, digests, SPLITS)
+    dataset = handle[name]
+    row_bytes = max(1, int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize)
+    rows = CheckedRows(handle, name, split, SPLITS)
+    for _ in range(0, len(rows.rows), max(1, STREAM_BYTES // row_bytes)):
+        rows.read(max(1, STREAM_BYTES // row_bytes))
+    rows.finish()
 
 
 @contextmanager

@@ -114,6 +114,8 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples of the test set for the 95 % intervals.")] = 1000,
     seed: Seed = 0,
     max_pixels: MaxPixels = MAX_PIXELS,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Test images decoded and scored at a time.")] = 32,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Score the reassembled end-to-end models on the raw test images, check parity with the cache, pick the best backbone by validation AUC."""
     from featcache.config import EvaluateConfig
@@ -122,7 +124,8 @@ def evaluate(
 
     try:
         config = EvaluateConfig(cache_dir=cache_dir, data_dir=data, backbones=tuple(backbone or ()),
-                                n_bootstrap=bootstrap, seed=seed, max_pixels=max_pixels)
+                                n_bootstrap=bootstrap, seed=seed, max_pixels=max_pixels, batch_size=batch_size,
+                                progress=progress)
         reports, selection = evaluate_backbones(config)
     except FeatcacheError as error:
         _fail(error)
@@ -156,12 +159,15 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of lines.")] = False,
     max_pixels: MaxPixels = MAX_PIXELS,
     max_file_mb: Annotated[float, typer.Option("--max-file-mb", min=0.001, help="Skip files larger than this (MiB) unread.")] = 64.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images read, decoded and scored at a time.")] = 32,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (on stderr).")] = True,
 ) -> None:
     """Label and probability per image at the exported threshold. Exit 0: all read; 2: some skipped; 1: error."""
     from featcache.predict import format_predictions, predict_files
 
     try:
-        result = predict_files(inputs, model, max_pixels=max_pixels, max_file_mb=max_file_mb)
+        result = predict_files(inputs, model, batch_size=batch_size, max_pixels=max_pixels, max_file_mb=max_file_mb,
+                               progress=progress)
     except FeatcacheError as error:
         _fail(error)
     typer.echo(format_predictions(result, as_json))

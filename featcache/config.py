@@ -131,8 +131,9 @@ class EvaluateConfig:
         backbones: evaluate these; empty means every cache with a trained head.
         n_bootstrap: bootstrap resamples of the test set for the confidence intervals.
         seed: seed of the resamples.
-        batch_size: images per forward pass of the end-to-end model.
+        batch_size: test images decoded, scored and dropped at a time (the end-to-end model's batch).
         max_pixels: test images with more pixels (by their header) are skipped, not decoded.
+        progress: show a tqdm bar over the test images.
     """
 
     cache_dir: Path = Path("cache")
@@ -142,6 +143,7 @@ class EvaluateConfig:
     seed: int = 0
     batch_size: int = 32
     max_pixels: int = MAX_PIXELS
+    progress: bool = True
 
     def __post_init__(self) -> None:
         check_max_pixels(self.max_pixels)

@@ -9,7 +9,6 @@ trials.png. Across backbones, in ``<cache-dir>/runs/``: selection.json, comparis
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -18,17 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
+from tqdm import tqdm
+
 from featcache import __version__
-from featcache.assemble import assemble_model, check_parity, predict_features, predict_images
-from featcache.cache import find_cache, list_caches, open_cache
-from featcache.checksums import read_checked
-from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, SPLIT_CODES, decode_bytes
-from featcache.errors import CacheMismatchError, DataError, FeatcacheError
-from featcache.integrity import check_plain_name, load_json
+from featcache.assemble import EndToEnd, assemble_model, check_parity, predict_padded
+from featcache.cache import find_cache, list_caches
 from featcache.config import EvaluateConfig
+from featcache.errors import FeatcacheError
+from featcache.integrity import check_plain_name, load_json
 from featcache.metrics import majority_baseline, score_with_intervals
+from featcache.probe import Probe
 from featcache.reports import format_comparison, format_report
 from featcache.runs import HEAD_FIELDS, RECORD_FILE, RUNS, check_head_matches_cache, load_head_record, load_probe, run_dir_for
+from featcache.testset import TestImages, TestRows, read_test_rows
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,24 @@ CRITERION = "highest validation ROC-AUC of the chosen head (head.json val_metric
 
 
 @dataclass(frozen=True)
-class TestSet:
-    """The original test rows of a cache and the raw images they came from."""
+class TestScores:
+    """Per-image results of the test images that could be read, in cache row order.
 
-    paths: list[str]  # relative to the data folder
-    labels: np.ndarray  # (n,)
-    features: np.ndarray  # (n, h, w, c) as cached
-    pooled: np.ndarray  # (n, c) as cached, for the linear probe
-    images: np.ndarray  # (n, s, s, 3) uint8, decoded from the files now
-    skipped: list[dict]  # cached test rows whose file is gone or unreadable now
-    train_labels: np.ndarray  # originals of the train split, for the majority baseline
+    Attributes:
+        paths: (n,) relative to the data folder.
+        labels: (n,) 0/1.
+        probs: (n,) the end-to-end model on the raw files.
+        cached: (n,) the head on the cached maps of the same images.
+        probe: (n,) the linear probe on their cached pooled vectors, or None without a probe.
+        skipped: cached test rows whose file is gone or unreadable now.
+    """
+
+    paths: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    cached: np.ndarray
+    probe: np.ndarray | None
+    skipped: list[dict]
 
 
 def evaluate_backbones(config: EvaluateConfig) -> tuple[list[dict], dict]:
@@ -87,94 +96,59 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
     record = load_head_record(cache_path)
     manifest = check_head_matches_cache(record, cache_path)
     data_dir = Path(config.data_dir) if config.data_dir is not None else Path(manifest["data_dir"])
-    test = read_test_set(cache_path, data_dir, manifest, config.max_pixels)
+    test = read_test_rows(cache_path, data_dir)
     assembled = assemble_model(cache_path, record, manifest)
-    probs = predict_images(assembled.model, test.images, config.batch_size)
-    cached = predict_features(assembled.head, test.features)
-    parity = check_parity(probs, cached, manifest["dtype"], test.paths, manifest.get("precision", "float32"))
+    probe = load_probe(Path(record["run_dir"]), manifest["fingerprint"])
+    scores = score_test_images(test, TestImages(test, data_dir, manifest["image_size"], config.max_pixels),
+                               assembled, probe, config)
+    parity = check_parity(scores.probs, scores.cached, manifest["dtype"], scores.paths,
+                          manifest.get("precision", "float32"))
     threshold = float(record["threshold"])
     scored = {
-        "at_threshold": score_with_intervals(test.labels, probs, threshold, n_bootstrap=config.n_bootstrap,
+        "at_threshold": score_with_intervals(scores.labels, scores.probs, threshold, n_bootstrap=config.n_bootstrap,
                                              seed=config.seed),
-        "at_0.5": score_with_intervals(test.labels, probs, 0.5, n_bootstrap=config.n_bootstrap, seed=config.seed),
+        "at_0.5": score_with_intervals(scores.labels, scores.probs, 0.5, n_bootstrap=config.n_bootstrap,
+                                       seed=config.seed),
     }
-    report = _report(cache_path, record, manifest, data_dir, test, assembled.weights_sha256, parity, scored)
-    report["probe"] = score_probe(Path(record["run_dir"]), manifest, record, test, config)
-    report["predictions"] = {"path": test.paths, "label": test.labels.tolist(),
-                             "probability": probs.tolist(), "cached_probability": cached.tolist()}
-    write_report_files(Path(record["run_dir"]), report, test.labels, probs)
+    report = _report(cache_path, record, manifest, data_dir, scores, test.train_labels, assembled.weights_sha256,
+                     parity, scored)
+    report["probe"] = score_probe(probe, manifest, record, scores, config)
+    report["predictions"] = {"path": scores.paths, "label": scores.labels.tolist(),
+                             "probability": scores.probs.tolist(), "cached_probability": scores.cached.tolist()}
+    write_report_files(Path(record["run_dir"]), report, scores.labels, scores.probs)
     return report
 
 
-def read_test_set(cache_path: Path, data_dir: Path, manifest: dict, max_pixels: int = MAX_PIXELS) -> TestSet:
-    """The cache's original test rows, and their images decoded again from ``data_dir``.
+def score_test_images(test: TestRows, images: TestImages, assembled: EndToEnd, probe: Probe | None,
+                      config: EvaluateConfig) -> TestScores:
+    """The end-to-end model on the raw test files, the head on their cached maps and the probe on their pooled
+    vectors, a batch of ``config.batch_size`` test rows at a time: only per-image results are kept.
+
+    Every batch has the same width (the last one padded), the batches ``predict_images`` would run over the
+    whole set, so the probabilities are the ones it gives when no file is skipped.
 
     Raises:
-        DataError: no data folder or no ``test/`` in it, or none of the test images can be read.
-        CacheMismatchError: a test file's content changed since extraction.
+        CacheMismatchError, DamagedFileError, DataError: as ``TestImages.batches``, after the last batch.
     """
-    if not (data_dir / "test").is_dir():
-        raise DataError(f"No test folder {data_dir / 'test'}; pass --data DIR, the folder 'featcache extract' "
-                        f"read. Received: data={str(data_dir)!r}")
-    with open_cache(cache_path) as handle:  # every array read is checked against its recorded SHA-256
-        split = read_checked(handle, "split")
-        copy, all_labels = read_checked(handle, "copy_index", split), read_checked(handle, "labels", split)
-        test = split == SPLIT_CODES["test"]
-        original = copy[test] == 0
-        rows = np.flatnonzero(test)[original]
-        source = read_checked(handle, "source_index", split, ("test",))[original]
-        labels = all_labels[rows].astype(np.int64)
-        features = read_checked(handle, "features", split, ("test",))[original]
-        pooled = read_checked(handle, "pooled", split, ("test",))[original]
-        train_labels = all_labels[(split == SPLIT_CODES["train"]) & (copy == 0)]
-        paths = read_checked(handle, "files/path")[source].tolist()
-        hashes = read_checked(handle, "files/sha256")[source].astype(str).tolist()
-    _warn_uncached(data_dir, set(paths))
-    kept, images, skipped = _load_images(data_dir, paths, hashes, manifest["image_size"], cache_path, max_pixels)
-    for item in skipped:
-        log.warning("skipped test image %s: %s", item["path"], item["error"])
-    rows = np.array(kept)
-    return TestSet([paths[i] for i in kept], labels[rows], features[rows], pooled[rows], images, skipped, train_labels)
+    width = max(1, min(config.batch_size, int(test.original.sum())))
+    parts: dict[str, list] = {"paths": [], "labels": [], "probs": [], "cached": [], "probe": []}
+    with tqdm(total=len(test.rows), unit="img", desc=f"evaluate {assembled.manifest['backbone']}",
+              disable=not config.progress, dynamic_ncols=True) as bar:
+        for batch in images.batches(width):
+            if batch.paths:
+                parts["paths"] += batch.paths
+                parts["labels"].append(batch.labels)
+                parts["probs"].append(predict_padded(assembled.model, batch.images, width))
+                parts["cached"].append(predict_padded(assembled.head, batch.features, width, dtype=np.float32))
+                parts["probe"].append(probe.predict(batch.pooled) if probe is not None else None)
+            bar.update(batch.rows)
+    return TestScores(parts["paths"], np.concatenate(parts["labels"]), np.concatenate(parts["probs"]),
+                      np.concatenate(parts["cached"]), np.concatenate(parts["probe"]) if probe is not None else None,
+                      images.skipped)
 
 
-def _load_images(data_dir: Path, paths: list[str], hashes: list[str], size: int, cache_path: Path,
-                 max_pixels: int = MAX_PIXELS):
-    """Decode the files behind the cached rows; refuse changed contents, skip (and list) unreadable files."""
-    images, kept, skipped, changed = [], [], [], []
-    for i, (path, digest) in enumerate(zip(paths, hashes)):
-        try:
-            encoded = (data_dir / path).read_bytes()
-        except OSError as exc:
-            skipped.append({"path": path, "error": f"cannot read: {exc.strerror}"})
-            continue
-        if hashlib.sha256(encoded).hexdigest() != digest:
-            changed.append(path)
-            continue
-        try:
-            images.append(decode_bytes(encoded, size, name=path, max_pixels=max_pixels))
-            kept.append(i)
-        except DataError as exc:
-            skipped.append({"path": path, "error": str(exc)})
-    if changed:
-        raise CacheMismatchError(
-            f"{len(changed)} test images in {data_dir} changed since the cache was built (e.g. {changed[0]}); "
-            f"re-run 'featcache extract' to update {cache_path.name}. Received: data={str(data_dir)!r}")
-    if not kept:
-        raise DataError(f"None of the {len(paths)} cached test images can be read from {data_dir} (e.g. "
-                        f"{skipped[0]['path'] if skipped else '-'}); pass --data DIR. Received: data={str(data_dir)!r}")
-    return kept, np.stack(images), skipped
-
-
-def _warn_uncached(data_dir: Path, cached: set[str]) -> None:
-    found = {p.relative_to(data_dir).as_posix() for p in (data_dir / "test").rglob("*")
-             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")}
-    extra = sorted(found - cached)
-    if extra:
-        log.warning("%d test images are not in the cache (e.g. %s) and are not evaluated; re-run 'featcache "
-                    "extract' to include them", len(extra), extra[0])
-
-
-def _report(cache_path, record, manifest, data_dir, test: TestSet, weights_sha256, parity, scored) -> dict:
+def _report(cache_path, record, manifest, data_dir, test: TestScores, train_labels, weights_sha256, parity,
+            scored) -> dict:
     import keras
     import tensorflow as tf
 
@@ -195,30 +169,30 @@ def _report(cache_path, record, manifest, data_dir, test: TestSet, weights_sha25
                  "negatives": int(len(test.labels) - test.labels.sum()), "skipped": test.skipped,
                  "skipped_at_extraction": [s for s in manifest.get("skipped", []) if s["path"].startswith("test/")]},
         **scored,
-        "baseline": majority_baseline(test.train_labels, test.labels),
+        "baseline": majority_baseline(train_labels, test.labels),
         "parity": parity,
         "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def score_probe(run_dir: Path, manifest: dict, record: dict, test: TestSet, config: EvaluateConfig) -> dict | None:
+def score_probe(probe: Probe | None, manifest: dict, record: dict, test: TestScores,
+                config: EvaluateConfig) -> dict | None:
     """The linear probe of ``train-head`` on the same test images (their cached pooled vectors), at 0.5.
 
     Returns:
         ``{"c", "validation", "test", "head_below_probe_on_validation"}``, or None when the run folder has no
         probe of this cache (a head trained by an older featcache).
     """
-    probe = load_probe(run_dir, manifest["fingerprint"])
     if probe is None:
-        log.warning("%s has no linear probe of this cache; re-run 'featcache train-head' to get the floor", run_dir)
+        log.warning("%s has no linear probe of this cache; re-run 'featcache train-head' to get the floor",
+                    record["run_dir"])
         return None
     below = record["val_metrics"]["roc_auc"] < probe.val_scores["roc_auc"]
     if below:
         log.warning("%s: the tuned head is below the linear probe on validation (ROC-AUC %.4f < %.4f)",
                     manifest["backbone"], record["val_metrics"]["roc_auc"], probe.val_scores["roc_auc"])
-    test_scores = score_with_intervals(test.labels, probe.predict(test.pooled), 0.5, n_bootstrap=config.n_bootstrap,
-                                       seed=config.seed)
+    test_scores = score_with_intervals(test.labels, test.probe, 0.5, n_bootstrap=config.n_bootstrap, seed=config.seed)
     return {"c": probe.c, "validation": probe.val_scores, "test": test_scores, "head_below_probe_on_validation": below}
 
 

@@ -91,14 +91,14 @@ def _extract_all(config: ExtractConfig) -> list[ExtractSummary]:
         assigned = {r.patient: r.split for r in folder.records if r.split != "test"}
         if {**previous, **assigned} != previous:  # a rerun writes nothing (a read-only cache folder works)
             write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
-    files, unreadable = _hash_files(folder)
+    files, unreadable = _hash_files(folder, config.progress)
     unreadable += list(folder.skipped)
     return [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
 
 
-def _hash_files(folder) -> tuple[list[SourceFile], list[dict]]:
+def _hash_files(folder, progress: bool = False) -> tuple[list[SourceFile], list[dict]]:
     files, unreadable = [], []
-    for record in folder.records:
+    for record in tqdm(folder.records, unit="file", desc="hash", disable=not progress, dynamic_ncols=True, leave=False):
         try:
             files.append(SourceFile(record, hash_file(folder.root / record.path)))
         except OSError as exc:

@@ -15,6 +15,9 @@ METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc
 THRESHOLD_METRICS = METRICS[:5]  # depend on the threshold; roc_auc and pr_auc do not
 N_BOOTSTRAP = 1000
 LEVEL = 0.95
+# Resamples x images per bootstrap block: each (block, n) array is at most 4 MiB of int64/float64, whatever
+# the size of the test set (1,000 resamples of 5,000 images at once held about 40 MB per array, ~10 arrays).
+BLOCK_ELEMENTS = 2**19
 
 
 def _check(labels, probs) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +83,21 @@ def bootstrap_indices(n: int, n_bootstrap: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
 
 
+def bootstrap_index_blocks(n: int, n_bootstrap: int, seed: int, block: int | None = None):
+    """The rows of ``bootstrap_indices(n, n_bootstrap, seed)`` in blocks of ``block`` resamples.
+
+    The blocks are drawn one after the other from the same generator, so stacked they are that array bit
+    for bit (a test checks it); only one block is in memory at a time.
+
+    Yields:
+        (b, n) row indices, b <= ``block`` (default: as many resamples as fit in ``BLOCK_ELEMENTS``).
+    """
+    block = block if block is not None else max(1, BLOCK_ELEMENTS // max(1, n))
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_bootstrap, block):
+        yield rng.integers(0, n, size=(min(block, n_bootstrap - start), n))
+
+
 def bootstrap_samples(labels: np.ndarray, probs: np.ndarray, threshold: float, indices: np.ndarray) -> dict:
     """Each metric on each resample: ``{metric: (n_bootstrap,) float64}``, NaN where undefined.
 
@@ -130,7 +148,8 @@ def _ranking_samples(y: np.ndarray, scores: np.ndarray) -> dict:
 
 
 def score_with_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float, *,
-                         n_bootstrap: int = N_BOOTSTRAP, seed: int = 0, level: float = LEVEL) -> dict:
+                         n_bootstrap: int = N_BOOTSTRAP, seed: int = 0, level: float = LEVEL,
+                         block: int | None = None) -> dict:
     """Metrics with percentile bootstrap confidence intervals, plus the confusion matrix.
 
     Args:
@@ -140,6 +159,7 @@ def score_with_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float
         n_bootstrap: resamples of the n test images (with replacement).
         seed: seed of the resamples (the same for every threshold and backbone, so intervals pair up).
         level: confidence level of the two-sided interval.
+        block: resamples computed at a time (``bootstrap_index_blocks``); the result does not depend on it.
 
     Returns:
         ``{"threshold", "metrics": {name: {"value", "ci_low", "ci_high"}}, "confusion", "bootstrap"}``.
@@ -148,7 +168,9 @@ def score_with_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float
         raise FeatcacheError(f"Need n_bootstrap >= 1 and 0 < level < 1. Received: n_bootstrap={n_bootstrap}, "
                              f"level={level}")
     point = binary_metrics(labels, probs, threshold)
-    samples = bootstrap_samples(labels, probs, threshold, bootstrap_indices(len(labels), n_bootstrap, seed))
+    blocks = [bootstrap_samples(labels, probs, threshold, indices)
+              for indices in bootstrap_index_blocks(len(labels), n_bootstrap, seed, block)]
+    samples = {name: np.concatenate([b[name] for b in blocks]) for name in METRICS}
     tail = 100 * (1 - level) / 2
     metrics = {}
     for name in METRICS:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from featcache.assemble import predict_images
+from featcache.assemble import predict_padded
 from featcache.config import check_max_pixels
 from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, decode_bytes
 from featcache.errors import DataError
@@ -94,12 +95,13 @@ def _stat_reason(path: Path, exc: OSError) -> str:
 
 
 def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 32,
-                  max_pixels: int = MAX_PIXELS, max_file_mb: float = MAX_FILE_MB) -> PredictResult:
+                  max_pixels: int = MAX_PIXELS, max_file_mb: float = MAX_FILE_MB, progress: bool = False) -> PredictResult:
     """Predict every image of ``inputs`` (files or folders) with the export in ``model_dir``; images of
     more than ``max_pixels`` pixels (by their header) are skipped without being decoded.
 
     Only regular files of at most ``max_file_mb`` MiB are read; FIFOs, devices, link loops, dangling links and
-    larger files are skipped.
+    larger files are skipped. Files are read, decoded and scored ``batch_size`` at a time, so memory holds one
+    batch of images whatever the number of inputs; ``progress`` shows a tqdm bar over the files.
 
     Raises:
         FeatcacheError: ``model_dir`` is not an export.
@@ -108,27 +110,23 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
         DataError: no image could be read (nothing to predict).
     """
     check_max_pixels(max_pixels)
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1. Received: batch_size={batch_size}")
     model_dir = Path(model_dir)
     card = read_card(model_dir, FIX)
     model = load_keras_checked(model_dir / KERAS_FILE, card["files"]["keras_sha256"], model_dir / CARD_FILE, FIX)
     files, skipped = find_inputs(inputs)
-    size, threshold, names = card["image_size"], float(card["threshold"]), card["class_names"]
-    max_bytes = int(max_file_mb * 2**20)
+    threshold, names = float(card["threshold"]), card["class_names"]
+    width = max(1, min(batch_size, len(files)))  # one input shape for every batch: one trace
     predictions: list[dict] = []
-    for start in range(0, len(files), batch_size):
-        images, kept = [], []
-        for file in files[start:start + batch_size]:
-            try:
-                images.append(decode_bytes(read_regular_file(file, max_bytes), size, name=str(file),
-                                           max_pixels=max_pixels))
-                kept.append(file)
-            except DataError as exc:
-                skipped.append({"path": str(file), "error": str(exc)})
-        if not images:
-            continue
-        for file, prob in zip(kept, predict_images(model, np.stack(images), batch_size)):
-            predictions.append({"path": str(file), "label": names[int(prob >= threshold)],
-                                "probability": float(prob)})
+    with tqdm(total=len(files), unit="img", desc="predict", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(files), width):
+            kept, images = _read_batch(files[start:start + width], card["image_size"], max_pixels, max_file_mb, skipped)
+            if images:
+                for file, prob in zip(kept, predict_padded(model, np.stack(images), width)):
+                    predictions.append({"path": str(file), "label": names[int(prob >= threshold)],
+                                        "probability": float(prob)})
+            bar.update(len(files[start:start + width]))
     for item in skipped:
         log.debug("skipped %s: %s", item["path"], item["error"])
     if not predictions:
@@ -136,6 +134,20 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
         raise DataError(f"No readable image among the inputs{first}; expected JPEG or PNG files or folders of "
                         f"them. Received: inputs={[str(i) for i in inputs][:3]}")
     return PredictResult(predictions, skipped, card)
+
+
+def _read_batch(files: list[Path], size: int, max_pixels: int, max_file_mb: float,
+                skipped: list[dict]) -> tuple[list[Path], list[np.ndarray]]:
+    """Read and decode these files; (files decoded, their (s, s, 3) images); the others go to ``skipped``."""
+    kept, images = [], []
+    for file in files:
+        try:
+            images.append(decode_bytes(read_regular_file(file, int(max_file_mb * 2**20)), size, name=str(file),
+                                       max_pixels=max_pixels))
+            kept.append(file)
+        except DataError as exc:
+            skipped.append({"path": str(file), "error": str(exc)})
+    return kept, images
 
 
 def format_predictions(result: PredictResult, as_json: bool = False) -> str:

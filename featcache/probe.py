@@ -37,8 +37,13 @@ class Probe:
     val_scores: dict
 
     def predict(self, pooled: np.ndarray) -> np.ndarray:
-        """(n, c) pooled vectors -> (n,) float64 probability of class 1."""
-        z = ((np.asarray(pooled, np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
+        """(n, c) pooled vectors -> (n,) float64 probability of class 1.
+
+        Row by row: a row's probability does not depend on the other rows passed with it (``evaluate`` scores
+        the test images a batch at a time). BLAS's matrix-vector product does not promise that; einsum's
+        own loop sums each row in one fixed order.
+        """
+        z = np.einsum("ij,j->i", (np.asarray(pooled, np.float64) - self.mean) / self.scale, self.coef) + self.intercept
         return 1.0 / (1.0 + np.exp(-z))
 
     def to_dict(self) -> dict:

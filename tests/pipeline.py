@@ -33,7 +33,7 @@ def dev_pipeline(tmp_path_factory, dev_data: Path) -> dict:
         for name, args in (
             ("extract", ["extract", "--data", dev_data, "--cache-dir", cache_dir, *FAST]),
             ("train-head", ["train-head", "--cache-dir", cache_dir, "--trials", "2", "--no-progress"]),
-            ("evaluate", ["evaluate", "--cache-dir", cache_dir, "--bootstrap", "300"]),
+            ("evaluate", ["evaluate", "--no-progress", "--cache-dir", cache_dir, "--bootstrap", "300"]),
             ("export", ["export", "--cache-dir", cache_dir, "--out", model]),
         ):
             result = run_cli(*args)

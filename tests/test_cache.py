@@ -21,7 +21,7 @@ from featcache.cache import (
     read_manifest,
     read_rows,
 )
-from featcache.checksums import DATASETS
+from featcache.checksums import DATASETS, CheckedRows, read_checked
 from featcache.errors import CacheLockedError, CacheMismatchError, DamagedFileError, FeatcacheError, IncompleteCacheError
 from featcache.partial import BatchStore
 
@@ -184,6 +184,33 @@ def test_only_the_splits_read_are_checked(synthetic_cache):
     assert len(load_pooled(path, ("train", "val")).pooled)  # train-head never reads test rows...
     with pytest.raises(DamagedFileError, match=re.escape("/pooled (test rows) does not match")):
         load_pooled(path)  # ...but whoever reads them notices
+
+
+def _stream(path, name, block):
+    """Every test row of ``name`` through CheckedRows, ``block`` rows at a time, then finish()."""
+    with open_cache(path) as handle:
+        rows = CheckedRows(handle, name, read_checked(handle, "split"), ("test",))
+        parts = [rows.read(block) for _ in range(0, len(rows.rows), block)]
+        rows.finish()
+        return np.concatenate(parts)
+
+
+def test_rows_read_in_blocks_are_checked_as_a_whole(synthetic_cache):
+    path = synthetic_cache(n_test=23)
+    with open_cache(path) as handle:
+        whole = read_checked(handle, "features", read_checked(handle, "split"), ("test",))
+    for block in (1, 5, 23, 64):
+        np.testing.assert_array_equal(_stream(path, "features", block), whole)
+    with open_cache(path) as handle:
+        rows = CheckedRows(handle, "features", read_checked(handle, "split"), ("test",))
+        rows.read(5)
+        with pytest.raises(ValueError, match="5 of 23 rows read before finish"):
+            rows.finish()  # a digest of some rows proves nothing
+    with h5py.File(path, "r") as handle:
+        last = int(np.flatnonzero(handle["split"][...] == 2)[-1])
+    _edit(path, "features", lambda v, _: v.__setitem__((last, 0, 0, 0), v[last, 0, 0, 0] + 1))  # the very last row
+    with pytest.raises(DamagedFileError, match=re.escape("/features (test rows) does not match the SHA-256")):
+        _stream(path, "features", 5)
 
 
 def test_rotten_chunks_fail_their_fletcher32_check(synthetic_cache):

@@ -251,7 +251,7 @@ def test_evaluate_skips_test_images_over_the_limit(run, tmp_path):
     copy = copy_run(run, tmp_path)
     sizes = {f.relative_to(run["data"]).as_posix(): Image.open(f).size for f in (run["data"] / "test").rglob("*.jpeg")}
     limit = sorted(w * h for w, h in sizes.values())[len(sizes) // 2]
-    result = run_cli("evaluate", "--cache-dir", copy["cache_dir"], "--bootstrap", "20", "--max-pixels", limit)
+    result = run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "20", "--max-pixels", limit)
     assert result.exit_code == 0, result.output
     report = __import__("json").loads((copy["run_dir"] / "report.json").read_text())
     over = {p for p, (w, h) in sizes.items() if w * h > limit}
@@ -267,7 +267,7 @@ def test_predict_skips_a_bomb_and_the_saved_model_refuses_it(run, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "bomb.png").write_bytes(png_bomb())
     (tmp_path / "in" / good.name).write_bytes(good.read_bytes())
-    result = run_cli("predict", tmp_path / "in", "--model", run["model"], "--json")
+    result = run_cli("predict", "--no-progress", tmp_path / "in", "--model", run["model"], "--json")
     assert result.exit_code == 2, result.output
     out = __import__("json").loads(result.stdout)
     assert [p["path"].rsplit("/", 1)[-1] for p in out["predictions"]] == [good.name]

@@ -3,6 +3,7 @@ validation, report files, and the CLI's errors and exit codes."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,7 +109,7 @@ def _one_line_error(result, message):
 
 def test_no_test_folder(run, tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
-    result = run_cli("evaluate", "--cache-dir", run["cache_dir"], "--data", tmp_path / "data")
+    result = run_cli("evaluate", "--no-progress", "--cache-dir", run["cache_dir"], "--data", tmp_path / "data")
     _one_line_error(result, "No test folder")
 
 
@@ -118,7 +119,7 @@ def test_head_trained_on_another_cache(run, tmp_path):
     record["cache_fingerprint"] = "f" * 64
     (copy["run_dir"] / "head.json").write_text(json.dumps(record))
     before = (copy["run_dir"] / "report.json").read_bytes()
-    _one_line_error(run_cli("evaluate", "--cache-dir", copy["cache_dir"]), "was trained on cache")
+    _one_line_error(run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"]), "was trained on cache")
     assert (copy["run_dir"] / "report.json").read_bytes() == before  # nothing rewritten
 
 
@@ -131,7 +132,7 @@ def test_weights_that_no_longer_match(run, tmp_path):
         kernels = []
         handle.visititems(lambda n, o: kernels.append(o) if isinstance(o, h5py.Dataset) and o.ndim == 4 else None)
         kernels[0][0, 0, 0, 0] += 0.5
-    _one_line_error(run_cli("evaluate", "--cache-dir", copy["cache_dir"]), "restore the original weights")
+    _one_line_error(run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"]), "restore the original weights")
 
 
 def test_changed_and_missing_test_images(run, tmp_path):
@@ -140,14 +141,14 @@ def test_changed_and_missing_test_images(run, tmp_path):
     gone = min((data / "test" / "NORMAL").iterdir())
     gone.unlink()
     copy = copy_run(run, tmp_path)
-    result = run_cli("evaluate", "--cache-dir", copy["cache_dir"], "--data", data, "--bootstrap", "20")
+    result = run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--data", data, "--bootstrap", "20")
     assert result.exit_code == 0, result.output
     assert f"skipped 1 unreadable test images: test/NORMAL/{gone.name}" in result.output
     report = json.loads((copy["run_dir"] / "report.json").read_text())
     assert report["test"]["images"] == 149 and report["test"]["skipped"][0]["path"] == f"test/NORMAL/{gone.name}"
     changed = sorted((data / "test" / "PNEUMONIA").iterdir())[3]
     changed.write_bytes(changed.read_bytes() + b"\0")
-    _one_line_error(run_cli("evaluate", "--cache-dir", copy["cache_dir"], "--data", data),
+    _one_line_error(run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--data", data),
                     "1 test images in")
 
 
@@ -157,8 +158,101 @@ def test_changed_and_missing_test_images(run, tmp_path):
     (["--backbone", "tiny", "--backbone", "tiny"], "Each --backbone once"),
 ])
 def test_bad_options(run, args, message):
-    _one_line_error(run_cli("evaluate", "--cache-dir", run["cache_dir"], *args), message)
+    _one_line_error(run_cli("evaluate", "--no-progress", "--cache-dir", run["cache_dir"], *args), message)
 
 
 def test_no_trained_head(tmp_path):
-    _one_line_error(run_cli("evaluate", "--cache-dir", tmp_path), "No trained head")
+    _one_line_error(run_cli("evaluate", "--no-progress", "--cache-dir", tmp_path), "No trained head")
+
+
+# --- bounded memory: test images and maps in batches ----------------------------------------------
+
+
+def _evaluate_copy(run, target, *args):
+    copy = copy_run(run, target)
+    result = run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "50", *args)
+    assert result.exit_code == 0, result.output
+    return copy, json.loads((copy["run_dir"] / "report.json").read_text())
+
+
+def _whole_arrays(cache):
+    """Every original test row's images (decoded now), maps, pooled vectors and labels, all at once: what
+    evaluate held before it streamed."""
+    import h5py
+
+    from featcache.data import decode_bytes
+
+    with h5py.File(cache, "r") as handle:
+        manifest = json.loads(handle.attrs["manifest"])
+        rows = np.flatnonzero((handle["split"][...] == 2) & (handle["copy_index"][...] == 0))
+        paths = handle["files/path"].asstr()[...][handle["source_index"][...][rows]].tolist()
+        features, pooled = handle["features"][...][rows], handle["pooled"][...][rows]
+        labels = handle["labels"][...][rows].astype(np.int64)
+    root = Path(manifest["data_dir"])
+    images = np.stack([decode_bytes((root / p).read_bytes(), manifest["image_size"], name=p) for p in paths])
+    return paths, labels, images, features, pooled
+
+
+def test_streamed_batches_give_what_whole_arrays_give(run, tmp_path, monkeypatch):
+    import featcache.evaluate as evaluate
+    from featcache.assemble import assemble_model, predict_features, predict_images
+    from featcache.metrics import score_with_intervals
+    from featcache.probe import Probe
+    from featcache.runs import check_head_matches_cache, load_head_record
+
+    seen = []
+    real = evaluate.predict_padded
+    monkeypatch.setattr(evaluate, "predict_padded", lambda model, x, *a, **k: seen.append(len(x)) or real(model, x, *a, **k))
+    copy, report = _evaluate_copy(run, tmp_path, "--batch-size", "7")
+    assert seen and max(seen) <= 7 and sum(seen) == 2 * 150  # the model and the head never see more than a batch
+    paths, labels, images, features, pooled = _whole_arrays(copy["cache"])
+    record = load_head_record(copy["cache"])
+    assembled = assemble_model(copy["cache"], record, check_head_matches_cache(record, copy["cache"]))
+    probs = predict_images(assembled.model, images, 7)
+    p = report["predictions"]
+    assert p["path"] == paths and p["label"] == labels.tolist()
+    assert p["probability"] == probs.tolist()  # bit for bit: the same batches of 7
+    assert p["cached_probability"] == predict_features(assembled.head, features, 7).tolist()
+    finite = lambda scores: json.loads(json.dumps(evaluate._finite(scores)))  # noqa: E731 (as report.json stores it)
+    for key, threshold in (("at_threshold", record["threshold"]), ("at_0.5", 0.5)):
+        assert report[key] == finite(score_with_intervals(labels, probs, threshold, n_bootstrap=50, seed=0))
+    probe = Probe.from_dict(json.loads((copy["run_dir"] / "probe.json").read_text()))
+    assert report["probe"]["test"] == finite(score_with_intervals(labels, probe.predict(pooled), 0.5, n_bootstrap=50))
+
+
+def test_the_batch_size_changes_nothing_but_the_last_float32_bits(run, tmp_path):
+    reports = [_evaluate_copy(run, tmp_path / str(size), "--batch-size", str(size))[1] for size in (7, 64)]
+    noisy = {("created",), ("predictions", "probability"), ("predictions", "cached_probability"),
+             ("parity", "max_abs_diff"), ("parity", "mean_abs_diff")}
+
+    def leaves(report, prefix=()):
+        for key, value in report.items():
+            yield from leaves(value, (*prefix, key)) if isinstance(value, dict) else [((*prefix, key), value)]
+
+    small, large = dict(leaves(reports[0])), dict(leaves(reports[1]))
+    assert small.keys() == large.keys()
+    for key in small.keys() - noisy - {("run_dir",)}:  # two copies of the run folder
+        assert small[key] == large[key], key  # metrics, intervals, paths, counts, the probe: identical
+    # A row's float32 probability can differ in the last bits between batch shapes (CPU kernels are chosen by shape).
+    for key in noisy - {("created",)}:
+        np.testing.assert_allclose(small[key], large[key], rtol=0, atol=1e-6, err_msg=str(key))
+
+
+def test_a_damaged_last_test_row_is_refused_after_streaming_and_nothing_is_written(run, tmp_path):
+    import h5py
+
+    copy = copy_run(run, tmp_path)
+    with h5py.File(copy["cache"], "r+") as handle:  # valid HDF5: fletcher32 recomputed, only the digest differs
+        last = int(np.flatnonzero(handle["split"][...] == 2)[-1])
+        handle["features"][last, 0, 0, 0] += 1
+    before = {p.name: p.read_bytes() for p in copy["run_dir"].iterdir() if p.is_file()}
+    _one_line_error(run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "10",
+                            "--batch-size", "16"), "/features (test rows) does not match the SHA-256")
+    assert {p.name: p.read_bytes() for p in copy["run_dir"].iterdir() if p.is_file()} == before
+
+
+def test_progress_bar_counts_the_test_images(run, tmp_path):
+    copy = copy_run(run, tmp_path)
+    result = run_cli("evaluate", "--progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "10")
+    assert result.exit_code == 0, result.output
+    assert "evaluate tiny" in result.output and "150/150" in result.output

@@ -186,3 +186,12 @@ def test_a_repaired_file_leaves_the_skipped_list(small_xrays, extract_config, ba
     shutil.copyfile(sorted((dev_data / "train" / "PNEUMONIA").iterdir())[60], broken)  # repaired
     (third,) = extract_features(extract_config(small_xrays))
     assert read_manifest(third.cache_path)["skipped"] == [] and third.computed_rows >= 1
+
+
+def test_progress_bars_cover_hashing_and_the_backbone(small_xrays, extract_config, capsys):
+    extract_features(extract_config(small_xrays, augment_copies=0, progress=True))
+    err = capsys.readouterr().err
+    assert "hash" in err and "32/32" in err  # 24 train + 8 test files hashed...
+    assert "tiny" in err  # ...then the backbone's bar
+    extract_features(extract_config(small_xrays, augment_copies=0, progress=False))
+    assert capsys.readouterr().err == ""

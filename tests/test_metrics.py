@@ -15,6 +15,7 @@ from featcache.errors import FeatcacheError
 from featcache.metrics import (
     METRICS,
     binary_metrics,
+    bootstrap_index_blocks,
     bootstrap_indices,
     bootstrap_samples,
     confusion,
@@ -81,6 +82,28 @@ def test_intervals_bracket_the_estimate_and_are_reproducible():
         assert m["ci_high"] - m["ci_low"] < 0.25, name
     assert a["confusion"]["tp"] + a["confusion"]["fn"] == labels.sum()
     assert a["bootstrap"] == {"resamples": 300, "level": 0.95, "seed": 3, "method": "percentile"}
+
+
+@pytest.mark.parametrize("n, block", [(1, 3), (23, 1), (23, 7), (150, 64), (501, 1000), (5000, None)])
+def test_index_blocks_are_the_whole_index_array_bit_for_bit(n, block):
+    blocks = list(bootstrap_index_blocks(n, 300, seed=7, block=block))
+    assert all(len(b) <= (block or 300) for b in blocks)
+    np.testing.assert_array_equal(np.concatenate(blocks), bootstrap_indices(n, 300, seed=7))
+
+
+def test_intervals_do_not_depend_on_the_block_size():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 97)
+    probs = np.round(rng.random(97), 2)  # ties
+    # What the intervals were before blocks: every resample at once.
+    whole = bootstrap_samples(labels, probs, 0.5, bootstrap_indices(97, 250, seed=4))
+    tail = 100 * (1 - 0.95) / 2  # as score_with_intervals computes it (not exactly 2.5)
+    expected = {name: np.percentile(whole[name][np.isfinite(whole[name])], [tail, 100 - tail]).tolist()
+                for name in METRICS}
+    for block in (1, 7, 100, 250, 10_000, None):
+        scored = score_with_intervals(labels, probs, 0.5, n_bootstrap=250, seed=4, block=block)
+        found = {name: [m["ci_low"], m["ci_high"]] for name, m in scored["metrics"].items()}
+        assert found == expected, block
 
 
 def test_one_class_gives_nan_ranking_metrics():

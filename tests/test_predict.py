@@ -34,7 +34,7 @@ def images(run, tmp_path):
 def test_predict_lines_match_the_evaluated_probabilities(run, images):
     folder, expected = images
     card = json.loads((run["model"] / "model.json").read_text())
-    result = run_cli("predict", folder, "--model", run["model"])
+    result = run_cli("predict", "--no-progress", folder, "--model", run["model"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert len(lines) == len(expected) == 6
@@ -45,12 +45,37 @@ def test_predict_lines_match_the_evaluated_probabilities(run, images):
         assert label == card["class_names"][int(float(prob) >= card["threshold"])]
 
 
+def test_batches_of_any_size_give_the_same_predictions_and_a_bar_counts_the_files(run, images, bad_inputs,
+                                                                                  monkeypatch):
+    import featcache.predict as predict
+
+    folder, expected = images
+    seen = []
+    real = predict.predict_padded
+    monkeypatch.setattr(predict, "predict_padded", lambda model, x, width: seen.append((len(x), width)) or real(model, x, width))
+    results = {size: run_cli("predict", folder, bad_inputs / "notes.jpeg", "--model", run["model"], "--json",
+                             "--batch-size", size, "--progress" if size == 4 else "--no-progress")
+               for size in (1, 4, 32)}
+    assert all(n <= width for n, width in seen)  # never more than a batch of images at once
+    assert {width for _, width in seen} == {1, 4, 7}  # one input shape per run (7 inputs: a batch of 32 is 7 wide)
+    outs = {size: json.loads(result.stdout) for size, result in results.items()}
+    for out in outs.values():
+        assert [p["path"] for p in out["predictions"]] == [p["path"] for p in outs[1]["predictions"]]
+        assert [p["label"] for p in out["predictions"]] == [p["label"] for p in outs[1]["predictions"]]
+        np.testing.assert_allclose([p["probability"] for p in out["predictions"]],
+                                   [p["probability"] for p in outs[1]["predictions"]], rtol=0, atol=1e-6)
+        assert [s["path"].rsplit("/", 1)[-1] for s in out["skipped"]] == ["notes.jpeg"]
+    assert "predict" in results[4].stderr and "7/7" in results[4].stderr
+    assert "7/7" not in results[1].stderr
+    assert run_cli("predict", folder, "--model", run["model"], "--batch-size", 0).exit_code == 1
+
+
 def test_json_output_and_skipped_files(run, images, bad_inputs, tmp_path):
     folder, expected = images
     for bad in ("notes.jpeg", "truncated.jpeg", "x.jpeg"):
         shutil.copyfile(bad_inputs / bad, folder / bad)
     missing = tmp_path / "nowhere.png"
-    result = run_cli("predict", folder, missing, "--model", run["model"], "--json")
+    result = run_cli("predict", "--no-progress", folder, missing, "--model", run["model"], "--json")
     assert result.exit_code == 2, result.output  # 2: some inputs were skipped, the others predicted
     out = json.loads(result.stdout)
     assert out["backbone"] == "tiny" and out["positive_class"] == "PNEUMONIA"
@@ -60,19 +85,19 @@ def test_json_output_and_skipped_files(run, images, bad_inputs, tmp_path):
     skipped = {s["path"].rsplit("/", 1)[-1]: s["error"] for s in out["skipped"]}
     assert set(skipped) == {"notes.jpeg", "truncated.jpeg", "x.jpeg", "nowhere.png"}
     assert skipped["nowhere.png"] == "does not exist" and "empty" in skipped["x.jpeg"]
-    plain = run_cli("predict", folder, "--model", run["model"])
+    plain = run_cli("predict", "--no-progress", folder, "--model", run["model"])
     assert plain.exit_code == 2 and "skipped" in plain.stderr and "notes.jpeg" in plain.stderr
     assert len(plain.stdout.strip().splitlines()) == 6
 
 
 def test_nothing_readable_is_an_error(run, bad_inputs):
-    result = run_cli("predict", bad_inputs / "notes.jpeg", bad_inputs / "x.jpeg", "--model", run["model"])
+    result = run_cli("predict", "--no-progress", bad_inputs / "notes.jpeg", bad_inputs / "x.jpeg", "--model", run["model"])
     assert result.exit_code == 1 and "No readable image" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
 def test_not_an_export(tmp_path, bad_inputs):
-    result = run_cli("predict", bad_inputs / "notes.jpeg", "--model", tmp_path)
+    result = run_cli("predict", "--no-progress", bad_inputs / "notes.jpeg", "--model", tmp_path)
     assert result.exit_code == 1 and "is not a featcache export" in result.output
 
 
@@ -102,7 +127,7 @@ def test_fifos_devices_links_and_large_files_are_skipped_promptly(run, images, t
     by_size = sorted(folder.rglob("*.jpeg"), key=lambda p: p.stat().st_size)
     small, large = by_size[0], by_size[-1]
     limit_mb = (large.stat().st_size - 1) / 2**20  # a regular file: in-process is safe here
-    limited = run_cli("predict", small, large, "--model", run["model"], "--max-file-mb", f"{limit_mb:.6f}", "--json")
+    limited = run_cli("predict", "--no-progress", small, large, "--model", run["model"], "--max-file-mb", f"{limit_mb:.6f}", "--json")
     assert limited.exit_code == 2, limited.output
     out = json.loads(limited.stdout)
     assert [p["path"] for p in out["predictions"]] == [str(small)]
@@ -137,7 +162,7 @@ def test_edited_threshold_is_refused(run, images, export_copy):
     card = json.loads((export_copy / "model.json").read_text())
     card["threshold"] = 0.01
     (export_copy / "model.json").write_text(json.dumps(card, indent=1))
-    _one_line(run_cli("predict", images[0], "--model", export_copy), "was edited after export")
+    _one_line(run_cli("predict", "--no-progress", images[0], "--model", export_copy), "was edited after export")
 
 
 def test_swapped_model_keras_is_refused(run, images, export_copy, tmp_path):
@@ -145,7 +170,7 @@ def test_swapped_model_keras_is_refused(run, images, export_copy, tmp_path):
 
     build_head((2, 2, 16), HeadParams(units=8)).maps.save(tmp_path / "other.keras")
     shutil.copyfile(tmp_path / "other.keras", export_copy / "model.keras")
-    _one_line(run_cli("predict", images[0], "--model", export_copy), "records")
+    _one_line(run_cli("predict", "--no-progress", images[0], "--model", export_copy), "records")
 
 
 def _lambda_model(path):
@@ -169,7 +194,7 @@ def test_model_keras_that_safe_mode_refuses_is_one_line(run, images, export_copy
     files = {**json.loads((export_copy / "model.json").read_text())["files"],
              "keras_sha256": hashlib.sha256(keras_path.read_bytes()).hexdigest()}
     _reseal(export_copy / "model.json", files=files)  # the record matches: only loading can tell
-    _one_line(run_cli("predict", images[0], "--model", export_copy), message)
+    _one_line(run_cli("predict", "--no-progress", images[0], "--model", export_copy), message)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -185,4 +210,4 @@ def test_malformed_model_json_is_one_line(run, images, export_copy, text, messag
         card["threshold"] = "0.5"
         text = json.dumps(card)
     path.write_text(text)
-    _one_line(run_cli("predict", images[0], "--model", export_copy), message)
+    _one_line(run_cli("predict", "--no-progress", images[0], "--model", export_copy), message)

@@ -50,3 +50,13 @@ def test_probe_on_noise_is_near_chance():
     pooled, labels = rng.normal(size=(600, 8)).astype(np.float32), (rng.random(600) < 0.5).astype(np.int64)
     probe = fit_probe(pooled[:400], labels[:400], pooled[400:], labels[400:])
     assert probe.val_scores["roc_auc"] == pytest.approx(0.5, abs=0.12)
+
+
+def test_a_rows_probability_does_not_depend_on_the_rows_beside_it():
+    pooled, labels = _data(seed=2, n=400, c=512)
+    probe = fit_probe(pooled[:300], labels[:300], pooled[300:], labels[300:])
+    whole = probe.predict(pooled)
+    for block in (1, 7, 64):  # evaluate scores the test images a batch at a time
+        parts = np.concatenate([probe.predict(pooled[s:s + block]) for s in range(0, len(pooled), block)])
+        np.testing.assert_array_equal(parts, whole)
+    np.testing.assert_array_equal(probe.predict(pooled[::3]), whole[::3])

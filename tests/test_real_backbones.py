@@ -21,7 +21,7 @@ def test_real_backbone_extract_train_evaluate_export_at_224(backbone, channels, 
         ["extract", "--data", data, "--cache-dir", cache_dir, "--backbone", backbone, "--weights", "random",
          "--augment-copies", "1", "--batch-size", "8", "--no-progress"],
         ["train-head", "--cache-dir", cache_dir, "--trials", "2", "--no-progress"],
-        ["evaluate", "--cache-dir", cache_dir, "--bootstrap", "100"],
+        ["evaluate", "--no-progress", "--cache-dir", cache_dir, "--bootstrap", "100"],
         ["export", "--cache-dir", cache_dir, "--out", tmp_path / "model"],
     )
     for args in steps:

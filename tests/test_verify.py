@@ -131,7 +131,7 @@ def test_rotten_feature_chunks_are_caught_by_verify_and_evaluate(copy):
     corrupt_chunks(copy["cache"], "features")
     code, checks, _ = _verify(copy["cache"])
     assert code == 1 and not checks["sha256 /features"][0] and "cannot be read" in checks["sha256 /features"][1]
-    _one_line_error(run_cli("evaluate", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"),
+    _one_line_error(run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"),
                     "/features cannot be read")
 
 
@@ -159,7 +159,7 @@ def test_damaged_cache_metadata_is_one_line_in_every_stage(copy, damage, message
         damage(handle)
     for args in (["info", copy["cache"]],
                  ["train-head", "--cache", copy["cache"], "--trials", "1", "--no-progress"],
-                 ["evaluate", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"],
+                 ["evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"],
                  ["export", "--cache-dir", copy["cache_dir"], "--out", copy["cache_dir"].parent / "new"]):
         _one_line_error(run_cli(*args), message)
     code, checks, verdict = _verify(copy["cache"])
@@ -220,7 +220,7 @@ def test_malformed_head_json_is_one_line(copy, text, message):
         record.update({"threshold": "0.5"} if text is None else {"head_file": "../../../etc/passwd"})
         text = json.dumps(record)
     path.write_text(text)
-    for args in (["evaluate", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"],
+    for args in (["evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"],
                  ["export", "--cache-dir", copy["cache_dir"], "--out", copy["cache_dir"].parent / "new"]):
         _one_line_error(run_cli(*args), message)
 
@@ -231,12 +231,12 @@ def test_a_head_keras_that_is_not_a_zip_is_one_line(copy):
     record = json.loads((copy["run_dir"] / "head.json").read_text())
     record["head_sha256"] = hashlib.sha256(head.read_bytes()).hexdigest()  # the record agrees: only Keras can tell
     (copy["run_dir"] / "head.json").write_text(json.dumps(record))
-    _one_line_error(run_cli("evaluate", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"), "Keras cannot load")
+    _one_line_error(run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"), "Keras cannot load")
 
 
 def test_a_swapped_head_keras_is_refused(copy, tmp_path):
     shutil.copyfile(copy["model"] / "model.keras", copy["run_dir"] / "head.keras")
-    _one_line_error(run_cli("evaluate", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"), "is not the head")
+    _one_line_error(run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"), "is not the head")
 
 
 @pytest.mark.parametrize("text, message", [
