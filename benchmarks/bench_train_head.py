@@ -39,7 +39,8 @@ def write_full_scale_cache(cache_dir: Path, seed: int = 0) -> Path:
     """The synthetic full-scale cache; values are a weak class signal + noise (val AUC well below 1)."""
     from featcache.cache import FORMAT_VERSION, CachePaths, CacheWriter, FileTable, compute_fingerprint, list_caches
 
-    settings = {"benchmark": "train-head", "seed": seed, "n": [N_TRAIN, N_VAL, N_TEST, COPIES], "v": 2}
+    settings = {"benchmark": "train-head", "seed": seed, "n": [N_TRAIN, N_VAL, N_TEST, COPIES], "v": 2,
+                "format_version": FORMAT_VERSION}  # a cache of an older format is written again
     fingerprint = compute_fingerprint(settings)
     final = CachePaths.for_fingerprint(cache_dir, "resnet152", fingerprint).final
     for stale in list_caches(cache_dir, "resnet152"):
