@@ -250,7 +250,7 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
         state = train_epoch(state, x_all, y_all, w_all, tf.constant(rows), *hyper)
         probs = predict(state[0], val_x).numpy()
         scores = score_probs(val_labels, probs)
-        stop_loss = scores["loss"] if not params.class_weight else _weighted_loss(val_labels, probs, val_weights)
+        stop_loss = binary_cross_entropy(val_labels, probs, val_weights) if params.class_weight else scores["loss"]
         history.append({"epoch": epoch, **scores, "stop_loss": stop_loss})
         if stop_loss < best_loss:
             best_loss, best_epoch, best = stop_loss, epoch, state[0]  # tensors are immutable: no copy
@@ -263,8 +263,9 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
     return FitResult(score_probs(val_labels, probs), probs, best_epoch, epoch, stopped, history)
 
 
-def _weighted_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> float:
-    """Mean binary cross-entropy with per-row weights (normalised by the weights' sum)."""
+def binary_cross_entropy(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean binary cross-entropy of probabilities clipped as Keras clips them; with ``weights``, the
+    weighted mean (normalised by the weights' sum)."""
     labels = np.asarray(labels, np.float64)
     clipped = np.clip(np.asarray(probs, np.float64), EPSILON, 1 - EPSILON)
     losses = -(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
@@ -337,8 +338,7 @@ def score_probs(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -
     probs = np.asarray(probs, dtype=np.float64)
     if len(np.unique(labels)) < 2:
         raise FeatcacheError(f"Validation needs both classes to score a head. Received: labels={np.unique(labels).tolist()}")
-    clipped = np.clip(probs, EPSILON, 1 - EPSILON)
-    loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+    loss = binary_cross_entropy(labels, probs)
     predicted = probs >= threshold
     positive = labels == 1
     return {

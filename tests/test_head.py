@@ -285,7 +285,7 @@ def test_an_epoch_is_one_pass_on_large_sets_and_at_least_eight_steps_on_small_on
 
 
 def test_class_weighted_trials_stop_on_the_weighted_validation_loss():
-    from featcache.head import _weighted_loss
+    from featcache.head import binary_cross_entropy
 
     result, _, val = _fit(max_epochs=12, patience=3, params={"class_weight": True})
     stop = [h["stop_loss"] for h in result.history]
@@ -293,6 +293,6 @@ def test_class_weighted_trials_stop_on_the_weighted_validation_loss():
     weights = class_weights(val.labels)  # not the training weights, but a check of the weighting itself
     probs = np.linspace(0.1, 0.9, len(val.labels))
     manual = -np.average(np.where(val.labels == 1, np.log(probs), np.log(1 - probs)), weights=weights[val.labels])
-    assert _weighted_loss(val.labels, probs, weights[val.labels]) == pytest.approx(manual)
+    assert binary_cross_entropy(val.labels, probs, weights[val.labels]) == pytest.approx(manual)
     unweighted, _, _ = _fit(max_epochs=12, patience=3)
     assert all(h["stop_loss"] == h["loss"] for h in unweighted.history)
