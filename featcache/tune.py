@@ -98,19 +98,18 @@ def load_head_data(path: str | Path) -> HeadData:
         FeatcacheError: a split without rows or classes other than two.
     """
     data = load_pooled(path, ("train", "val"))  # checked against the SHA-256 recorded at extraction
-    rows = (data.split == 0) | (data.copy_index == 0)
-    split, pooled, source, manifest = data.split[rows], data.pooled[rows], data.source_index[rows], data.manifest
-    labels = data.labels[rows].astype(np.int64)
+    manifest, labels = data.manifest, data.labels.astype(np.int64)
     if len(manifest["class_names"]) != 2:
         raise FeatcacheError(f"The head is binary; {path} has classes {manifest['class_names']}. "
                              f"Received: class_names={manifest['class_names']}")
-    is_train = split == 0
-    for name, mask in (("train", is_train), ("validation", ~is_train)):
+    # each mask indexes the loaded rows once: no intermediate copy of the (n, c) pooled vectors
+    is_train, is_val = data.split == 0, (data.split == 1) & (data.copy_index == 0)
+    for name, mask in (("train", is_train), ("validation", is_val)):
         if len(np.unique(labels[mask])) < 2:
             raise FeatcacheError(f"The {name} split of {path} lacks a class; add images or change the split seed. "
                                  f"Received: {name}_labels={np.unique(labels[mask]).tolist()}")
-    train = TrainViews(pooled[is_train], labels[is_train], source[is_train])
-    return HeadData(train, pooled[~is_train], labels[~is_train], manifest, input_stats(train.pooled))
+    train = TrainViews(data.pooled[is_train], labels[is_train], data.source_index[is_train])
+    return HeadData(train, data.pooled[is_val], labels[is_val], manifest, input_stats(train.pooled))
 
 
 def suggest_params(trial) -> HeadParams:
