@@ -57,9 +57,12 @@ def run_dir_for(cache_path: str | Path) -> Path:
     return cache_path.parent / RUNS / cache_path.stem
 
 
-def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, references: list[dict]):
+def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, references: list[dict],
+               settle=None):
     """Create or continue the study of one cache (name = cache file stem). Trial n of the study, for n below
     ``len(references)``, runs ``references[n]`` (trial 0 is the reference head), whichever worker runs it.
+    ``settle`` (optional) maps the finished reference trials to parameters held fixed for every later trial
+    (see ``ReferencesFirst``).
 
     Raises:
         FeatcacheError: the storage cannot be opened.
@@ -86,7 +89,7 @@ def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, refere
     # TPE models the trials from the 6th on: the two reference trials and 3 random ones are its start
     # (Optuna's default of 10 random trials would spend half of a 20-trial budget blind).
     study.sampler = ReferencesFirst(optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=STARTUP_TRIALS),
-                                    references)
+                                    references, settle)
     recorded = study.user_attrs.get("cache_fingerprint")
     if recorded is not None and recorded != fingerprint:
         raise CacheMismatchError(f"Study {name} was run on a cache with fingerprint {recorded[:12]}; {cache_path} "
@@ -104,10 +107,31 @@ class ReferencesFirst:  # duck-typed optuna.samplers.BaseSampler: this module im
     numbers runs each exactly once however many workers start a new study at the same instant. Enqueueing
     needs one worker to decide that the study is new; two that both see it empty both enqueue, and a worker
     that asks for a trial before the creator has enqueued samples its own trial 0.
+
+    ``settle(reference_trials) -> dict``, when given, is called with the finished reference trials (each an
+    Optuna FrozenTrial, by number) once all of them have finished; the parameters it returns are held at those
+    values for every later trial, whatever ``base`` would sample. Until every reference has finished (another
+    worker may still run one), nothing is held.
     """
 
-    def __init__(self, base, references: list[dict]):
+    def __init__(self, base, references: list[dict], settle=None):
         self.base, self.references = base, [dict(params) for params in references]
+        self.settle, self._held = settle, None  # ``_held``: what ``settle`` returned, once the references finished
+
+    def held(self, study) -> dict:
+        """The parameters held for trials after the references ({} until every reference trial has finished)."""
+        if self.settle is None or not self.references:
+            return {}
+        if self._held is None:
+            import optuna
+
+            finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            done = sorted((t for t in study.get_trials(deepcopy=False, states=finished)
+                           if t.number < len(self.references)), key=lambda t: t.number)
+            if len(done) < len(self.references):
+                return {}
+            self._held = dict(self.settle(done))
+        return self._held
 
     def _reference(self, trial) -> dict | None:
         return self.references[trial.number] if trial.number < len(self.references) else None
@@ -116,12 +140,18 @@ class ReferencesFirst:  # duck-typed optuna.samplers.BaseSampler: this module im
         return self.base.infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
-        return {} if self._reference(trial) is not None else self.base.sample_relative(study, trial, search_space)
+        if self._reference(trial) is not None:
+            return {}
+        sampled = self.base.sample_relative(study, trial, search_space)  # multivariate TPE samples here
+        return {**sampled, **{name: value for name, value in self.held(study).items() if name in sampled}}
 
     def sample_independent(self, study, trial, name, distribution):
         reference = self._reference(trial)
         if reference is not None and name in reference:
             return reference[name]
+        held = self.held(study) if reference is None else {}
+        if name in held:
+            return held[name]
         return self.base.sample_independent(study, trial, name, distribution)
 
     def before_trial(self, study, trial) -> None:

@@ -125,6 +125,26 @@ def suggest_params(trial) -> HeadParams:
     )
 
 
+def settle_standardize(references) -> dict:
+    """What the two reference trials settle: when the reference head (raw pooled vectors) collapsed and its
+    standardized twin did not, the cache's features are too badly scaled for an unstandardized head, and
+    every later trial keeps ``standardize`` on instead of spending the budget on heads that collapse (issue 7:
+    raw random-weight ResNet152 features collapse the head at every learning rate from 1e-3 to 3e-6).
+    Otherwise (both learn, or both collapse) the search keeps both values open."""
+    raw, standardized = references[0], references[1]
+    if _raw_references_collapsed(raw.user_attrs.get("collapsed"), standardized.user_attrs.get("collapsed")):
+        log.info("Holding standardize=on for the rest of the search: the reference head collapsed "
+                 "(val ROC-AUC %.4f) and the standardized reference did not (%.4f)",
+                 raw.user_attrs.get("metrics", {}).get("roc_auc", float("nan")),
+                 standardized.user_attrs.get("metrics", {}).get("roc_auc", float("nan")))
+        return {"standardize": True}
+    return {}
+
+
+def _raw_references_collapsed(raw_collapsed, standardized_collapsed) -> bool:
+    return bool(raw_collapsed) and standardized_collapsed is False
+
+
 def is_collapsed(probs: np.ndarray, roc_auc: float) -> bool:
     """A head that says (nearly) the same for every validation image, or ranks no better than chance."""
     return bool(np.std(probs) < COLLAPSE_STD or roc_auc <= 0.5)
@@ -152,7 +172,7 @@ def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
     manifest = data.manifest
     run_dir = run_dir_for(cache_path)
     study = open_study(config, cache_path, manifest["fingerprint"], run_dir,
-                       references=[REFERENCE.to_dict(), STANDARDIZED_REFERENCE.to_dict()])
+                       references=[REFERENCE.to_dict(), STANDARDIZED_REFERENCE.to_dict()], settle=settle_standardize)
     probe = _probe(data, run_dir)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     todo = max(0, config.trials - len(study.get_trials(deepcopy=False, states=finished)))
@@ -301,6 +321,12 @@ def format_summary(summary: TrainHeadSummary, top: int = 5) -> str:
         f"{probe.val_scores['roc_auc']:.4f}" + ("  <- the chosen head is BELOW the probe"
                                                if summary.best["val_roc_auc"] < probe.val_scores["roc_auc"] else ""),
         f"  head {summary.run_dir / 'head.keras'}",
+    ]
+    by_number = {r["number"]: r for r in summary.rows}
+    if 0 in by_number and 1 in by_number and _raw_references_collapsed(by_number[0]["collapsed"],
+                                                                         by_number[1]["collapsed"]):
+        lines.append("  standardize held on after trial 1: the reference head collapsed, its standardized twin did not")
+    lines += [
         f"  {'trial':>5} {'val_auc':>8} {'val_loss':>8} {'units':>5} {'dropout':>7} {'lr':>8} {'batch':>5} "
         f"{'l2':>7} {'cw':>3} {'std':>3} {'epochs':>6}",
     ]

@@ -122,3 +122,25 @@ def test_two_workers_share_one_new_study(backend, synthetic_cache, request):
     best = min((row for row in rows if not row["pruned"]), key=rank_trial)
     record = load_head_record(path)
     assert (record["trial_number"], record["params"], record["seed"]) == (best["number"], best["params"], best["seed"])
+
+
+@pytest.mark.parametrize("raw_collapsed, held", [(True, True), (False, False)])
+def test_standardization_is_held_on_only_after_the_raw_reference_collapsed(synthetic_cache, raw_collapsed, held):
+    """When the reference head collapses and its standardized twin does not, later trials keep standardize on;
+    when the raw reference learns, the search keeps proposing both values."""
+    from featcache.tune import settle_standardize
+
+    path = synthetic_cache()
+    config = TrainHeadConfig(cache_dir=path.parent, seed=0)
+    study = open_study(config, path, read_manifest(path)["fingerprint"], run_dir_for(path), REFERENCES,
+                       settle=settle_standardize)
+
+    def objective(trial):  # stands in for a head fit: only the collapsed flag of the references matters
+        params = suggest_params(trial)
+        trial.set_user_attr("collapsed", raw_collapsed and trial.number == 0)
+        return 0.5 if trial.number == 0 else 0.9
+
+    study.optimize(objective, n_trials=14)
+    later = [trial.params["standardize"] for trial in study.trials[2:]]
+    assert [trial.params["standardize"] for trial in study.trials[:2]] == [False, True]
+    assert all(later) if held else set(later) == {False, True}
