@@ -136,7 +136,7 @@ def test_standardization_is_held_on_only_after_the_raw_reference_collapsed(synth
                        settle=settle_standardize)
 
     def objective(trial):  # stands in for a head fit: only the collapsed flag of the references matters
-        params = suggest_params(trial)
+        suggest_params(trial)
         trial.set_user_attr("collapsed", raw_collapsed and trial.number == 0)
         return 0.5 if trial.number == 0 else 0.9
 
