@@ -25,6 +25,7 @@ from featcache.cache import find_cache, list_caches
 from featcache.config import EvaluateConfig
 from featcache.errors import FeatcacheError
 from featcache.integrity import check_plain_name, load_json
+from featcache.calibration import calibration_with_intervals
 from featcache.metrics import majority_baseline, score_with_intervals
 from featcache.probe import Probe
 from featcache.reports import format_comparison, format_report
@@ -112,6 +113,8 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
     }
     report = _report(cache_path, record, manifest, data_dir, scores, test.train_labels, assembled.weights_sha256,
                      parity, scored)
+    report["calibration"] = calibration_with_intervals(scores.labels, scores.probs, n_bootstrap=config.n_bootstrap,
+                                                       seed=config.seed)
     report["probe"] = score_probe(probe, manifest, record, scores, config)
     report["predictions"] = {"path": scores.paths, "label": scores.labels.tolist(),
                              "probability": scores.probs.tolist(), "cached_probability": scores.cached.tolist()}
@@ -198,9 +201,12 @@ def score_probe(probe: Probe | None, manifest: dict, record: dict, test: TestSco
 
 def write_report_files(run_dir: Path, report: dict, labels: np.ndarray, probs: np.ndarray) -> None:
     """report.json, report.md and the plots of one backbone, each replaced atomically."""
-    from featcache.plots import plot_confusions, plot_roc, plot_trials
+    from featcache.plots import plot_calibration, plot_confusions, plot_roc, plot_trials
 
     names = report["class_names"]
+    if "calibration" in report:
+        plot_calibration(labels, probs, report["calibration"]["bins"], names, run_dir / "calibration.png",
+                         f"Test, {report['backbone']}")
     plot_roc([(report["backbone"], labels, probs)], run_dir / "roc.png", f"Test ROC, {report['backbone']}")
     plot_confusions([(f"threshold {report['at_threshold']['threshold']:.3f}",
                       report["at_threshold"]["confusion"]["matrix"]),

@@ -20,7 +20,8 @@ LEVEL = 0.95
 BLOCK_ELEMENTS = 2**19
 
 
-def _check(labels, probs) -> tuple[np.ndarray, np.ndarray]:
+def check_binary(labels, probs) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) int64 0/1 labels and (n,) float64 probabilities, or a one-line error."""
     labels = np.asarray(labels).astype(np.int64).ravel()
     probs = np.asarray(probs, dtype=np.float64).ravel()
     if labels.shape != probs.shape or not len(labels):
@@ -53,7 +54,7 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5
         roc_auc_score,
     )
 
-    labels, probs = _check(labels, probs)
+    labels, probs = check_binary(labels, probs)
     predicted = (probs >= threshold).astype(np.int64)
     both = len(np.unique(labels)) == 2
     nan = float("nan")
@@ -72,7 +73,7 @@ def confusion(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> 
     """Confusion counts ``{"tn", "fp", "fn", "tp"}`` and the 2x2 ``matrix`` (rows true 0/1, columns predicted)."""
     from sklearn.metrics import confusion_matrix
 
-    labels, probs = _check(labels, probs)
+    labels, probs = check_binary(labels, probs)
     matrix = confusion_matrix(labels, (probs >= threshold).astype(np.int64), labels=[0, 1])
     tn, fp, fn, tp = (int(v) for v in matrix.ravel())
     return {"tn": tn, "fp": fp, "fn": fn, "tp": tp, "matrix": matrix.tolist()}
@@ -105,7 +106,7 @@ def bootstrap_samples(labels: np.ndarray, probs: np.ndarray, threshold: float, i
     the tests compare them resample by resample): confusion counts for the threshold metrics,
     the rank statistic for ROC-AUC (ties count one half) and step-wise average precision for PR-AUC.
     """
-    labels, probs = _check(labels, probs)
+    labels, probs = check_binary(labels, probs)
     y = labels[indices].astype(bool)
     scores = probs[indices]
     called = scores >= threshold

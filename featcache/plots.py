@@ -79,3 +79,32 @@ def plot_trials(rows: list[dict], path: Path, title: str = "Head search") -> Pat
     axes.set(xlabel="trial", ylabel="validation ROC-AUC", title=title)
     axes.legend(loc="lower right", fontsize=8)
     return _save(figure, path)
+
+
+def plot_calibration(labels: np.ndarray, probs: np.ndarray, bins: list[dict], class_names: list[str], path: Path,
+                     title: str = "Calibration") -> Path:
+    """Reliability diagram (fraction positive against mean probability per bin, bin counts as bars) beside a
+    histogram of the scores of each true class. ``bins`` as ``calibration.reliability_bins``."""
+    from matplotlib.figure import Figure
+
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    figure = Figure(figsize=(10, 4.2), layout="constrained")
+    reliability, histogram = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    full = [b for b in bins if b["count"]]
+    reliability.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    reliability.plot([b["mean_prob"] for b in full], [b["fraction_positive"] for b in full], "o-", color="C0",
+                     label="model")
+    counts = reliability.twinx()
+    counts.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] for b in bins],
+               width=bins[0]["high"] - bins[0]["low"], alpha=0.15, color="C0")
+    counts.set_ylabel("images per bin")
+    reliability.set(xlabel=f"mean predicted probability of {class_names[1]}",
+                    ylabel=f"fraction {class_names[1]}", xlim=(0, 1), ylim=(0, 1.01), title=f"{title}: reliability")
+    reliability.legend(loc="upper left", fontsize=8)
+    edges = np.linspace(0, 1, 21)
+    for index, name in enumerate(class_names[:2]):
+        histogram.hist(probs[labels == index], bins=edges, alpha=0.6, label=f"true {name}")
+    histogram.set(xlabel=f"predicted probability of {class_names[1]}", ylabel="images",
+                  title=f"{title}: scores per class")
+    histogram.legend(loc="upper center", fontsize=8)
+    return _save(figure, path)

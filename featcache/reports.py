@@ -59,14 +59,37 @@ def format_report(report: dict) -> str:
                      f"{_num(base['metrics'][name])} |")
     lines += ["", f"Validation (the head's own split): ROC-AUC {_num(report['validation']['roc_auc'])}, "
               f"accuracy {_num(report['validation']['accuracy'])} at the threshold.", "", *_probe_lines(report), "",
-              f"## Confusion matrix at threshold {at_t['threshold']:.3f}", ""]
+              *_calibration_lines(report), f"## Confusion matrix at threshold {at_t['threshold']:.3f}", ""]
     lines += _confusion(at_t["confusion"], names)
     lines += ["", "## Confusion matrix at 0.5", ""] + _confusion(at_half["confusion"], names)
     skipped = test["skipped"] + test["skipped_at_extraction"]
     if skipped:
         lines += ["", "## Skipped test images", ""] + [f"- `{s['path']}`: {s['error']}" for s in skipped]
-    lines += ["", "Plots: [ROC](roc.png), [confusion matrices](confusion.png), [trial history](trials.png).", ""]
+    lines += ["", "Plots: [ROC](roc.png), [confusion matrices](confusion.png), [calibration](calibration.png), "
+              "[trial history](trials.png).", ""]
     return "\n".join(lines)
+
+
+def _calibration_lines(report: dict) -> list[str]:
+    """The head's calibration on test: Brier score and ECE with intervals, and the reliability bins."""
+    calibration = report.get("calibration")
+    if not calibration:
+        return []
+    names, metrics = report["class_names"], calibration["metrics"]
+    lines = [f"## Calibration on test ({calibration['n_bins']} equal-width bins of the probability of {names[1]})", "",
+             f"Brier score {_ci(metrics['brier'])} (0 is perfect; always answering the test prevalence scores "
+             f"{_num(_prevalence_brier(report))}); expected calibration error {_ci(metrics['ece'])}.", "",
+             f"| probability bin | images | mean probability | fraction {names[1]} |", "| --- | --- | --- | --- |"]
+    lines += [f"| {b['low']:.1f}-{b['high']:.1f} | {b['count']} | {_num(b['mean_prob'])} | "
+              f"{_num(b['fraction_positive'])} |" for b in calibration["bins"] if b["count"]]
+    return lines + [""]
+
+
+def _prevalence_brier(report: dict) -> float:
+    """The Brier score of the constant answer p = test prevalence: p (1 - p), a floor for the Brier score."""
+    test = report["test"]
+    prevalence = test["positives"] / max(1, test["images"])
+    return prevalence * (1 - prevalence)
 
 
 def _probe_lines(report: dict) -> list[str]:
@@ -89,8 +112,8 @@ def format_comparison(reports: list[dict], selection: dict) -> str:
         "# Backbone comparison", "",
         f"Selected for export: **{selection['backbone']}** (`{selection['cache_file']}`): {selection['criterion']}.", "",
         "| Backbone | Val ROC-AUC | Threshold | Test Accuracy | Test Accuracy at 0.5 | Test ROC-AUC | Sensitivity "
-        "| Specificity | Probe Val ROC-AUC | Probe Test ROC-AUC |",
-        "| --- | ---: | ---: | --- | --- | --- | --- | --- | ---: | --- |",
+        "| Specificity | Brier | ECE | Probe Val ROC-AUC | Probe Test ROC-AUC |",
+        "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- | --- | ---: | --- |",
     ]
     below = []
     for report in sorted(reports, key=lambda r: r["cache_file"]):
@@ -99,9 +122,12 @@ def format_comparison(reports: list[dict], selection: dict) -> str:
         probe = report.get("probe")
         floor = (f"{_num(probe['validation']['roc_auc'])} | {_ci(probe['test']['metrics']['roc_auc'])}"
                  if probe else "n/a | n/a")
+        calibration = report.get("calibration")
+        calibrated = (f"{_ci(calibration['metrics']['brier'])} | {_ci(calibration['metrics']['ece'])}"
+                      if calibration else "n/a | n/a")
         lines.append(f"| {report['backbone']}{mark} | {_num(report['validation']['roc_auc'])} | "
                      f"{report['at_threshold']['threshold']:.3f} | {_ci(m['accuracy'])} | {_ci(half['accuracy'])} | "
-                     f"{_ci(m['roc_auc'])} | {_ci(m['sensitivity'])} | {_ci(m['specificity'])} | {floor} |")
+                     f"{_ci(m['roc_auc'])} | {_ci(m['sensitivity'])} | {_ci(m['specificity'])} | {calibrated} | {floor} |")
         if probe and probe["head_below_probe_on_validation"]:
             below.append(report["backbone"])
     if reports:
@@ -114,7 +140,8 @@ def format_comparison(reports: list[dict], selection: dict) -> str:
     if below:
         lines.append(f"**Warning: the tuned head is below the linear probe on validation for {', '.join(below)}.**")
     lines += ["", "Sensitivity and specificity at each head's validation-chosen threshold; brackets: 95 % bootstrap "
-              "CI. ROC curves: [roc.png](roc.png).", ""]
+              "CI. Brier score and expected calibration error (ECE, 10 equal-width bins) of the test probabilities: lower is "
+              "better. ROC curves: [roc.png](roc.png).", ""]
     return "\n".join(lines)
 
 

@@ -75,8 +75,26 @@ def test_linear_probe_is_scored_on_the_same_test_images_beside_the_head(run):
     assert "linear probe (floor): test ROC-AUC" in run["outputs"]["evaluate"]
 
 
+def test_calibration_of_the_test_probabilities_is_reported_and_drawn(run):
+    from sklearn.metrics import brier_score_loss
+
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    labels, probs = np.array(report["predictions"]["label"]), np.array(report["predictions"]["probability"])
+    calibration = report["calibration"]
+    brier, ece = calibration["metrics"]["brier"], calibration["metrics"]["ece"]
+    assert brier["value"] == pytest.approx(brier_score_loss(labels, probs))
+    assert brier["ci_low"] <= brier["value"] <= brier["ci_high"] and ece["ci_low"] <= ece["value"] <= ece["ci_high"]
+    bins = calibration["bins"]
+    assert sum(b["count"] for b in bins) == len(labels) == report["test"]["images"]
+    assert ece["value"] == pytest.approx(sum(b["count"] * abs(b["fraction_positive"] - b["mean_prob"])
+                                             for b in bins if b["count"]) / len(labels))
+    assert "## Calibration on test" in (run["run_dir"] / "report.md").read_text()
+    assert (run["run_dir"] / "calibration.png").stat().st_size > 0
+    assert f"{ece['value']:.3f} [" in (run["cache_dir"] / "runs" / "comparison.md").read_text()
+
+
 def test_report_files_and_selection(run):
-    for name in ("report.json", "report.md", "roc.png", "confusion.png", "trials.png"):
+    for name in ("report.json", "report.md", "roc.png", "confusion.png", "calibration.png", "trials.png"):
         assert (run["run_dir"] / name).stat().st_size > 0, name
     runs = run["cache_dir"] / "runs"
     selection = json.loads((runs / "selection.json").read_text())
@@ -231,11 +249,18 @@ def test_the_batch_size_changes_nothing_but_the_last_float32_bits(run, tmp_path)
 
     small, large = dict(leaves(reports[0])), dict(leaves(reports[1]))
     assert small.keys() == large.keys()
+    # Calibration averages the probabilities themselves: it moves with their last bits, within float error.
+    noisy |= {key for key in small if key[0] == "calibration" and key[1] in ("metrics", "bins")}
     for key in small.keys() - noisy - {("run_dir",)}:  # two copies of the run folder
         assert small[key] == large[key], key  # metrics, intervals, paths, counts, the probe: identical
     # A row's float32 probability can differ in the last bits between batch shapes (CPU kernels are chosen by shape).
-    for key in noisy - {("created",)}:
+    for key in noisy - {("created",), ("calibration", "bins")}:
         np.testing.assert_allclose(small[key], large[key], rtol=0, atol=1e-6, err_msg=str(key))
+    for one, other in zip(small[("calibration", "bins")], large[("calibration", "bins")], strict=True):
+        assert one["count"] == other["count"]
+        if one["count"]:  # an empty bin has no means (null in report.json)
+            np.testing.assert_allclose([one["mean_prob"], one["fraction_positive"]],
+                                       [other["mean_prob"], other["fraction_positive"]], rtol=0, atol=1e-6)
 
 
 def test_a_damaged_last_test_row_is_refused_after_streaming_and_nothing_is_written(run, tmp_path):

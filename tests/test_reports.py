@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from featcache.calibration import calibration_with_intervals
 from featcache.metrics import majority_baseline, score_with_intervals
 from featcache.reports import format_comparison, format_report, format_summary
 
@@ -24,6 +25,7 @@ def fake_report(backbone: str, val_auc: float, test_probs_quality: float, seed: 
         "at_threshold": score_with_intervals(labels, probs, 0.42, n_bootstrap=50),
         "at_0.5": score_with_intervals(labels, probs, 0.5, n_bootstrap=50),
         "baseline": majority_baseline(np.ones(10), labels),
+        "calibration": calibration_with_intervals(labels, probs, n_bootstrap=50),
         "parity": {"images": 60, "max_abs_diff": 1.2e-4, "mean_abs_diff": 3e-5, "tolerance": 1e-3, "worst": "x"},
         "predictions": {"path": [f"test/{i}.jpeg" for i in range(60)], "label": labels.tolist(),
                         "probability": probs.tolist(), "cached_probability": probs.tolist()},
@@ -36,7 +38,8 @@ def test_report_markdown_shows_metrics_with_intervals():
     acc = report["at_threshold"]["metrics"]["accuracy"]
     assert f"{acc['value']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]" in text
     for label in ("Sensitivity (recall of PNEUMONIA)", "Specificity", "Precision", "F1", "ROC-AUC", "PR-AUC",
-                  "majority baseline (PNEUMONIA)", "Confusion matrix at 0.5", "parity", "1.20e-04"):
+                  "majority baseline (PNEUMONIA)", "Confusion matrix at 0.5", "parity", "1.20e-04",
+                  "## Calibration on test", "expected calibration error"):
         assert label in text, label
     c = report["at_threshold"]["confusion"]
     assert f"| PNEUMONIA | {c['fn']} | {c['tp']} |" in text
