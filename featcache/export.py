@@ -18,11 +18,13 @@ import numpy as np
 from featcache import __version__
 from featcache.assemble import EndToEnd, assemble_model, predict_images
 from featcache.cache import find_cache
+from featcache.cardtext import data_summary, extract_command, render_model_card
 from featcache.data import MAX_PIXELS, decode_and_resize, decode_bytes, hash_file
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.evaluate import REPORT_FILE, read_report, read_selection
 from featcache.config import ExportConfig
 from featcache.modelcard import (
+    MODEL_CARD_FILE,
     CARD_FILE,
     KERAS_FILE,
     SAVED_MODEL_DIR,
@@ -71,6 +73,7 @@ def export_model(config: ExportConfig) -> ExportSummary:
         verification = verify_export(tmp, assembled, _verification_images(report, manifest["image_size"]))
         card = model_card(assembled, cache_path, report, verification, hash_file(tmp / KERAS_FILE))
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
+        (tmp / MODEL_CARD_FILE).write_text(render_model_card(card))
         _check_out(out, config.force)  # again: the folder may have changed during the minutes of this export
         _replace_dir(tmp, out)
     except BaseException:
@@ -241,6 +244,11 @@ def model_card(assembled: EndToEnd, cache_path: Path, report: dict, verification
                    "linear_probe": None if not report.get("probe") else {
                        "c": report["probe"]["c"], "val_roc_auc": report["probe"]["validation"]["roc_auc"],
                        "test_roc_auc": report["probe"]["test"]["metrics"]["roc_auc"]}},
+        "calibration": (report.get("calibration") or {}).get("metrics"),
+        "training_data": {**data_summary(cache_path), "data_dir": manifest["data_dir"],
+                          "command": extract_command(manifest), "augment": manifest["augment"],
+                          "split_method": manifest["split"]["method"]},
+        "search": _search(record),
         "parity": report["parity"],
         "verification": verification,
         "files": {"keras": KERAS_FILE, "keras_sha256": keras_sha256, "saved_model": SAVED_MODEL_DIR,
@@ -251,6 +259,13 @@ def model_card(assembled: EndToEnd, cache_path: Path, report: dict, verification
         "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
+
+
+def _search(record: dict) -> dict:
+    """How many trials the head's study held and its base seed (trial n is seeded with seed + n)."""
+    trials = Path(record["run_dir"]) / "trials.jsonl"
+    count = sum(1 for line in trials.read_text().splitlines() if line.strip()) if trials.is_file() else None
+    return {"trials": count, "seed": int(record["seed"]) - int(record["trial_number"])}
 
 
 def _remove_stale(out: Path) -> None:

@@ -19,7 +19,8 @@ CARD_FILE = "model.json"
 SIGNATURE = "serving_default"
 THRESHOLD_SIGNATURE = "threshold"  # a second SavedModel signature: () -> {"threshold": float64}
 CARD_DIGEST = "card_sha256"
-EXPORT_ENTRIES = frozenset({KERAS_FILE, SAVED_MODEL_DIR, CARD_FILE})
+MODEL_CARD_FILE = "MODEL_CARD.md"  # rendered from model.json (featcache.cardtext); exports before it lack it
+EXPORT_ENTRIES = frozenset({KERAS_FILE, SAVED_MODEL_DIR, CARD_FILE, MODEL_CARD_FILE})
 SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets"})
 VARIABLES_FILE = re.compile(r"variables\.(index|data-\d{5}-of-\d{5})")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache import list_caches, open_cache
+from featcache.cardtext import render_model_card
 from featcache.checksums import DATASETS, check_dataset, read_checked
 from featcache.data import SPLITS, read_split_registry
 from featcache.errors import DamagedFileError, FeatcacheError
@@ -23,6 +24,7 @@ from featcache.integrity import first_line, load_keras_checked
 from featcache.modelcard import (
     CARD_FILE,
     KERAS_FILE,
+    MODEL_CARD_FILE,
     SAVED_MODEL_DIR,
     SIGNATURE,
     THRESHOLD_SIGNATURE,
@@ -186,9 +188,18 @@ def verify_export(folder: Path) -> Verification:
         check_export_folder(folder, FIX_EXPORT)
         return "only what an export writes; model.keras SHA-256 matches model.json"
 
+    def model_card_text() -> str:
+        if not (folder / MODEL_CARD_FILE).is_file():
+            return "absent (an export of an older featcache)"
+        if (folder / MODEL_CARD_FILE).read_text(errors="replace") != render_model_card(card):
+            raise DamagedFileError(f"{folder / MODEL_CARD_FILE} no longer says what {CARD_FILE} says (edited after "
+                                   f"export); {FIX_EXPORT} Received: model={str(folder)!r}")
+        return f"rendered from {CARD_FILE}, unedited"
+
     if not result.run(CARD_FILE, model_json):
         return result
     result.run("contents", contents)
+    result.run(MODEL_CARD_FILE, model_card_text)
     result.run(f"{KERAS_FILE} in safe mode", keras_file)
     if result.run(SAVED_MODEL_DIR, saved_model):
         result.run("threshold", lambda: _threshold(serving, card, folder))

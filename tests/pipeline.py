@@ -37,7 +37,7 @@ def dev_pipeline(tmp_path_factory, dev_data: Path) -> dict:
             ("export", ["export", "--cache-dir", cache_dir, "--out", model]),
         ):
             result = run_cli(*args)
-            assert result.exit_code == 0, f"{name}: {result.output}"
+            assert result.exit_code == 0, f"{name}: {result.output} {result.exception!r}"
             outputs[name] = result.output
             (root / f"{name}.out").write_text(result.output)
         (root / "done").touch()

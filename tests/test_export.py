@@ -99,7 +99,44 @@ def test_model_card(run):
     assert card["verification"]["max_abs_diff_model_keras"] <= 1e-5
     assert card["verification"]["max_abs_diff_saved_model"] <= 1e-5
     assert card["files"]["keras_sha256"] == hashlib.sha256((run["model"] / "model.keras").read_bytes()).hexdigest()
-    assert sorted(p.name for p in run["model"].iterdir()) == ["model.export", "model.json", "model.keras"]
+    assert sorted(p.name for p in run["model"].iterdir()) == ["MODEL_CARD.md", "model.export", "model.json",
+                                                              "model.keras"]
+
+
+def test_model_card_markdown_says_what_model_json_says(run, tmp_path):
+    import h5py
+    import shlex
+
+    from featcache.cardtext import render_model_card
+    from featcache.cache import read_manifest
+
+    card = json.loads((run["model"] / "model.json").read_text())
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    manifest = read_manifest(run["cache"])
+    data = card["training_data"]
+    with h5py.File(run["cache"], "r") as handle:  # counted here from the file table, independently
+        labels, splits = handle["files/label"][...], handle["files/split"][...]
+        patients = handle["files/patient"].asstr()[...]
+    for code, split in enumerate(("train", "val", "test")):
+        assert sum(data["images"][split].values()) == manifest["counts"][split] > 0
+        assert data["patients"][split] == len(set(patients[splits == code])) > 0
+        assert data["images"][split]["PNEUMONIA"] == int(((splits == code) & (labels == 1)).sum())
+    assert data["images"]["test"]["PNEUMONIA"] == report["test"]["positives"]
+    assert data["augmented_copies"] == manifest["counts"]["train_copies"]
+    assert card["calibration"] == report["calibration"]["metrics"]
+    text = (run["model"] / "MODEL_CARD.md").read_text()
+    assert text == render_model_card(card)
+    train = data["images"]["train"]
+    for expected in ("random (seeded) weights", "Not a medical device", "## Known limitations", "Brier score",
+                     f"| train | {train['NORMAL']} | {train['PNEUMONIA']} | {data['patients']['train']} |",
+                     card["cache_fingerprint"], data["command"]):
+        assert expected in text, expected
+    # The card's extract command rebuilds this very cache: run in a copy of the cache folder, it finds every
+    # row already there (same fingerprint) and computes none.
+    copy = copy_run(run, tmp_path)
+    result = run_cli(*shlex.split(data["command"])[1:], "--cache-dir", str(copy["cache_dir"]), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert copy["cache"].name in result.output and "computed 0 rows" in result.output
 
 
 def _one_line_error(result, message):

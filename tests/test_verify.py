@@ -66,7 +66,8 @@ def test_an_untouched_cache_and_export_pass_every_check(run):
     assert all(ok for ok, _ in checks.values())
     code, checks, verdict = _verify(run["model"])
     assert code == 0 and verdict.startswith("verdict: OK"), checks
-    assert {"model.json", "contents", "model.keras in safe mode", "model.export", "threshold", "agreement"} == set(checks)
+    assert {"model.json", "contents", "MODEL_CARD.md", "model.keras in safe mode", "model.export", "threshold",
+            "agreement"} == set(checks)
 
 
 def test_a_folder_of_caches_is_verified_cache_by_cache(run):
@@ -264,6 +265,17 @@ def test_an_edited_threshold_fails_verify_even_when_the_card_is_resealed(copy):
     path.write_text(json.dumps(resealed))
     code, checks, _ = _verify(copy["model"])  # the card is self-consistent now, but the SavedModel knows better
     assert code == 1 and checks["model.json"][0] and not checks["threshold"][0]
+
+
+def test_an_edited_model_card_text_fails_verify_and_an_absent_one_is_reported(copy):
+    path = copy["model"] / "MODEL_CARD.md"
+    path.write_text(path.read_text().replace("Not a medical device", "A medical device"))
+    code, checks, _ = _verify(copy["model"])
+    assert code == 1 and not checks["MODEL_CARD.md"][0] and "edited after export" in checks["MODEL_CARD.md"][1]
+    assert checks["model.json"][0] and checks["contents"][0]
+    path.unlink()  # an export of an older featcache has none: not an error
+    code, checks, _ = _verify(copy["model"])
+    assert code == 0 and "absent" in checks["MODEL_CARD.md"][1]
 
 
 def test_a_swapped_model_keras_fails_verify(copy, tmp_path):

@@ -1,0 +1,161 @@
+"""MODEL_CARD.md: the human-readable model card of an export, rendered from ``model.json`` alone.
+
+The Markdown is a pure function of the sealed card (``render_model_card``), so ``verify`` can prove that the
+file beside it says what the card says, and nothing in it is computed twice. The facts the card did not hold
+before (the training data per split and class, calibration) are gathered at export by ``data_summary`` and
+the evaluation report.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+DATASET_NOTE = (
+    "The Kermany et al. (2018) chest X-ray set is paediatric (patients aged one to five, from one centre in "
+    "Guangzhou). Its test folder differs from its training folders (62.5 % pneumonia in test against 74 % in "
+    "train, and a test set small enough for wide intervals), so a score on it does not say how the model does "
+    "elsewhere: adults, other hospitals, other devices and other diseases are outside what it shows.")
+
+
+def data_summary(cache_path: str | Path) -> dict:
+    """Images per split and class, patients per split, from a cache's file table (one row per file, no maps).
+
+    Returns:
+        ``{"images": {split: {class: n}}, "patients": {split: n}, "augmented_copies": n}``.
+    """
+    from featcache.cache import open_cache, read_manifest
+    from featcache.checksums import read_checked
+    from featcache.data import SPLIT_CODES
+
+    names = [str(name) for name in read_manifest(cache_path)["class_names"]]
+    with open_cache(cache_path) as handle:
+        labels = read_checked(handle, "files/label")
+        splits = read_checked(handle, "files/split")
+        patients = read_checked(handle, "files/patient")
+        copies = int((read_checked(handle, "copy_index", read_checked(handle, "split")) > 0).sum())
+    patients = np.asarray(patients).astype(str)
+    images = {split: {name: int(((splits == code) & (labels == index)).sum()) for index, name in enumerate(names)}
+              for split, code in SPLIT_CODES.items()}
+    return {"images": images,
+            "patients": {split: len(set(patients[splits == code])) for split, code in SPLIT_CODES.items()},
+            "augmented_copies": copies}
+
+
+def extract_command(manifest: dict) -> str:
+    """The ``featcache extract`` command line that rebuilds a cache of these settings (same fingerprint when the
+    data folder holds the same files)."""
+    weights = manifest["weights"]
+    source = weights.get("path") or weights["source"]
+    return (f"featcache extract --data {manifest['data_dir']} --backbone {manifest['backbone']} --weights {source} "
+            f"--image-size {manifest['image_size']} --augment-copies {manifest['augment']['copies']} "
+            f"--seed {manifest['seed']} --dtype {manifest['dtype']} --precision {manifest.get('precision', 'float32')}")
+
+
+def _augment_text(augment: dict | None) -> str:
+    if not augment:
+        return "n/a"
+    return ", ".join(f"{key} {value}" for key, value in sorted(augment.items()) if key not in ("copies", "version"))
+
+
+def _num(value, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _ci(entry: dict | None) -> str:
+    if not entry:
+        return "n/a"
+    return f"{_num(entry['value'])} [{_num(entry['ci_low'])}, {_num(entry['ci_high'])}]"
+
+
+def render_model_card(card: dict) -> str:
+    """MODEL_CARD.md from a sealed ``model.json`` (see ``export.model_card``)."""
+    names, data = card["class_names"], card.get("training_data") or {}
+    positive, weights = card["positive_class"], card["weights"]
+    lines = [f"# Model card: {card['backbone']} + tuned head, {' vs '.join(names)}", ""]
+    if weights["source"] == "random":
+        lines += ["> **This model's backbone has random (seeded) weights, not ImageNet weights.** Its figures only "
+                  "show that the pipeline works; it is not a classifier to use.", ""]
+    lines += [
+        "## Intended use", "",
+        f"Research and teaching: a transfer-learning baseline that labels a frontal chest X-ray image "
+        f"{' or '.join(names)} and gives the probability of {positive}. **Not a medical device**; not for diagnosis, "
+        "triage or any decision about a patient. Its threshold was chosen on a validation split and should be "
+        "chosen again for any other population.", "",
+        "## Model", "",
+        f"- Backbone: {card['backbone']} (frozen), weights {weights['source']} (SHA-256 `{weights['sha256'][:16]}`), "
+        f"input {card['image_size']}×{card['image_size']} RGB; decoding, resizing and preprocessing are inside the "
+        "model (`model.keras`, and `model.export/` taking encoded JPEG/PNG bytes).",
+        f"- Head: trial {card['head']['trial_number']} of study `{card['head']['study_name']}`, parameters "
+        f"`{card['head']['params']}`.",
+        f"- Decision threshold {card['threshold']:.4f} ({card['threshold_method']}): {positive} when "
+        f"P({positive}) ≥ threshold.", "",
+        "## Training data", "",
+    ]
+    if data:
+        lines += [f"From `{data.get('data_dir', 'n/a')}`; cache fingerprint `{card['cache_fingerprint'][:12]}`.", "",
+                  f"| split | {' | '.join(names)} | patients |", "| --- |" + " ---: |" * (len(names) + 1)]
+        for split in ("train", "val", "test"):
+            counts = data["images"][split]
+            lines.append(f"| {split} | {' | '.join(str(counts[n]) for n in names)} | {data['patients'][split]} |")
+        lines += ["", f"Training images were also seen as {data['augmented_copies']} augmented copies "
+                  f"({_augment_text(data.get('augment'))}). Validation holds whole patients ({data.get('split_method', 'n/a')}), "
+                  "so no patient is in both train and validation.", ""]
+    else:
+        lines += ["Not recorded (an export of an older featcache).", ""]
+    lines += _metric_lines(card) + _limitation_lines(card) + _reproduce_lines(card)
+    return "\n".join(lines)
+
+
+def _metric_lines(card: dict) -> list[str]:
+    ci = card["test_metrics_ci"]
+    floors = card.get("floors") or {}
+    probe = floors.get("linear_probe")
+    lines = [f"## Test metrics ({card['test_images']} test images; 95 % bootstrap intervals)", "",
+             f"| metric | at threshold {card['threshold']:.3f} | at 0.5 |", "| --- | --- | --- |"]
+    for name in ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc"):
+        lines.append(f"| {name} | {_ci(ci['at_threshold'].get(name))} | {_ci(ci['at_0.5'].get(name))} |")
+    lines += ["", f"Validation ROC-AUC {_num(card['validation_metrics'].get('roc_auc'))} (the split the head and "
+              "threshold were chosen on)."]
+    if floors:
+        base = floors.get("majority_baseline") or {}
+        lines.append(f"Floors: always answering the training majority scores accuracy {_num(base.get('accuracy'))}"
+                     + (f"; a linear probe on the same features scores test ROC-AUC {_ci(probe['test_roc_auc'])}"
+                        if probe else "") + ".")
+    calibration = card.get("calibration")
+    if calibration:
+        lines.append(f"Calibration on test: Brier score {_ci(calibration['brier'])}, expected calibration error "
+                     f"{_ci(calibration['ece'])} (10 equal-width bins).")
+    parity = card.get("parity") or {}
+    if parity:
+        lines.append(f"Parity: the end-to-end model and the head on cached maps differ by at most "
+                     f"{parity.get('max_abs_diff', float('nan')):.1e} over {parity.get('images')} test images.")
+    return lines + [""]
+
+
+def _limitation_lines(card: dict) -> list[str]:
+    lines = ["## Known limitations", ""]
+    if card["weights"]["source"] == "random":
+        lines.append("- Random backbone weights: the features carry no ImageNet knowledge; re-extract with "
+                     "`--weights imagenet` (or a local weights file) for a usable model.")
+    lines += [f"- {DATASET_NOTE}",
+              "- Trained on one image per study with image-level labels; it has not seen lateral views, other "
+              "modalities, or images with devices and text burnt in beyond what the training set holds (models of "
+              "this kind are known to learn such shortcuts: look at where it looks before trusting it).",
+              "- Probabilities are calibrated only as far as the calibration figures above say, on this test set.", ""]
+    return lines
+
+
+def _reproduce_lines(card: dict) -> list[str]:
+    data, head, search = card.get("training_data") or {}, card["head"], card.get("search") or {}
+    extract = data.get("command") or f"featcache extract --backbone {card['backbone']} ..."
+    return ["## Reproduce", "", "```bash", extract,
+            f"featcache train-head --backbone {card['backbone']} --trials {search.get('trials', 'N')} "
+            f"--seed {search.get('seed', 0)}",
+            f"featcache evaluate --backbone {card['backbone']}", f"featcache export --backbone {card['backbone']}",
+            "```", "",
+            f"Cache fingerprint `{card['cache_fingerprint']}`; head SHA-256 `{head['head_sha256']}`; backbone weights "
+            f"SHA-256 `{card['weights']['sha256']}`; featcache {card['versions']['featcache']}, TensorFlow "
+            f"{card['versions']['tensorflow']}, Keras {card['versions']['keras']}.", ""]
