@@ -178,6 +178,41 @@ def predict(
 
 
 @app.command()
+def explain(
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders (needs --model); none: cached rows of --split.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Export folder: explain new files end to end.")] = None,
+    cache_dir: CacheDir = Path("cache"),
+    backbone: Annotated[Optional[str], typer.Option("--backbone", help="Cache to explain (default: the one 'featcache evaluate' selected, else the only one).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Cached rows of this split: test, val or train.")] = "test",
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many cached images.")] = 32,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Data folder of the raw files (default: the cache's).")] = None,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Recompute each cached heatmap end to end from the raw file and compare.")] = True,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNG overlays and heatmaps.json.")] = Path("explain"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw heatmaps as one JSON document.")] = False,
+) -> None:
+    """Grad-CAM heatmaps of the head's decision: from cached maps (no backbone pass) or, with --model, end to end."""
+    import json
+
+    from featcache.explain import (explain_cached, explain_files, format_result, select_cache, to_json,
+                                   write_explanations)
+
+    try:
+        if inputs:
+            if model is None:
+                raise FeatcacheError("Explaining image files needs --model (an export folder); without files, "
+                                     "explain reads cached rows of --split. Received: model=None")
+            result = explain_files(inputs, model)
+        else:
+            result = explain_cached(select_cache(cache_dir, backbone), split, limit, data, check)
+        write_explanations(result, out)
+    except FeatcacheError as error:
+        _fail(error)
+    typer.echo(json.dumps(to_json(result), indent=1) if as_json else format_result(result) + f"\n  written to {out}/")
+    for item in result.skipped if not as_json else []:
+        typer.secho(f"skipped {item['path']}: {item['error']}", fg=typer.colors.YELLOW, err=True)
+
+
+@app.command()
 def verify(
     target: Annotated[Path, typer.Argument(help="A cache file, a folder of caches, or an export folder.")] = Path("cache"),
 ) -> None:

@@ -108,3 +108,21 @@ def plot_calibration(labels: np.ndarray, probs: np.ndarray, bins: list[dict], cl
                   title=f"{title}: scores per class")
     histogram.legend(loc="upper center", fontsize=8)
     return _save(figure, path)
+
+
+def plot_heatmap(image: np.ndarray, heatmap: np.ndarray, title: str, path: Path) -> Path:
+    """The (s, s, 3) uint8 image with a [0, 1] Grad-CAM heatmap upsampled onto it (bilinear), and a colour bar."""
+    from matplotlib.figure import Figure
+
+    from featcache.gradcam import upsample
+
+    size = image.shape[0]
+    figure = Figure(figsize=(5, 5.3), layout="constrained")
+    axes = figure.add_subplot()
+    axes.imshow(image, interpolation="nearest")
+    overlay = axes.imshow(upsample(heatmap, size), cmap="jet", alpha=0.4, vmin=0, vmax=1, extent=(-0.5, size - 0.5,
+                                                                                                    size - 0.5, -0.5))
+    figure.colorbar(overlay, ax=axes, fraction=0.046, pad=0.02, label="Grad-CAM (scaled to its maximum)")
+    axes.set_title(title, fontsize=9)
+    axes.set_axis_off()
+    return _save(figure, path)
