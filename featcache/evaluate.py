@@ -26,6 +26,7 @@ from featcache.config import EvaluateConfig
 from featcache.errors import FeatcacheError
 from featcache.integrity import check_plain_name, load_json
 from featcache.calibration import calibration_with_intervals
+from featcache.html_report import HTML_FILE, render_comparison, write_backbone_html
 from featcache.metrics import majority_baseline, score_with_intervals
 from featcache.probe import Probe
 from featcache.reports import format_comparison, format_report
@@ -119,6 +120,7 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
     report["predictions"] = {"path": scores.paths, "label": scores.labels.tolist(),
                              "probability": scores.probs.tolist(), "cached_probability": scores.cached.tolist()}
     write_report_files(Path(record["run_dir"]), report, scores.labels, scores.probs)
+    write_backbone_html(report, Path(record["run_dir"]), cache_path, assembled, data_dir)
     return report
 
 
@@ -281,6 +283,7 @@ def write_selection(cache_dir: Path) -> dict:
               for r in reports]
     plot_roc(curves, runs / "roc.png", "Test ROC, all backbones")
     write_atomic(runs / "comparison.md", format_comparison(reports, selection))
+    write_atomic(runs / HTML_FILE, render_comparison(reports, selection, runs))
     write_atomic(runs / SELECTION_FILE, json.dumps(selection, indent=1, sort_keys=True) + "\n")
     log.info("selected %s (%s)", selection["backbone"], CRITERION)
     return selection

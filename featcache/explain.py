@@ -84,39 +84,75 @@ def explain_cached(cache_path: Path, split: str = "test", limit: int | None = 32
         FeatcacheError: ``check`` and a heatmap differs from the end-to-end one by more than the tolerance.
     """
     from featcache.assemble import assemble_model
-    from featcache.cache import open_cache, read_rows
-    from featcache.checksums import read_checked
-    from featcache.data import SPLIT_CODES, load_image
     from featcache.runs import check_head_matches_cache, load_head_record
 
-    if split not in SPLIT_CODES:
-        raise FeatcacheError(f"--split must be one of {', '.join(SPLIT_CODES)}. Received: split={split!r}")
     record = load_head_record(cache_path)
     manifest = check_head_matches_cache(record, cache_path)
     data_dir = Path(data_dir) if data_dir is not None else Path(manifest["data_dir"])
+    paths, labels, maps = cached_rows(cache_path, split, limit=limit)
+    assembled = assemble_model(cache_path, record, manifest)
+    explanations, skipped = explain_maps(assembled, data_dir, paths, labels, maps)
+    agreement = _check_agreement(assembled, explanations, manifest["dtype"]) if check else None
+    return ExplainResult(explanations, skipped, f"cache {Path(cache_path).name}", agreement,
+                         manifest["class_names"][1])
+
+
+def cached_rows(cache_path: Path, split: str, limit: int | None = None,
+                paths: list[str] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Paths, labels and (float32) cached maps of the original images of ``split``: the first ``limit`` of
+    them, or those of ``paths`` (in that order).
+
+    Raises:
+        FeatcacheError: an unknown split, no image of that split, or a path that is not one of its images.
+    """
+    from featcache.cache import open_cache, read_rows
+    from featcache.checksums import read_checked
+    from featcache.data import SPLIT_CODES
+
+    if split not in SPLIT_CODES:
+        raise FeatcacheError(f"--split must be one of {', '.join(SPLIT_CODES)}. Received: split={split!r}")
     with open_cache(cache_path) as handle:
         splits = read_checked(handle, "split")
         copies, labels = read_checked(handle, "copy_index", splits), read_checked(handle, "labels", splits)
-        rows = np.flatnonzero((splits == SPLIT_CODES[split]) & (copies == 0))[:limit]
+        rows = np.flatnonzero((splits == SPLIT_CODES[split]) & (copies == 0))
         if not len(rows):
             raise FeatcacheError(f"{Path(cache_path).name} has no {split} images. Received: split={split!r}")
-        sources = read_rows(handle["source_index"], rows)
-        paths = read_checked(handle, "files/path")[sources].tolist()
-        maps = read_rows(handle["features"], rows).astype(np.float32)
-    assembled = assemble_model(cache_path, record, manifest)
+        names = read_checked(handle, "files/path")[read_rows(handle["source_index"], rows)].tolist()
+        if paths is None:
+            rows, names = rows[:limit], names[:limit]
+        else:
+            where = dict(zip(names, rows))
+            missing = [p for p in paths if p not in where]
+            if missing:
+                raise FeatcacheError(f"{missing[0]} is not a {split} image of {Path(cache_path).name}. "
+                                     f"Received: path={missing[0]!r}")
+            rows, names = np.array([where[p] for p in paths], np.int64), list(paths)
+        order = np.argsort(rows, kind="stable")  # h5py reads rows in increasing order
+        maps = np.empty((len(rows), *handle["features"].shape[1:]), np.float32)
+        if len(rows):
+            maps[order] = read_rows(handle["features"], rows[order])
+    return names, labels[rows], maps
+
+
+def explain_maps(assembled, data_dir: Path, paths: list[str], labels: np.ndarray,
+                 maps: np.ndarray) -> tuple[list[Explanation], list[dict]]:
+    """Heatmaps of cached maps with the raw images (from ``data_dir``) for the overlays; an unreadable raw file
+    keeps its heatmap and is listed (no overlay)."""
+    from featcache.data import load_image
+
+    manifest, record = assembled.manifest, assembled.record
     heatmaps, probs = gradcam(assembled.head, maps)
     names, threshold = manifest["class_names"], float(record["threshold"])
     explanations, skipped = [], []
-    for path, label, heatmap, prob in zip(paths, labels[rows], heatmaps, probs):
+    for path, label, heatmap, prob in zip(paths, labels, heatmaps, probs):
         try:
-            image = load_image(data_dir / path, manifest["image_size"])
+            image = load_image(Path(data_dir) / path, manifest["image_size"])
         except DataError as exc:  # the heatmap stands; only the overlay is lost
             skipped.append({"path": path, "error": f"no overlay: {exc}"})
             image = None
         explanations.append(Explanation(path, names[int(label)], float(prob), names[int(prob >= threshold)],
                                         heatmap, image))
-    agreement = _check_agreement(assembled, explanations, manifest["dtype"]) if check else None
-    return ExplainResult(explanations, skipped, f"cache {Path(cache_path).name}", agreement, names[1])
+    return explanations, skipped
 
 
 def _check_agreement(assembled, explanations: list[Explanation], dtype: str) -> dict:

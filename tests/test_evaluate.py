@@ -281,3 +281,48 @@ def test_progress_bar_counts_the_test_images(run, tmp_path):
     result = run_cli("evaluate", "--progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "10")
     assert result.exit_code == 0, result.output
     assert "evaluate tiny" in result.output and "150/150" in result.output
+
+
+def test_html_reports_are_self_contained_and_show_the_most_wrong_images(run):
+    import base64
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.images, self.links, self.text = [], [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            attrs = dict(attrs)
+            if tag == "img":
+                self.images.append((attrs["src"], attrs.get("alt", "")))
+            if tag == "a":
+                self.links.append(attrs["href"])
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    page = Page()
+    page.feed((run["run_dir"] / "report.html").read_text())
+    assert "script" not in page.tags and page.images
+    for src, _ in page.images:  # every image is inside the file: readable offline, alone
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
+    text = " ".join(page.text)
+    acc = report["at_threshold"]["metrics"]["accuracy"]
+    assert f"{acc['value']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]" in text and "Random backbone weights" in text
+    assert "Brier score" in text and "linear probe at 0.5" in text
+    # the gallery: the most confident errors, found here from the report's own predictions
+    threshold, predictions = report["at_threshold"]["threshold"], report["predictions"]
+    rows = list(zip(predictions["path"], predictions["label"], predictions["probability"]))
+    fp = [p for p, y, q in sorted(rows, key=lambda r: -r[2]) if y == 0 and q >= threshold][:4]
+    fn = [p for p, y, q in sorted(rows, key=lambda r: r[2]) if y == 1 and q < threshold][:4]
+    captions = [alt for _, alt in page.images if ": P(PNEUMONIA) = " in alt]
+    assert [c.split(":")[0] for c in captions] == fp + fn and len(captions) == len(fp) + len(fn) > 0
+    comparison = Page()
+    comparison.feed((run["cache_dir"] / "runs" / "report.html").read_text())
+    assert "script" not in comparison.tags and all(s.startswith("data:image/png") for s, _ in comparison.images)
+    assert comparison.links == [f"{run['cache'].stem}/report.html"]
+    assert (run["cache_dir"] / "runs" / comparison.links[0]).is_file()
