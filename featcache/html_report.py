@@ -30,6 +30,7 @@ figure { display: inline-block; margin: 0.5rem; vertical-align: top; }
 figure img { max-width: 100%; }
 .gallery figure { width: 16rem; }
 .gallery img { width: 16rem; }
+figcaption { overflow-wrap: anywhere; font-size: 0.85rem; }
 """
 
 

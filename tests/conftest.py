@@ -181,11 +181,21 @@ def synthetic_cache(tmp_path):
 POSTGRES_BINARIES = "/usr/lib/postgresql/*/bin"
 
 
-def _skip_or_fail(reason: str):
-    """Skip on a developer's machine; in CI (env CI set) a test that needs PostgreSQL must run, so fail."""
+def _skip_or_fail(reason: str, service: str = "PostgreSQL"):
+    """Skip on a developer's machine; in CI (env CI set) a test that needs a service must run, so fail."""
     if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must run the PostgreSQL tests (.ci/run installs the server)")
+        pytest.fail(f"{reason}; CI must run the {service} tests (.ci/run installs it)")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of a Chromium (or Chrome) binary for headless rendering checks."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    _skip_or_fail("no Chromium on PATH (apt-get install chromium)", "Chromium")
 
 
 def _free_port() -> int:
