@@ -1,7 +1,10 @@
-"""Backbone registry: name -> spec (architecture, preprocessing, feature shape), and weight loading.
+"""Backbone registry: name -> spec (architecture, preprocessing, input size, feature shape), weight loading
+and the cut at ``--feature-layer``.
 
-Preprocessing is bound to each entry and built from standard Keras layers, so the model that
-extraction runs and the model that export saves are one definition.
+vgg16, resnet152 and tiny are registered as they always were; every other ``keras.applications``
+architecture is registered from ``featcache.applications``. Preprocessing is bound to each entry and built
+from standard Keras layers, so the model that extraction runs and the model that export saves are one
+definition (and loads in safe mode).
 """
 
 from __future__ import annotations
@@ -190,7 +193,7 @@ def load_backbone(spec: BackboneSpec, image_size: int, weights: str, seed: int, 
 
     Args:
         spec: registry entry.
-        image_size: square input side in pixels (a multiple of ``spec.reduction``).
+        image_size: square input side in pixels (``check_image_size``).
         weights: ``"imagenet"``, ``"random"`` (seeded) or a path to a Keras weights file.
         seed: seed of the random initialisation.
         mixed: build with the mixed_float16 policy (GPU); variables stay float32.

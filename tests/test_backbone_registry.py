@@ -203,3 +203,15 @@ def test_backbones_command_lists_names_and_layers():
     assert "feature maps (2, 2, 16)" in layers.output and "tiny_conv3" in layers.output and "(4, 4, 16)" in layers.output
     bad = run_cli("backbones", "resnet51")
     assert bad.exit_code == 1 and "did you mean resnet50" in bad.output
+
+
+@pytest.mark.filterwarnings("ignore:`input_shape` is undefined or non-square")  # Keras: weights are for 224 px
+def test_imagenet_weights_of_a_new_backbone_offline_name_the_alternatives(monkeypatch):
+    from featcache.errors import WeightsError
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    with pytest.raises(WeightsError, match=r"ImageNet weights for mobilenetv3small .*--weights PATH.*--weights random"):
+        load_backbone(get_backbone_spec("MobileNetV3Small"), 32, "imagenet", seed=0)
