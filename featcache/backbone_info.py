@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from featcache.backbones import (
-    BACKBONES, check_image_size, feature_layer_choices, get_backbone_spec, resolve_image_size,
-)
+from featcache.backbones import BACKBONES, check_image_size, get_backbone_spec, resolve_image_size
+from featcache.feature_layers import feature_layer_choices
 
 
 def describe_backbones() -> str:

@@ -10,14 +10,15 @@ import pytest
 from conftest import copy_subset
 from featcache.applications import APPLICATIONS, registry_key
 from featcache.backbones import (
-    BACKBONES, build_extractor, build_preprocessing, check_image_size, feature_layer_choices, get_backbone_spec,
-    hash_weights, load_backbone, load_cached_backbone, resolve_image_size, select_feature_layer,
+    BACKBONES, build_extractor, build_preprocessing, check_image_size, get_backbone_spec, load_backbone,
+    load_cached_backbone, resolve_image_size,
 )
 from featcache.cache import compute_fingerprint, list_caches, open_cache, read_manifest
 from featcache.config import ExtractConfig
 from featcache.data import load_image
 from featcache.errors import FeatcacheError
-from featcache.extract import _feature_settings, extract_features
+from featcache.extract import _feature_settings
+from featcache.feature_layers import feature_layer_choices, select_feature_layer
 from pipeline import run_cli
 
 KERAS_CONSTRUCTORS = sorted(name for name in dir(keras.applications) if name[0].isupper())
