@@ -99,7 +99,7 @@ def backbones(
 @app.command("train-head")
 def train_head(
     cache_dir: CacheDir = Path("cache"),
-    backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="vgg16, resnet152 or tiny (repeatable; default: every backbone with a complete cache).")] = None,
+    backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="A backbone name as given to extract (repeatable; default: every backbone with a complete cache).")] = None,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="One cache FILE to train on (when a folder holds several).")] = None,
     trials: Annotated[int, typer.Option("--trials", help="Finished trials the study should hold; a rerun with more continues it.")] = 20,
     seed: Seed = 0,

@@ -119,6 +119,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
     config = dataclasses.replace(config, image_size=resolve_image_size(spec, config.image_size))
     precision = _effective_precision(config.precision)
     backbone = load_backbone(spec, config.image_size, config.weights, config.seed, mixed=precision == "mixed")
+    extractor = build_extractor(spec, backbone, config.image_size, config.feature_layer)  # checks --feature-layer
     settings = _feature_settings(config, spec, hash_weights(backbone), precision)
     fingerprint = compute_fingerprint(settings)
     paths = CachePaths.for_fingerprint(config.cache_dir, name, fingerprint)
@@ -138,7 +139,6 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         present = {(f.record.path, f.sha256) for f in files}
         skipped = [s for key, s in known_bad.items() if key in present]
         skipped += unreadable
-        extractor = build_extractor(spec, backbone, config.image_size, config.feature_layer)
         timing, bad = _compute_batches(config, folder.root, extractor, missing, store)
         skipped += bad
         bad_paths = {s["path"] for s in bad}

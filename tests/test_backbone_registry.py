@@ -171,6 +171,7 @@ def test_unknown_feature_layer_on_the_command_line(small_xrays, tmp_path):
                      "--weights", "random", "--image-size", "64", "--feature-layer", "conv9", "--no-progress")
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "tiny has no layer 'conv9'; the last layer at each resolution is: tiny_conv0" in result.output
+    assert not list((tmp_path / "c").glob("tiny-*"))  # refused before any cache work (no .partial, no weights)
 
 
 def test_feature_layer_cache_trains_evaluates_and_exports_with_parity(small_xrays, tmp_path):
