@@ -219,3 +219,23 @@ def test_imagenet_weights_of_a_new_backbone_offline_name_the_alternatives(monkey
     monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
     with pytest.raises(WeightsError, match=r"ImageNet weights for mobilenetv3small .*--weights PATH.*--weights random"):
         load_backbone(get_backbone_spec("MobileNetV3Small"), 32, "imagenet", seed=0)
+
+
+@pytest.mark.slow
+def test_a_new_backbone_goes_through_train_head_evaluate_and_export(small_xrays, tmp_path):
+    cache_dir, out = tmp_path / "cache", tmp_path / "model"
+    for args in (
+        ["extract", "--data", small_xrays, "--cache-dir", cache_dir, "--backbone", "EfficientNetV2B0", "--weights",
+         "random", "--image-size", "32", "--augment-copies", "0", "--no-progress"],
+        ["train-head", "--cache-dir", cache_dir, "--backbone", "efficientnet_v2_b0", "--trials", "1", "--no-progress"],
+        ["evaluate", "--no-progress", "--cache-dir", cache_dir, "--bootstrap", "50"],
+        ["export", "--cache-dir", cache_dir, "--out", out],
+    ):
+        result = run_cli(*args)
+        assert result.exit_code == 0, result.output
+    card = json.loads((out / "model.json").read_text())
+    assert card["backbone"] == "efficientnetv2b0" and card["preprocessing"]["backbone"]["mode"] == "none"
+    assert card["parity"]["max_abs_diff"] <= card["parity"]["tolerance"]
+    assert card["verification"]["max_abs_diff_model_keras"] <= card["verification"]["tolerance"]
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    assert model.predict(np.zeros((1, 32, 32, 3), np.uint8), verbose=0).shape == (1, 1)
