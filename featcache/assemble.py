@@ -90,7 +90,7 @@ def assemble_model(cache_path: str | Path, record: dict, manifest: dict) -> EndT
     spec = get_backbone_spec(manifest["backbone"])
     backbone = load_cached_backbone(cache_path, manifest)  # refuses weights of another hash
     head = load_head(record, manifest)
-    extractor = build_extractor(spec, backbone, manifest["image_size"])
+    extractor = build_extractor(spec, backbone, manifest["image_size"], manifest.get("feature_layer"))
     model = keras.Model(extractor.input, head(extractor.output), name=f"featcache_{spec.name}")
     return EndToEnd(model, head, hash_weights(backbone), manifest, record)
 

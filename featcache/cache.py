@@ -34,6 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from featcache.applications import registry_key
 from featcache.checksums import H5_ERRORS, Digests, check_layout, dataset_records, read_checked
 from featcache.data import SPLIT_CODES
 from featcache.errors import (
@@ -336,7 +337,7 @@ def _check_header(handle: h5py.File, path: Path) -> None:
 
 def list_caches(cache_dir: str | Path, backbone: str | None = None) -> list[Path]:
     """Complete cache files in a folder (by name; ``open_cache`` checks the contents)."""
-    pattern = f"{backbone}-*{SUFFIX}" if backbone else f"*{SUFFIX}"
+    pattern = f"{registry_key(backbone)}-*{SUFFIX}" if backbone else f"*{SUFFIX}"  # any spelling of the name
     return sorted(p for p in Path(cache_dir).glob(pattern) if not p.name.endswith(".weights.h5"))
 
 
@@ -347,6 +348,7 @@ def find_cache(cache_dir: str | Path, backbone: str) -> Path:
         IncompleteCacheError: only an unfinished extraction exists.
         FeatcacheError: none, or several to choose from.
     """
+    backbone = registry_key(backbone)
     found = list_caches(cache_dir, backbone)
     if len(found) == 1:
         return found[0]
@@ -435,7 +437,10 @@ def describe_cache(path: str | Path) -> str:
         f"{path} ({path.stat().st_size / 2**20:.1f} MiB)",
         f"  backbone {manifest['backbone']}, weights {manifest['weights']['source']} "
         f"(sha256 {manifest['weights']['sha256'][:12]}), image size {manifest['image_size']}",
-        f"  features {tuple(shape)} {dtype}, fingerprint {manifest['fingerprint'][:12]}",
+        f"  features {tuple(shape)} {dtype}"
+        + (f" from layer {manifest['feature_layer']}" if manifest.get("feature_layer") else "")
+        + f", preprocessing {manifest.get('preprocessing', {}).get('mode', '?')}, "
+        f"fingerprint {manifest['fingerprint'][:12]}",
         f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; copies {c['train_copies']}; "
         f"skipped {c['skipped']}",
         f"  classes {manifest['class_names']}, seed {manifest['seed']}, created {manifest['created']}",

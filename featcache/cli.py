@@ -37,10 +37,11 @@ def _fail(error: FeatcacheError) -> None:
 @app.command()
 def extract(
     data: Annotated[Path, typer.Option("--data", help="Kermany-layout folder: train/, optional val/, test/.")],
-    backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="vgg16, resnet152 (repeatable; default both) or tiny (tests).")] = None,
+    backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="vgg16, resnet152 (repeatable; default both), any keras.applications architecture (densenet121, efficientnetv2b0, convnext_tiny, ...; 'featcache backbones' lists them) or tiny (tests).")] = None,
     weights: Annotated[str, typer.Option("--weights", help="imagenet, random (seeded; offline smoke runs) or PATH to a weights file.")] = "imagenet",
     augment_copies: Annotated[int, typer.Option("--augment-copies", help="Augmented copies of each train image.")] = 5,
-    image_size: Annotated[int, typer.Option("--image-size", help="Square input side in pixels.")] = 224,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Square input side in pixels (default: the backbone's own, 224 for most, 299 for InceptionV3).")] = None,
+    feature_layer: Annotated[Optional[str], typer.Option("--feature-layer", help="Cache this layer's maps instead of the backbone's last (one --backbone; 'featcache backbones NAME' lists candidates).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per backbone call.")] = 32,
     seed: Seed = 0,
     cache_dir: CacheDir = Path("cache"),
@@ -59,7 +60,7 @@ def extract(
             data_dir=data, backbones=tuple(backbone or ("vgg16", "resnet152")), weights=weights,
             augment_copies=augment_copies, image_size=image_size, batch_size=batch_size, seed=seed,
             cache_dir=cache_dir, dtype=dtype, compression=None if compression == "none" else compression,
-            precision=precision, progress=progress, max_pixels=max_pixels,
+            precision=precision, progress=progress, max_pixels=max_pixels, feature_layer=feature_layer,
         )
         summaries = extract_features(config)
     except FeatcacheError as error:
@@ -81,10 +82,24 @@ def info(
         _fail(error)
 
 
+@app.command("backbones")
+def backbones(
+    name: Annotated[Optional[str], typer.Argument(help="A backbone: show its feature shape and --feature-layer candidates.")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Input side (default: the backbone's own).")] = None,
+) -> None:
+    """List the backbones (any keras.applications architecture), or one backbone's feature shape and layers."""
+    from featcache.backbone_info import describe_backbone, describe_backbones
+
+    try:
+        typer.echo(describe_backbone(name, image_size) if name else describe_backbones())
+    except FeatcacheError as error:
+        _fail(error)
+
+
 @app.command("train-head")
 def train_head(
     cache_dir: CacheDir = Path("cache"),
-    backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="vgg16, resnet152 or tiny (repeatable; default: every backbone with a complete cache).")] = None,
+    backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="A backbone name as given to extract (repeatable; default: every backbone with a complete cache).")] = None,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="One cache FILE to train on (when a folder holds several).")] = None,
     trials: Annotated[int, typer.Option("--trials", help="Finished trials the study should hold; a rerun with more continues it.")] = 20,
     seed: Seed = 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featcache.applications import registry_key
 from featcache.augment import AugmentSpec
 from featcache.data import MAX_PIXELS
 from featcache.errors import FeatcacheError
@@ -28,7 +29,8 @@ class ExtractConfig:
         backbones: registry names, each gets its own cache file.
         weights: ``"imagenet"``, ``"random"`` or a path to a weights file.
         augment_copies: augmented copies K of each train-split image.
-        image_size: square side the images are resized to.
+        image_size: square side the images are resized to; None takes each backbone's own default
+            (224 for most, 299 for InceptionV3 and Xception, see ``applications.APPLICATIONS``).
         batch_size: images per backbone call.
         seed: seeds augmentation, the split and random weights.
         cache_dir: where the caches go.
@@ -37,13 +39,14 @@ class ExtractConfig:
         precision: ``auto`` (mixed float16 + XLA on a GPU, float32 on a CPU), ``float32`` or ``mixed``.
         progress: show a tqdm bar.
         max_pixels: images with more pixels (by their header) are skipped, not decoded.
+        feature_layer: cache the maps of this layer of the backbone instead of its last output (one backbone).
     """
 
     data_dir: Path
     backbones: tuple[str, ...] = ("vgg16", "resnet152")
     weights: str = "imagenet"
     augment_copies: int = 5
-    image_size: int = 224
+    image_size: int | None = None
     batch_size: int = 32
     seed: int = 0
     cache_dir: Path = Path("cache")
@@ -53,11 +56,17 @@ class ExtractConfig:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     progress: bool = True
     max_pixels: int = MAX_PIXELS
+    feature_layer: str | None = None
 
     def __post_init__(self) -> None:
         if not self.backbones:
             raise FeatcacheError("Pass at least one --backbone. Received: backbones=()")
         _check_unique(self.backbones)
+        if self.image_size is not None and self.image_size < 1:
+            raise FeatcacheError(f"--image-size must be >= 1. Received: image_size={self.image_size}")
+        if self.feature_layer is not None and len(self.backbones) != 1:
+            raise FeatcacheError(f"--feature-layer names a layer of one backbone; pass exactly one --backbone with it. "
+                                 f"Received: backbones={list(self.backbones)}")
         if not 0 <= self.augment_copies <= MAX_AUGMENT_COPIES:
             raise FeatcacheError(
                 f"--augment-copies must be >= 0 and <= {MAX_AUGMENT_COPIES} (the cache stores the copy index as int16). "
@@ -178,7 +187,7 @@ def check_max_pixels(max_pixels: int) -> None:
 
 
 def _check_unique(backbones: tuple[str, ...]) -> None:
-    if len(set(backbones)) != len(backbones):
+    if len({registry_key(b) for b in backbones}) != len(backbones):  # VGG16 and vgg16 are one backbone
         raise FeatcacheError(f"Each --backbone once, please. Received: backbones={list(backbones)}")
 
 

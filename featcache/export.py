@@ -223,6 +223,7 @@ def model_card(assembled: EndToEnd, cache_path: Path, report: dict, verification
     manifest, record = assembled.manifest, assembled.record
     return seal_card({
         "backbone": manifest["backbone"],
+        **({"feature_layer": manifest["feature_layer"]} if manifest.get("feature_layer") else {}),
         "weights": {"source": manifest["weights"]["source"], "sha256": assembled.weights_sha256},
         "cache_file": Path(cache_path).name,
         "cache_fingerprint": manifest["fingerprint"],

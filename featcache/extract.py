@@ -7,6 +7,7 @@ written by a background thread, and the cache file is assembled once every row e
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import datetime
 import hashlib
 import logging
@@ -23,7 +24,8 @@ from tqdm import tqdm
 from featcache import __version__
 from featcache.augment import augment_copies
 from featcache.backbones import (
-    CAFFE_MEAN_BGR, build_extractor, check_image_size, get_backbone_spec, hash_weights, load_backbone,
+    build_extractor, check_image_size, describe_preprocessing, get_backbone_spec, hash_weights, load_backbone,
+    resolve_image_size,
 )
 from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, compute_fingerprint
 from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, assemble_cache, save_weights
@@ -55,6 +57,8 @@ class ExtractSummary:
     seconds: float
     size_bytes: int
     timing: "ComputeTiming | None" = None
+    feature_shape: tuple | None = None
+    image_size: int | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -71,7 +75,8 @@ def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
             batches are kept, so the same call resumes once that is fixed.
     """
     for name in config.backbones:
-        check_image_size(get_backbone_spec(name), config.image_size)
+        spec = get_backbone_spec(name)
+        check_image_size(spec, resolve_image_size(spec, config.image_size))
     cache_dir = Path(config.cache_dir)
     if cache_dir.exists() and not cache_dir.is_dir():
         raise FeatcacheError(f"--cache-dir {cache_dir} is a file, not a folder; pass a folder (it is created if "
@@ -110,8 +115,11 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
                       name: str) -> ExtractSummary:
     started = time.perf_counter()
     spec = get_backbone_spec(name)
+    name = spec.name  # the registry's spelling names the cache file and the lock
+    config = dataclasses.replace(config, image_size=resolve_image_size(spec, config.image_size))
     precision = _effective_precision(config.precision)
     backbone = load_backbone(spec, config.image_size, config.weights, config.seed, mixed=precision == "mixed")
+    extractor = build_extractor(spec, backbone, config.image_size, config.feature_layer)  # checks --feature-layer
     settings = _feature_settings(config, spec, hash_weights(backbone), precision)
     fingerprint = compute_fingerprint(settings)
     paths = CachePaths.for_fingerprint(config.cache_dir, name, fingerprint)
@@ -131,12 +139,12 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         present = {(f.record.path, f.sha256) for f in files}
         skipped = [s for key, s in known_bad.items() if key in present]
         skipped += unreadable
-        extractor = build_extractor(spec, backbone, config.image_size)
         timing, bad = _compute_batches(config, folder.root, extractor, missing, store)
         skipped += bad
         bad_paths = {s["path"] for s in bad}
         rows = [(f, k) for f, k in wanted if f.record.path not in bad_paths]
-        manifest = _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision)
+        manifest = _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision,
+                             tuple(int(d) for d in extractor.output_shape[1:]))
         if old is None or missing or len(rows) != old.n_rows or old.skipped_paths != {s["path"] for s in skipped}:
             assemble_cache(paths, rows, old, store, manifest, config)  # moves saved weights beside the cache
         elif (store.folder / SAVED_WEIGHTS).exists():
@@ -149,7 +157,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         backbone=name, cache_path=paths.final, counts=manifest["counts"], skipped=skipped,
         computed_rows=computed, reused_rows=reused, seconds=time.perf_counter() - started,
         size_bytes=paths.final.stat().st_size,
-        timing=timing,
+        timing=timing, feature_shape=tuple(manifest["feature_shape"]), image_size=config.image_size,
     )
 
 
@@ -162,12 +170,20 @@ def _effective_precision(requested: str) -> str:
 
 
 def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precision: str) -> dict:
-    """Everything that changes the cached features; hashed into the fingerprint and the file name."""
+    """Everything that changes the cached features; hashed into the fingerprint and the file name.
+
+    The Keras architecture and the feature layer enter only where they apply, so the original backbones
+    (vgg16, resnet152, tiny) keep their fingerprints (tests/test_backbone_pins.py).
+    """
+    extra = {"architecture": f"keras.applications.{spec.architecture}"} if spec.architecture else {}
+    if config.feature_layer is not None:
+        extra["feature_layer"] = config.feature_layer
     return {
+        **extra,
         "backbone": spec.name,
         "weights_sha256": weights_sha256,
         "image_size": config.image_size,
-        "preprocessing": {"mode": spec.preprocessing, "mean_bgr": list(CAFFE_MEAN_BGR)},
+        "preprocessing": describe_preprocessing(spec),
         "resize": RESIZE,
         "augment": config.augment.describe(),
         "seed": config.seed,
@@ -354,7 +370,7 @@ def _make_forward(extractor):
     return forward
 
 
-def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision) -> dict:
+def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision, feature_shape) -> dict:
     import h5py
     import keras
     import tensorflow as tf
@@ -372,7 +388,8 @@ def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precis
         "backbone": spec.name,
         "weights": weights,
         "image_size": config.image_size,
-        "feature_shape": list(spec.feature_shape(config.image_size)),
+        "feature_shape": list(feature_shape),
+        **({"feature_layer": config.feature_layer} if config.feature_layer is not None else {}),
         "dtype": config.dtype,
         "precision": precision,
         "preprocessing": settings["preprocessing"],
@@ -394,6 +411,7 @@ def format_summary(summary: ExtractSummary) -> str:
     c = summary.counts
     lines = [
         f"{summary.backbone}: {summary.cache_path} ({summary.size_bytes / 2**20:.1f} MiB, {summary.seconds:.1f} s)",
+        *([f"  maps {summary.feature_shape} at {summary.image_size} px"] if summary.feature_shape else []),
         f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; augmented copies {c['train_copies']}; "
         f"rows {c['rows']}",
         f"  computed {summary.computed_rows} rows"

@@ -77,8 +77,8 @@ def test_extractor_takes_uint8_and_matches_manual_pipeline():
 
 
 def test_unknown_backbone_and_bad_image_size():
-    with pytest.raises(FeatcacheError, match="Unknown backbone 'vgg19'"):
-        get_backbone_spec("vgg19")
+    with pytest.raises(FeatcacheError, match="Unknown backbone 'vgg17'"):
+        get_backbone_spec("vgg17")
     with pytest.raises(FeatcacheError, match="multiple of 32"):
         check_image_size(get_backbone_spec("vgg16"), 100)
 
