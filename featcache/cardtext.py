@@ -51,7 +51,8 @@ def extract_command(manifest: dict) -> str:
     source = weights.get("path") or weights["source"]
     return (f"featcache extract --data {manifest['data_dir']} --backbone {manifest['backbone']} --weights {source} "
             f"--image-size {manifest['image_size']} --augment-copies {manifest['augment']['copies']} "
-            f"--seed {manifest['seed']} --dtype {manifest['dtype']} --precision {manifest.get('precision', 'float32')}")
+            f"--seed {manifest['seed']} --dtype {manifest['dtype']} --precision {manifest.get('precision', 'float32')}"
+            + (f" --feature-layer {manifest['feature_layer']}" if manifest.get("feature_layer") else ""))
 
 
 def _augment_text(augment: dict | None) -> str:
