@@ -8,6 +8,8 @@ from pathlib import Path
 from featcache.augment import AugmentSpec
 from featcache.data import MAX_PIXELS
 from featcache.errors import FeatcacheError
+from featcache.labels import UNCERTAIN_POLICIES
+from featcache.patients import check_patient_pattern
 from featcache.metrics import N_BOOTSTRAP
 
 DTYPES = ("float16", "float32")
@@ -37,6 +39,10 @@ class ExtractConfig:
         precision: ``auto`` (mixed float16 + XLA on a GPU, float32 on a CPU), ``float32`` or ``mixed``.
         progress: show a tqdm bar.
         max_pixels: images with more pixels (by their header) are skipped, not decoded.
+        labels: a label file (CSV: path, label columns, optional patient and split) instead of class folders.
+        label_columns: the label columns to use (default: every column but path/patient/split).
+        uncertain: policy for -1 and blank in 0/1 columns: ``ignore`` (masked), ``zero`` or ``one``.
+        patient_pattern: a regular expression searched in each relative path; its first group is the patient.
     """
 
     data_dir: Path
@@ -53,8 +59,18 @@ class ExtractConfig:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     progress: bool = True
     max_pixels: int = MAX_PIXELS
+    labels: Path | None = None
+    label_columns: tuple[str, ...] | None = None
+    uncertain: str = "ignore"
+    patient_pattern: str | None = None
 
     def __post_init__(self) -> None:
+        if self.uncertain not in UNCERTAIN_POLICIES:
+            raise FeatcacheError(f"--uncertain must be one of {UNCERTAIN_POLICIES}. Received: uncertain={self.uncertain!r}")
+        if self.label_columns is not None and self.labels is None:
+            raise FeatcacheError(f"--label-columns needs --labels FILE. Received: label_columns={list(self.label_columns)}")
+        if self.patient_pattern is not None:
+            check_patient_pattern(self.patient_pattern)
         if not self.backbones:
             raise FeatcacheError("Pass at least one --backbone. Received: backbones=()")
         _check_unique(self.backbones)

@@ -32,7 +32,11 @@ from featcache.data import (
     PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image,
     read_split_registry, write_split_registry,
 )
+from featcache.dicom import DICOM_CONVERSION
 from featcache.errors import DataError, FeatcacheError, ImageTooLargeError, storage_error
+from featcache.labels import read_label_file
+from featcache.labelset import find_labeled_images
+from featcache.patients import describe_patients
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ class ExtractSummary:
     seconds: float
     size_bytes: int
     timing: "ComputeTiming | None" = None
+    patients: str = ""
+    left_out: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -87,13 +93,33 @@ def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
 def _extract_all(config: ExtractConfig) -> list[ExtractSummary]:
     with CacheLock(Path(config.cache_dir) / ".split.lock"):
         previous = read_split_registry(config.cache_dir, config.seed)
-        folder = find_images(config.data_dir, config.seed, previous_split=previous)
+        folder = _find_data(config, previous)
         assigned = {r.patient: r.split for r in folder.records if r.split != "test"}
         if {**previous, **assigned} != previous:  # a rerun writes nothing (a read-only cache folder works)
             write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
+    patients = describe_patients([r.patient for r in folder.records])
+    log.info("%s: %s", config.data_dir, patients)
     files, unreadable = _hash_files(folder, config.progress)
     unreadable += list(folder.skipped)
-    return [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
+    summaries = [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
+    for summary in summaries:
+        summary.patients, summary.left_out = patients, len(folder.left_out)
+    return summaries
+
+
+def _find_data(config: ExtractConfig, previous: dict[str, str]):
+    """Class folders, or the rows of ``--labels``; several label columns are refused until the heads take them."""
+    if config.labels is None:
+        return find_images(config.data_dir, config.seed, previous_split=previous,
+                           patient_pattern=config.patient_pattern)
+    labels = read_label_file(config.labels, config.data_dir, config.label_columns, config.uncertain)
+    folder = find_labeled_images(config.data_dir, labels, config.seed, previous_split=previous,
+                                 patient_pattern=config.patient_pattern)
+    if labels.kind == "multilabel":
+        raise DataError(f"{labels.path} is valid, but its {len(labels.columns)} label columns make a multi-label task "
+                        f"and the multi-label head is not built yet (issue 8 part 4); pick one with --label-columns "
+                        f"NAME. Received: label_columns={list(labels.columns)}")
+    return folder
 
 
 def _hash_files(folder, progress: bool = False) -> tuple[list[SourceFile], list[dict]]:
@@ -112,7 +138,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
     spec = get_backbone_spec(name)
     precision = _effective_precision(config.precision)
     backbone = load_backbone(spec, config.image_size, config.weights, config.seed, mixed=precision == "mixed")
-    settings = _feature_settings(config, spec, hash_weights(backbone), precision)
+    settings = _feature_settings(config, spec, hash_weights(backbone), precision, folder)
     fingerprint = compute_fingerprint(settings)
     paths = CachePaths.for_fingerprint(config.cache_dir, name, fingerprint)
     with CacheLock(Path(config.cache_dir) / f".{name}.lock"):
@@ -161,9 +187,10 @@ def _effective_precision(requested: str) -> str:
     return "mixed" if tf.config.list_physical_devices("GPU") else "float32"
 
 
-def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precision: str) -> dict:
-    """Everything that changes the cached features; hashed into the fingerprint and the file name."""
-    return {
+def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precision: str, folder) -> dict:
+    """Everything that changes the cached features or what the cache records of each file (label, split,
+    patient); hashed into the fingerprint and the file name."""
+    settings = {
         "backbone": spec.name,
         "weights_sha256": weights_sha256,
         "image_size": config.image_size,
@@ -177,6 +204,15 @@ def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precisio
         "dtype": config.dtype,
         "precision": precision,
     }
+    # Keys only where they apply, so the caches of Kermany folders keep their fingerprints.
+    if folder.patient_rules:
+        settings["split"]["patient_rules"] = list(folder.patient_rules)
+    if folder.labels is not None:
+        settings["labels"] = folder.labels.settings()
+        settings["split"]["test"] = "label file 'split' column"
+    if folder.dicom:
+        settings["dicom"] = DICOM_CONVERSION
+    return settings
 
 
 def _plan_batches(missing: list, batch_size: int) -> list[tuple[str, list]]:
@@ -381,6 +417,8 @@ def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precis
         "seed": config.seed,
         "split": settings["split"],
         "class_names": list(folder.class_names),
+        **({"labels": {**settings["labels"], "file": str(Path(folder.labels.path).resolve()),
+                       "left_out": list(folder.left_out)}} if folder.labels is not None else {}),
         "counts": counts,
         "skipped": sorted(skipped, key=lambda s: s["path"]),
         "data_dir": str(Path(folder.root).resolve()),
@@ -396,6 +434,9 @@ def format_summary(summary: ExtractSummary) -> str:
         f"{summary.backbone}: {summary.cache_path} ({summary.size_bytes / 2**20:.1f} MiB, {summary.seconds:.1f} s)",
         f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; augmented copies {c['train_copies']}; "
         f"rows {c['rows']}",
+        *([f"  patients: {summary.patients}"] if summary.patients else []),
+        *([f"  left out {summary.left_out} label-file rows without a certain label (--uncertain)"]
+          if summary.left_out else []),
         f"  computed {summary.computed_rows} rows"
         + (f" at {summary.images_per_second:.1f} img/s ({summary.timing.steady_rate(summary.computed_rows):.1f} "
            f"after a {summary.timing.first_batch_seconds:.1f} s first batch)" if summary.computed_rows else "")
