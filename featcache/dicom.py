@@ -71,6 +71,8 @@ def dicom_to_gray(encoded: bytes, name: str = "image", max_pixels: int | None = 
         ds = pydicom.dcmread(io.BytesIO(encoded), force=not is_dicom_bytes(encoded[:PREAMBLE_END]))
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on a damaged file
         raise DataError(f"{name} is not a readable DICOM file: {_first_line(exc)}") from None
+    if "PixelData" not in ds and "Rows" not in ds and not is_dicom_bytes(encoded[:PREAMBLE_END]):
+        raise DataError(f"{name} is not a readable DICOM file: no DICOM preamble and no image tags")
     if "PixelData" not in ds:
         raise DataError(f"{name} is a DICOM file without pixel data (PixelData tag missing)")
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)

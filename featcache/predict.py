@@ -40,8 +40,8 @@ FIX = "re-run 'featcache export' or pass --model DIR."
 
 def find_inputs(inputs: list[Path]) -> tuple[list[Path], list[dict]]:
     """Candidate files: each path given (DICOM recognised by its preamble too), and the JPEG/PNG/.dcm names
-    under each folder (sorted; links to folders
-    are not followed); paths that do not exist are reported as skipped. Nothing is opened here."""
+    under each folder (sorted; links to folders are not followed); paths that do not exist are reported as
+    skipped. Nothing is opened here."""
     files, skipped = [], []
     for item in map(Path, inputs):
         if item.is_dir():
