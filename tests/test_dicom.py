@@ -104,3 +104,36 @@ def test_extract_reads_dicom_with_the_features_of_the_jpeg_and_skips_bad_ones(de
         source = next(p for p, q in zip(paths, patients) if q == patient and not p.startswith("dicom/"))
         np.testing.assert_array_equal(by_path[path], by_path[source])
     assert len(paths) == 10 + 12 and len(set(patients)) == 10
+
+
+def test_predict_takes_dicom_through_the_same_conversion(tmp_path_factory, dev_data, tmp_path):
+    """The exported model on a DICOM twin gives the JPEG's probability (the SavedModel itself takes JPEG/PNG)."""
+    import json
+
+    from pipeline import dev_pipeline, run_cli
+
+    run = dev_pipeline(tmp_path_factory, dev_data)
+    source = gray_sources(dev_data, "test", "PNEUMONIA", 1)[0]
+    twins = dicom_variants(source, tmp_path / "in")
+    (tmp_path / "in" / source.name).write_bytes(source.read_bytes())
+    result = run_cli("predict", "--no-progress", "--json", "--batch-size", "1", tmp_path / "in",
+                     twins["window_16bit"], "--model", run["model"])
+    assert result.exit_code == 0, result.output
+    found = {p["path"].split("/")[-1]: p["probability"] for p in json.loads(result.stdout)["predictions"]}
+    assert sorted(found) == sorted([source.name, "mono1.dcm", "mono2.dcm", "window16"])
+    assert len(set(found.values())) == 1, found
+
+
+@pytest.mark.parametrize("syntax, plugin", [("RLELossless", None), ("JPEG2000Lossless", "openjpeg")])
+def test_compressed_transfer_syntaxes_decode_losslessly(source, tmp_path, syntax, plugin):
+    """RLE Lossless with pydicom alone; JPEG 2000 Lossless with the [dicom] extra (pylibjpeg-openjpeg)."""
+    import pydicom
+    import pydicom.uid
+
+    if plugin:
+        pytest.importorskip(plugin)
+    ds = pydicom.dcmread(write_dicom(tmp_path / "plain.dcm", jpeg_gray(source)))
+    ds.compress(getattr(pydicom.uid, syntax))
+    ds.save_as(tmp_path / "compressed.dcm")
+    assert pydicom.dcmread(tmp_path / "compressed.dcm").file_meta.TransferSyntaxUID == getattr(pydicom.uid, syntax)
+    np.testing.assert_array_equal(load_image(tmp_path / "compressed.dcm", 48), load_image(source, 48))
