@@ -94,7 +94,7 @@ def _extract_all(config: ExtractConfig) -> list[ExtractSummary]:
     with CacheLock(Path(config.cache_dir) / ".split.lock"):
         previous = read_split_registry(config.cache_dir, config.seed)
         folder = _find_data(config, previous)
-        assigned = {r.patient: r.split for r in folder.records if r.split != "test"}
+        assigned = _registry_assignments(folder.records)
         if {**previous, **assigned} != previous:  # a rerun writes nothing (a read-only cache folder works)
             write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
     patients = describe_patients([r.patient for r in folder.records])
@@ -105,6 +105,15 @@ def _extract_all(config: ExtractConfig) -> list[ExtractSummary]:
     for summary in summaries:
         summary.patients, summary.left_out = patients, len(folder.left_out)
     return summaries
+
+
+def _registry_assignments(records) -> dict[str, str]:
+    """Patient -> train|val for the registry: patients whose images all sit in one of them (a label file may
+    put one patient in several splits; the registry cannot say that, so it keeps such patients out)."""
+    splits: dict[str, set[str]] = {}
+    for record in records:
+        splits.setdefault(record.patient, set()).add(record.split)
+    return {patient: s.pop() for patient, s in splits.items() if len(s) == 1 and "test" not in s}
 
 
 def _find_data(config: ExtractConfig, previous: dict[str, str]):

@@ -135,6 +135,43 @@ def test_extract_train_head_evaluate_on_a_label_file(chexpert, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((cache_dir / "runs" / cache.stem / "report.json").read_text())
     assert sorted(report["predictions"]["path"]) == sorted(r["path"] for r in rows_of(csv_path) if r["split"] == "test")
+    result = run_cli("verify", cache_dir)
+    assert result.exit_code == 0, result.output
+
+
+def test_mimic_like_names_with_a_patient_pattern_through_the_cli(dev_data, tmp_path, caplog):
+    """MIMIC-style paths (a unique name per image): without --patient-pattern every image is its own patient
+    and extract warns; with it, the images of a patient share one id and one split."""
+    root, rows = tmp_path / "mimic", []
+    for split, per_class in (("train", 6), ("test", 2)):
+        for label, name in enumerate(("NORMAL", "PNEUMONIA")):
+            sources = sorted((dev_data / split / name).iterdir())[:2 * per_class]
+            for i, source in enumerate(sources):
+                patient = f"p1{label}{split[:2]}{i // 2:04d}"
+                relative = f"files/p1{label}/{patient}/s5{i:07d}/{hashlib.sha256(source.name.encode()).hexdigest()[:16]}.jpg"
+                (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                (root / relative).write_bytes(source.read_bytes())
+                rows.append({"path": relative, "Pneumonia": str(label), "split": "test" if split == "test" else ""})
+    csv_path = write_csv(tmp_path / "mimic.csv", rows)
+    common = ["--data", root, "--labels", csv_path, *FAST, "--augment-copies", "0"]
+    with caplog.at_level("WARNING"):
+        result = run_cli("extract", *common, "--cache-dir", tmp_path / "c1")
+    assert result.exit_code == 0 and "patients: 32 patients in 32 images" in result.output, result.output
+    assert "WARNING: every one of the 32 images is its own patient" in caplog.text
+    caplog.clear()
+    result = run_cli("extract", *common, "--cache-dir", tmp_path / "c2", "--patient-pattern", r"p1\d/(p\w+)/")
+    assert result.exit_code == 0 and "patients: 16 patients in 32 images" in result.output, result.output
+    assert "WARNING" not in caplog.text
+    cache = next(p for p in (tmp_path / "c2").glob("tiny-*.h5") if not p.name.endswith(".weights.h5"))
+    import h5py
+
+    with h5py.File(cache, "r") as handle:
+        table = list(zip(handle["files/patient"][:].astype(str), handle["files/split"][:]))
+    assert all(p == path.split("/")[2] for (p, _), path in zip(table, sorted(r["path"] for r in rows)))
+    by_patient = {}
+    for patient, split in table:
+        by_patient.setdefault(patient, set()).add(int(split))
+    assert all(len(s) == 1 for s in by_patient.values())
 
 
 def test_multi_label_is_validated_then_refused_in_one_line_and_nothing_is_lost(chexpert, tmp_path):
