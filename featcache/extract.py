@@ -196,9 +196,10 @@ def _effective_precision(requested: str) -> str:
     return "mixed" if tf.config.list_physical_devices("GPU") else "float32"
 
 
-def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precision: str, folder) -> dict:
+def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precision: str, folder=None) -> dict:
     """Everything that changes the cached features or what the cache records of each file (label, split,
-    patient); hashed into the fingerprint and the file name."""
+    patient); hashed into the fingerprint and the file name. ``folder`` (the ImageFolder) adds the label
+    file, patient rules and DICOM conversion where they apply; without it, the settings of class folders."""
     settings = {
         "backbone": spec.name,
         "weights_sha256": weights_sha256,
@@ -214,6 +215,8 @@ def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precisio
         "precision": precision,
     }
     # Keys only where they apply, so the caches of Kermany folders keep their fingerprints.
+    if folder is None:
+        return settings
     if folder.patient_rules:
         settings["split"]["patient_rules"] = list(folder.patient_rules)
     if folder.labels is not None:

@@ -199,3 +199,24 @@ def test_the_fingerprint_covers_the_label_file_and_the_policy(chexpert, tmp_path
     rows[10]["Pneumonia"] = "1" if rows[10]["Pneumonia"] == "0" else "0"
     edited = extract_features(extract_config(root, **{**config, "labels": write_csv(tmp_path / "e.csv", rows)}))[0]
     assert len({first, policy, edited.cache_path}) == 3 and first.exists() and policy.exists()
+
+
+def test_class_folders_keep_their_fingerprint_settings_and_label_files_add_theirs(small_xrays, chexpert,
+                                                                                  extract_config):
+    """The real settings builder: a Kermany folder adds no key (its caches keep their fingerprints); a label
+    file adds its hash and options, and its repeated file names the folder rule."""
+    from featcache import extract
+    from featcache.backbones import get_backbone_spec
+    from featcache.data import find_images
+
+    spec = get_backbone_spec("tiny")
+    config = extract_config(small_xrays)
+    plain = extract._feature_settings(config, spec, "0" * 64, "float32")
+    assert extract._feature_settings(config, spec, "0" * 64, "float32", find_images(small_xrays, 0)) == plain
+    root, csv_path = chexpert
+    config = extract_config(root, labels=csv_path, label_columns=("Pneumonia",))
+    folder = extract._find_data(config, {})
+    labeled = extract._feature_settings(config, spec, "0" * 64, "float32", folder)
+    assert labeled["labels"] == {"sha256": hashlib.sha256(csv_path.read_bytes()).hexdigest(), "kind": "binary",
+                                 "columns": ["Pneumonia"], "uncertain": "ignore"}
+    assert "nearest folder" in labeled["split"]["patient_rules"][0] and "dicom" not in labeled
