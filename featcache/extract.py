@@ -432,12 +432,21 @@ def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precis
         **({"labels": {**settings["labels"], "file": str(Path(folder.labels.path).resolve()),
                        "left_out": list(folder.left_out)}} if folder.labels is not None else {}),
         "counts": counts,
-        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "skipped": sorted(_with_split(skipped, folder), key=lambda s: s["path"]),
         "data_dir": str(Path(folder.root).resolve()),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "h5py": h5py.__version__,
                      "numpy": np.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _with_split(skipped: list[dict], folder) -> list[dict]:
+    """Label-file data sets: each skipped file's split, so that evaluate can tell the test files apart (class
+    folders say it by the path, ``test/...``)."""
+    if folder.labels is None:
+        return skipped
+    split_of = {r.path: r.split for r in folder.records}
+    return [{**s, "split": split_of[s["path"]]} if s["path"] in split_of else s for s in skipped]
 
 
 def format_summary(summary: ExtractSummary) -> str:

@@ -117,6 +117,8 @@ def test_the_split_column_wins_and_blank_rows_follow_their_patient(chexpert, tmp
 def test_extract_train_head_evaluate_on_a_label_file(chexpert, tmp_path):
     root, csv_path = chexpert
     cache_dir = tmp_path / "cache"
+    broken = next(r["path"] for r in rows_of(csv_path) if r["split"] == "test")
+    (root / broken).write_bytes(b"not an image")  # skipped at extraction, reported by evaluate as a test file
     result = run_cli("extract", "--data", root, "--labels", csv_path, "--label-columns", "Pneumonia",
                      "--cache-dir", cache_dir, *FAST)
     assert result.exit_code == 0, result.output
@@ -128,13 +130,15 @@ def test_extract_train_head_evaluate_on_a_label_file(chexpert, tmp_path):
     manifest = read_manifest(cache)
     assert manifest["class_names"] == ["not_Pneumonia", "Pneumonia"]
     assert manifest["labels"]["sha256"] == hashlib.sha256(csv_path.read_bytes()).hexdigest()
-    assert manifest["counts"]["test"] == 8 and manifest["counts"]["train"] + manifest["counts"]["val"] == 30
+    assert manifest["counts"]["test"] == 7 and manifest["counts"]["train"] + manifest["counts"]["val"] == 30
     result = run_cli("train-head", "--cache-dir", cache_dir, "--trials", "1", "--no-progress")
     assert result.exit_code == 0, result.output
     result = run_cli("evaluate", "--cache-dir", cache_dir, "--bootstrap", "50", "--no-progress")
     assert result.exit_code == 0, result.output
     report = json.loads((cache_dir / "runs" / cache.stem / "report.json").read_text())
-    assert sorted(report["predictions"]["path"]) == sorted(r["path"] for r in rows_of(csv_path) if r["split"] == "test")
+    assert sorted(report["predictions"]["path"]) == sorted(r["path"] for r in rows_of(csv_path)
+                                                           if r["split"] == "test" and r["path"] != broken)
+    assert [s["path"] for s in report["test"]["skipped_at_extraction"]] == [broken]
     result = run_cli("verify", cache_dir)
     assert result.exit_code == 0, result.output
 
