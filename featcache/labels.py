@@ -74,6 +74,9 @@ def read_label_file(path: str | Path, data_dir: str | Path, label_columns: tuple
             non-numeric or non-0/1 value in a 0/1 column, or a label column with a single value.
     """
     path, root = Path(path), Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"Data folder {root} does not exist; --labels paths are relative to --data. "
+                        f"Received: data={str(data_dir)!r}")
     if uncertain not in UNCERTAIN_POLICIES:
         raise DataError(f"--uncertain must be one of {UNCERTAIN_POLICIES}. Received: uncertain={uncertain!r}")
     try:
@@ -130,8 +133,9 @@ def _check_paths(path: Path, root: Path, raw: list[dict]) -> list[str]:
             raise DataError(f"{path} line {line}: path {normal!r} is listed twice (also line {seen[normal]}); one row "
                             f"per image. Received: path={given!r}")
         seen[normal] = line
-        if not (root / normal).exists():
-            raise DataError(f"{path} line {line}: {normal} does not exist in {root}. Received: path={given!r}")
+        if not (root / normal).is_file():
+            problem = "is a folder, not a file" if (root / normal).is_dir() else "does not exist"
+            raise DataError(f"{path} line {line}: {normal} {problem} in {root}. Received: path={given!r}")
         out.append(normal)
     return out
 
@@ -184,8 +188,9 @@ def _binary_file(path, content, kind, columns, uncertain, raw, paths) -> LabelFi
             value = row.get(column, "")
             number = _number(value) if value else -1.0
             if number is None or number not in BINARY_VALUES:
+                hint = "; choose the target columns with --label-columns" if len(columns) > 1 else ""
                 raise DataError(f"{path} line {line}: column {column!r} holds {value!r}; a 0/1 column takes 0, 1, -1 "
-                                f"(uncertain) or blank. Received: {column}={value!r}")
+                                f"(uncertain) or blank{hint}. Received: {column}={value!r}")
             values.append(resolved if number == -1.0 else number)
         table.append(values)
     array = np.array(table, np.float64)

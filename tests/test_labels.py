@@ -69,6 +69,7 @@ def _bad(tmp_path, rows, **kwargs):
 
 @pytest.mark.parametrize("rows, message", [
     ([{"path": "img/0.png", "y": "1"}, {"path": "img/nope.png", "y": "0"}], r"line 3: img/nope.png does not exist in"),
+    ([{"path": "img/0.png", "y": "1"}, {"path": "img", "y": "0"}], r"line 3: img is a folder, not a file"),
     ([{"path": "img/0.png", "y": "1"}, {"path": "img//0.png", "y": "0"}], r"line 3: path 'img/0.png' is listed twice \(also line 2\)"),
     ([{"path": "img/0.png", "y": "1"}, {"path": "../data/img/1.png", "y": "0"}], r"line 3: path '../data/img/1.png' is not a path inside"),
     ([{"path": "img/0.png", "y": "1"}, {"path": "img/../img/1.png", "y": "0"}], r"line 3: .*not a path inside"),
