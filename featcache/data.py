@@ -405,7 +405,7 @@ def decode_bytes(encoded: bytes, image_size: int, name: str = "image", max_pixel
 
     if not encoded:
         raise DataError(f"{name} is empty (0 bytes)")
-    if is_dicom_bytes(encoded[:PREAMBLE_END]) or name.lower().endswith(".dcm"):
+    if is_dicom_bytes(encoded[:PREAMBLE_END]) or (name.lower().endswith(".dcm") and not _looks_jpeg_or_png(encoded)):
         pixels = dicom_to_gray(encoded, name, max_pixels)
         return _compiled_resize(image_size)(tf.constant(pixels)).numpy()
     tensor = tf.constant(encoded)
@@ -418,6 +418,11 @@ def decode_bytes(encoded: bytes, image_size: int, name: str = "image", max_pixel
         return _compiled_decoder(image_size, max_pixels)(tensor).numpy()
     except tf.errors.InvalidArgumentError as exc:
         raise DataError(f"{name} is not a readable image: {_decoder_message(exc.message)}") from None
+
+
+def _looks_jpeg_or_png(encoded: bytes) -> bool:
+    """JPEG (FF D8 FF) or PNG magic: a ``.dcm`` name on such bytes is a misnamed image, decoded as one."""
+    return encoded[:3] == b"\xff\xd8\xff" or encoded[:len(PNG_SIGNATURE)] == PNG_SIGNATURE
 
 
 def _decoder_message(message: str) -> str:

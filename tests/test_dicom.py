@@ -60,6 +60,8 @@ def test_bad_dicoms_are_one_line_data_errors(source, tmp_path):
         decode_bytes(write_dicom(tmp_path / "big.dcm", gray).read_bytes(), 32, "big.dcm", max_pixels=100)
     with pytest.raises(DataError, match="not a readable DICOM"):
         decode_bytes(b"not a dicom at all", 32, name="fake.dcm")
+    # a JPEG named .dcm is decoded as the JPEG it is, everywhere (extract, evaluate and predict share this)
+    np.testing.assert_array_equal(decode_bytes(source.read_bytes(), 32, name="misnamed.dcm"), load_image(source, 32))
 
 
 def test_extract_reads_dicom_with_the_features_of_the_jpeg_and_skips_bad_ones(dev_data, tmp_path, extract_config):
