@@ -80,40 +80,49 @@ def assign_patients(paths: list[str], pattern: str | None = None, dicom_ids: dic
                                 f"not match). Received: patient_pattern={pattern!r}")
             ids[path] = next((g for g in match.groups() if g), match.group(0))
         return ids, [f"--patient-pattern {pattern!r} over the relative path (first group)"]
-    names = Counter(PurePosixPath(p).name for p in paths)
-    suffixes = _suffix_counts(paths, names)
+    parts = {path: path.split("/") for path in paths}  # relative POSIX paths: str.split, 10x PurePosixPath
+    names = Counter(split[-1] for split in parts.values())
+    suffixes = _suffix_counts(parts, names)
+    kermany = re.compile(PATIENT_PATTERN)
     ids, rules = {}, set()
-    for path in paths:
+    for path, split in parts.items():
+        stem = _stem(split[-1])
         if path in dicom_ids:
             ids[path], rule = dicom_ids[path], DICOM_RULE
-        elif re.match(PATIENT_PATTERN, PurePosixPath(path).stem) or names[PurePosixPath(path).name] == 1:
-            ids[path], rule = patient_id(path), None
+        elif (match := kermany.match(stem)) or names[split[-1]] == 1:
+            ids[path], rule = match.group(1) if match else stem, None
         else:
-            ids[path], rule = _nearest_unique_folder(path, suffixes, layout_depth), FOLDER_RULE
+            ids[path], rule = _nearest_unique_folder(path, split, suffixes, layout_depth), FOLDER_RULE
         if rule:
             rules.add(rule)
     return ids, sorted(rules)
 
 
-def _suffix_counts(paths: list[str], names: Counter) -> Counter:
+def _stem(name: str) -> str:
+    """``PurePosixPath(name).stem``: the name without its last suffix (a leading dot is no suffix)."""
+    at = name.rfind(".")
+    return name[:at] if at > 0 and at < len(name) - 1 else name
+
+
+def _suffix_counts(parts: dict[str, list[str]], names: Counter) -> Counter:
     """How many paths end with each tail of folders + name, for the paths whose name repeats."""
     counts: Counter = Counter()
-    for path in paths:
-        parts = PurePosixPath(path).parts
-        if names[parts[-1]] > 1:
-            counts.update("/".join(parts[-k:]) for k in range(2, len(parts) + 1))
+    for split in parts.values():
+        if names[split[-1]] > 1:
+            counts.update("/".join(split[-k:]) for k in range(2, len(split) + 1))
     return counts
 
 
-def _nearest_unique_folder(path: str, suffixes: Counter, layout_depth: int) -> str:
-    """The folder that heads the shortest unique tail of ``path``; the path itself (its own patient) when
-    only layout folders make it unique."""
-    parts = PurePosixPath(path).parts
+def _nearest_unique_folder(path: str, parts: list[str], suffixes: Counter, layout_depth: int) -> str:
+    """The folder that heads the shortest unique tail of ``path``; the path without its suffix (its own
+    patient) when only layout folders make it unique."""
     for k in range(2, len(parts) + 1):
         if suffixes["/".join(parts[-k:])] == 1:
             at = len(parts) - k
-            return parts[at] if at >= layout_depth else str(PurePosixPath(path).with_suffix(""))
-    return str(PurePosixPath(path).with_suffix(""))
+            if at >= layout_depth:
+                return parts[at]
+            break
+    return "/".join([*parts[:-1], _stem(parts[-1])])
 
 
 def describe_patients(patients: list[str]) -> str:
