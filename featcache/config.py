@@ -26,7 +26,8 @@ class ExtractConfig:
     """Settings of ``featcache extract``.
 
     Attributes:
-        data_dir: Kermany-layout folder (``train/``, optional ``val/``, ``test/``).
+        data_dir: Kermany-layout folder (``train/``, optional ``val/``, ``test/``), or the folder the paths of
+            ``labels`` are relative to.
         backbones: registry names, each gets its own cache file.
         weights: ``"imagenet"``, ``"random"`` or a path to a weights file.
         augment_copies: augmented copies K of each train-split image.

@@ -1,4 +1,5 @@
 """Image folders: find images and labels, assign a stable patient-grouped split, decode and resize.
+(Label files: ``labels`` and ``labelset``; patient ids: ``patients``; DICOM pixels: ``dicom``.)
 
 Decoding and resizing are TensorFlow ops (``decode_and_resize``) so that extraction and the
 exported serving signature run the very same definition.

@@ -80,7 +80,8 @@ def dicom_to_gray(encoded: bytes, name: str = "image", max_pixels: int | None = 
         raise ImageTooLargeError(f"{name} is {columns} x {rows} = {rows * columns:,} pixels, over the limit of "
                                  f"{max_pixels:,} (raise it with --max-pixels)", pixels=rows * columns)
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        raise DataError(f"{name} is a multi-frame DICOM ({ds.NumberOfFrames} frames); featcache reads one image per file")
+        raise DataError(f"{name} is a multi-frame DICOM ({ds.NumberOfFrames} frames); featcache reads one image "
+                        f"per file")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     try:
         stored = ds.pixel_array
@@ -124,7 +125,8 @@ def _output_range(ds) -> tuple[float, float]:
     if ds.get("ModalityLUTSequence"):
         return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
     bits = int(ds.BitsStored)
-    low, high = (0, 2**bits - 1) if int(ds.get("PixelRepresentation", 0)) == 0 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    signed = int(ds.get("PixelRepresentation", 0)) != 0
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if slope is not None and intercept is not None:
         low, high = sorted((low * float(slope) + float(intercept), high * float(slope) + float(intercept)))

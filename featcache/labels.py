@@ -85,7 +85,8 @@ def read_label_file(path: str | Path, data_dir: str | Path, label_columns: tuple
     except OSError as exc:
         raise DataError(f"Cannot read label file {path}: {exc.strerror}. Received: labels={str(path)!r}") from None
     except UnicodeDecodeError:
-        raise DataError(f"Label file {path} is not UTF-8 text; save it as UTF-8 CSV. Received: labels={str(path)!r}") from None
+        raise DataError(f"Label file {path} is not UTF-8 text; save it as UTF-8 CSV. "
+                        f"Received: labels={str(path)!r}") from None
     reader = csv.DictReader(io.StringIO(text))
     header = [name.strip() for name in reader.fieldnames or []]
     columns = _label_columns(path, header, label_columns)
@@ -105,7 +106,8 @@ def read_label_file(path: str | Path, data_dir: str | Path, label_columns: tuple
 
 def _label_columns(path: Path, header: list[str], wanted: tuple[str, ...] | None) -> tuple[str, ...]:
     if "path" not in header:
-        raise DataError(f"Label file {path} has no 'path' column; its header is {header}. Received: labels={str(path)!r}")
+        raise DataError(f"Label file {path} has no 'path' column; its header is {header}. "
+                        f"Received: labels={str(path)!r}")
     available = [h for h in header if h not in RESERVED_COLUMNS and h]
     if wanted:
         unknown = [c for c in wanted if c not in available]
@@ -174,7 +176,8 @@ def _class_name_file(path, content, column, uncertain, raw, paths) -> LabelFile:
         if not value:
             left_out.append({"path": file, "line": line, "reason": f"blank {column}"})
             continue
-        rows.append(LabeledRow(file, names.index(value), (), row.get("patient") or None, row.get("split") or None, line))
+        rows.append(LabeledRow(file, names.index(value), (), row.get("patient") or None, row.get("split") or None,
+                               line))
     return LabelFile(path, hashlib.sha256(content).hexdigest(), "single", (column,), names, uncertain, tuple(rows),
                      tuple(left_out))
 
@@ -199,7 +202,8 @@ def _binary_file(path, content, kind, columns, uncertain, raw, paths) -> LabelFi
     rows, left_out = [], []
     for line, (row, file, values) in enumerate(zip(raw, paths, table), start=2):
         if kind == "binary" and math.isnan(values[0]):
-            left_out.append({"path": file, "line": line, "reason": f"uncertain or blank {columns[0]} (--uncertain ignore)"})
+            left_out.append({"path": file, "line": line,
+                             "reason": f"uncertain or blank {columns[0]} (--uncertain ignore)"})
             continue
         label = int(values[0]) if kind == "binary" else -1
         rows.append(LabeledRow(file, label, tuple(values), row.get("patient") or None, row.get("split") or None, line))
