@@ -430,7 +430,8 @@ def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precis
         "split": settings["split"],
         "class_names": list(folder.class_names),
         **({"labels": {**settings["labels"], "file": str(Path(folder.labels.path).resolve()),
-                       "left_out": list(folder.left_out)}} if folder.labels is not None else {}),
+                       "left_out": len(folder.left_out), "left_out_examples": list(folder.left_out[:10])}}
+           if folder.labels is not None else {}),
         "counts": counts,
         "skipped": sorted(_with_split(skipped, folder), key=lambda s: s["path"]),
         "data_dir": str(Path(folder.root).resolve()),

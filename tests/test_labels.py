@@ -131,6 +131,7 @@ def test_extract_train_head_evaluate_on_a_label_file(chexpert, tmp_path):
     manifest = read_manifest(cache)
     assert manifest["class_names"] == ["not_Pneumonia", "Pneumonia"]
     assert manifest["labels"]["sha256"] == hashlib.sha256(csv_path.read_bytes()).hexdigest()
+    assert manifest["labels"]["left_out"] == 2 and [x["line"] for x in manifest["labels"]["left_out_examples"]] == [2, 5]
     assert manifest["counts"]["test"] == 7 and manifest["counts"]["train"] + manifest["counts"]["val"] == 30
     result = run_cli("train-head", "--cache-dir", cache_dir, "--trials", "1", "--no-progress")
     assert result.exit_code == 0, result.output
