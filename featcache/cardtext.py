@@ -52,7 +52,17 @@ def extract_command(manifest: dict) -> str:
     return (f"featcache extract --data {manifest['data_dir']} --backbone {manifest['backbone']} --weights {source} "
             f"--image-size {manifest['image_size']} --augment-copies {manifest['augment']['copies']} "
             f"--seed {manifest['seed']} --dtype {manifest['dtype']} --precision {manifest.get('precision', 'float32')}"
-            + (f" --feature-layer {manifest['feature_layer']}" if manifest.get("feature_layer") else ""))
+            + (f" --feature-layer {manifest['feature_layer']}" if manifest.get("feature_layer") else "")
+            + _label_options(manifest))
+
+
+def _label_options(manifest: dict) -> str:
+    """The label-file options of a cache built from ``--labels`` (none for class folders)."""
+    labels = manifest.get("labels")
+    if not labels:
+        return ""
+    return (f" --labels {labels['file']} --label-columns {','.join(labels['columns'])} "
+            f"--uncertain {labels['uncertain']}")
 
 
 def _augment_text(augment: dict | None) -> str:

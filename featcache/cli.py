@@ -36,7 +36,7 @@ def _fail(error: FeatcacheError) -> None:
 
 @app.command()
 def extract(
-    data: Annotated[Path, typer.Option("--data", help="Kermany-layout folder: train/, optional val/, test/.")],
+    data: Annotated[Path, typer.Option("--data", help="Kermany-layout folder (train/, optional val/, test/), or the folder the --labels paths are relative to.")],
     backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="vgg16, resnet152 (repeatable; default both), any keras.applications architecture (densenet121, efficientnetv2b0, convnext_tiny, ...; 'featcache backbones' lists them) or tiny (tests).")] = None,
     weights: Annotated[str, typer.Option("--weights", help="imagenet, random (seeded; offline smoke runs) or PATH to a weights file.")] = "imagenet",
     augment_copies: Annotated[int, typer.Option("--augment-copies", help="Augmented copies of each train image.")] = 5,
@@ -50,6 +50,10 @@ def extract(
     precision: Annotated[str, typer.Option("--precision", help="auto (mixed+XLA on GPU), float32 or mixed.")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     max_pixels: MaxPixels = MAX_PIXELS,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV label file instead of class folders: path (relative to --data), label column(s), optional patient and split (train/val/test).")] = None,
+    label_columns: Annotated[Optional[str], typer.Option("--label-columns", help="Comma-separated label columns of --labels (default: every column but path/patient/split).")] = None,
+    uncertain: Annotated[str, typer.Option("--uncertain", help="-1 and blank in 0/1 label columns: ignore (masked; a single column's row is left out), zero or one.")] = "ignore",
+    patient_pattern: Annotated[Optional[str], typer.Option("--patient-pattern", help="Regular expression searched in each relative path; its first group is the patient id.")] = None,
 ) -> None:
     """Run the frozen backbones once over every image and K augmented copies; cache the maps in HDF5."""
     from featcache.config import ExtractConfig
@@ -60,7 +64,9 @@ def extract(
             data_dir=data, backbones=tuple(backbone or ("vgg16", "resnet152")), weights=weights,
             augment_copies=augment_copies, image_size=image_size, batch_size=batch_size, seed=seed,
             cache_dir=cache_dir, dtype=dtype, compression=None if compression == "none" else compression,
-            precision=precision, progress=progress, max_pixels=max_pixels, feature_layer=feature_layer,
+            precision=precision, progress=progress, max_pixels=max_pixels, feature_layer=feature_layer, labels=labels,
+            label_columns=tuple(c.strip() for c in label_columns.split(",") if c.strip()) if label_columns else None,
+            uncertain=uncertain, patient_pattern=patient_pattern,
         )
         summaries = extract_features(config)
     except FeatcacheError as error:

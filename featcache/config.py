@@ -9,6 +9,8 @@ from featcache.applications import registry_key
 from featcache.augment import AugmentSpec
 from featcache.data import MAX_PIXELS
 from featcache.errors import FeatcacheError
+from featcache.labels import UNCERTAIN_POLICIES
+from featcache.patients import check_patient_pattern
 from featcache.metrics import N_BOOTSTRAP
 
 DTYPES = ("float16", "float32")
@@ -25,7 +27,8 @@ class ExtractConfig:
     """Settings of ``featcache extract``.
 
     Attributes:
-        data_dir: Kermany-layout folder (``train/``, optional ``val/``, ``test/``).
+        data_dir: Kermany-layout folder (``train/``, optional ``val/``, ``test/``), or the folder the paths of
+            ``labels`` are relative to.
         backbones: registry names, each gets its own cache file.
         weights: ``"imagenet"``, ``"random"`` or a path to a weights file.
         augment_copies: augmented copies K of each train-split image.
@@ -40,6 +43,10 @@ class ExtractConfig:
         progress: show a tqdm bar.
         max_pixels: images with more pixels (by their header) are skipped, not decoded.
         feature_layer: cache the maps of this layer of the backbone instead of its last output (one backbone).
+        labels: a label file (CSV: path, label columns, optional patient and split) instead of class folders.
+        label_columns: the label columns to use (default: every column but path/patient/split).
+        uncertain: policy for -1 and blank in 0/1 columns: ``ignore`` (masked), ``zero`` or ``one``.
+        patient_pattern: a regular expression searched in each relative path; its first group is the patient.
     """
 
     data_dir: Path
@@ -57,8 +64,18 @@ class ExtractConfig:
     progress: bool = True
     max_pixels: int = MAX_PIXELS
     feature_layer: str | None = None
+    labels: Path | None = None
+    label_columns: tuple[str, ...] | None = None
+    uncertain: str = "ignore"
+    patient_pattern: str | None = None
 
     def __post_init__(self) -> None:
+        if self.uncertain not in UNCERTAIN_POLICIES:
+            raise FeatcacheError(f"--uncertain must be one of {UNCERTAIN_POLICIES}. Received: uncertain={self.uncertain!r}")
+        if self.label_columns is not None and self.labels is None:
+            raise FeatcacheError(f"--label-columns needs --labels FILE. Received: label_columns={list(self.label_columns)}")
+        if self.patient_pattern is not None:
+            check_patient_pattern(self.patient_pattern)
         if not self.backbones:
             raise FeatcacheError("Pass at least one --backbone. Received: backbones=()")
         _check_unique(self.backbones)

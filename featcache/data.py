@@ -1,4 +1,5 @@
 """Image folders: find images and labels, assign a stable patient-grouped split, decode and resize.
+(Label files: ``labels`` and ``labelset``; patient ids: ``patients``; DICOM pixels: ``dicom``.)
 
 Decoding and resizing are TensorFlow ops (``decode_and_resize``) so that extraction and the
 exported serving signature run the very same definition.
@@ -16,22 +17,25 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from featcache.dicom import PREAMBLE_END, dicom_patient_id, dicom_to_gray, is_dicom_bytes, is_dicom_file
 from featcache.errors import DamagedFileError, DataError, ImageTooLargeError, storage_error
 from featcache.integrity import load_json, source_name
+from featcache.patients import PATIENT_PATTERN, assign_patients, patient_id  # noqa: F401 - patient_id re-exported
+
+if TYPE_CHECKING:
+    from featcache.labels import LabelFile
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".dcm")
 SPLITS = ("train", "val", "test")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 VAL_FRACTION = 0.2
 REGISTRY_SPLITS = ("train", "val")  # test/ stays test: the registry holds only the pooled train/val patients
-
-# Kermany file names: person1430_bacteria_3695.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0373-0001.jpeg.
-PATIENT_PATTERN = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 
 # Bump when decode_and_resize gives other pixels: RESIZE is hashed into every cache fingerprint, so a
 # cache decoded another way gets another file and is never mixed with this one. 1: tf.io.decode_image
@@ -69,17 +73,18 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class ImageFolder:
+    """The images of a data set. ``patient_rules``: rules beyond the Kermany name rule that decided some
+    patient id; ``dicom``: some file is DICOM; ``labels``: the label file they came from, or None (class
+    folders); ``left_out``: label-file rows without a certain label ({"path", "line", "reason"})."""
+
     root: Path
     class_names: tuple[str, ...]
     records: tuple[ImageRecord, ...]
     skipped: tuple[dict, ...] = ()  # {"path", "error"} of entries that look like images but cannot be used
-
-
-def patient_id(filename: str, pattern: str = PATIENT_PATTERN) -> str:
-    """The patient a file belongs to: the match of ``pattern``, or the file stem if none."""
-    stem = Path(filename).stem
-    match = re.match(pattern, stem)
-    return match.group(1) if match else stem
+    patient_rules: tuple[str, ...] = ()
+    dicom: bool = False
+    labels: "LabelFile | None" = None
+    left_out: tuple[dict, ...] = ()
 
 
 def split_patients(patients: dict[str, tuple[int, int]], seed: int, val_fraction: float = VAL_FRACTION,
@@ -119,11 +124,11 @@ def _split_hash(patient: str, seed: int) -> bytes:
 
 
 def find_images(data_dir: str | Path, seed: int, val_fraction: float = VAL_FRACTION,
-                previous_split: dict[str, str] | None = None) -> ImageFolder:
+                previous_split: dict[str, str] | None = None, patient_pattern: str | None = None) -> ImageFolder:
     """Scan a Kermany-layout folder: ``train/``, optional ``val/``, ``test/``, one folder per class.
 
     ``train`` and ``val`` are pooled and re-split by patient with ``split_patients`` (keeping the
-    assignments in ``previous_split``); ``test`` stays test.
+    assignments in ``previous_split``); ``test`` stays test. Patient ids: ``patients.assign_patients``.
 
     Raises:
         DataError: a missing or empty folder, a missing ``test`` or class folder, fewer than two classes.
@@ -154,20 +159,39 @@ def find_images(data_dir: str | Path, seed: int, val_fraction: float = VAL_FRACT
             files, unusable = _list_images(root / folder / name, root)
             skipped += unusable
             if folder != "val" and not files:
-                raise DataError(f"Class folder {root / folder / name} holds no JPEG or PNG images.")
+                raise DataError(f"Class folder {root / folder / name} holds no JPEG, PNG or DICOM images.")
             found += [(file.relative_to(root).as_posix(), label, folder) for file in files]
+    paths = [path for path, _, _ in found]
+    dicom_ids, has_dicom = dicom_patient_ids(root, paths)
+    patients, rules = assign_patients(paths, patient_pattern, dicom_ids, layout_depth=2)
     pool: dict[str, list[int]] = {}
     for path, label, folder in found:
         if folder != "test":
-            pool.setdefault(patient_id(path), []).append(label)
+            pool.setdefault(patients[path], []).append(label)
     majority = {p: (max(set(labels), key=labels.count), len(labels)) for p, labels in pool.items()}
     splits = split_patients(majority, seed, val_fraction, previous_split)
     records = sorted((
-        ImageRecord(path, label, "test" if folder == "test" else splits[patient_id(path)], patient_id(path))
+        ImageRecord(path, label, "test" if folder == "test" else splits[patients[path]], patients[path])
         for path, label, folder in found
     ), key=lambda r: r.path)
-    _check_patients_disjoint(records)
-    return ImageFolder(root, class_names, tuple(records), tuple(sorted(skipped, key=lambda s: s["path"])))
+    check_patients_disjoint(records)
+    return ImageFolder(root, class_names, tuple(records), tuple(sorted(skipped, key=lambda s: s["path"])),
+                       tuple(rules), has_dicom)
+
+
+def dicom_patient_ids(root: Path, paths: list[str], sniff: bool = False) -> tuple[dict[str, str], bool]:
+    """(path -> PatientID of the DICOM files among ``paths`` that carry one, whether any file is DICOM);
+    headers only. ``sniff`` also opens files without a ``.dcm`` name (their first 132 bytes) to look for
+    the DICOM preamble."""
+    ids: dict[str, str] = {}
+    found = False
+    for path in paths:
+        if path.lower().endswith(".dcm") or (sniff and is_dicom_file(root / path)):
+            found = True
+            patient = dicom_patient_id(root / path)
+            if patient:
+                ids[path] = patient
+    return ids, found
 
 
 def _list_images(folder: Path, root: Path) -> tuple[list[Path], list[dict]]:
@@ -231,7 +255,7 @@ def printable_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _check_patients_disjoint(records: list[ImageRecord]) -> None:
+def check_patients_disjoint(records: list[ImageRecord]) -> None:
     """A patient found in test and in train/val would leak; warn, since the folders are the user's."""
     test = {r.patient for r in records if r.split == "test"}
     shared = sorted({r.patient for r in records if r.split != "test"} & test)
@@ -295,9 +319,13 @@ def decode_and_resize(encoded, image_size: int, max_pixels: int = MAX_PIXELS):
         tf.errors.InvalidArgumentError: not a JPEG or PNG, a broken file, or more than ``max_pixels``
             pixels by its header (checked before decoding).
     """
+    return resize_square(decode_rgb(encoded, max_pixels), image_size)
+
+
+def resize_square(image, image_size: int):
+    """(h, w, 3) uint8 -> (s, s, 3) uint8: bilinear, antialiased, rounded; the resize of every input kind."""
     import tensorflow as tf
 
-    image = decode_rgb(encoded, max_pixels)
     image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
@@ -367,7 +395,8 @@ def load_image(path: str | Path, image_size: int, max_pixels: int = MAX_PIXELS) 
 
 
 def decode_bytes(encoded: bytes, image_size: int, name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode encoded JPEG/PNG bytes to (s, s, 3) uint8 with ``decode_and_resize``.
+    """Decode encoded JPEG/PNG bytes to (s, s, 3) uint8 with ``decode_and_resize``; DICOM bytes (the
+    preamble, or a ``.dcm`` name) through ``dicom.dicom_to_gray`` and the same ``resize_square``.
 
     Raises:
         ImageTooLargeError: more than ``max_pixels`` pixels by the header (nothing was decoded).
@@ -377,6 +406,9 @@ def decode_bytes(encoded: bytes, image_size: int, name: str = "image", max_pixel
 
     if not encoded:
         raise DataError(f"{name} is empty (0 bytes)")
+    if is_dicom_bytes(encoded[:PREAMBLE_END]) or (name.lower().endswith(".dcm") and not _looks_jpeg_or_png(encoded)):
+        pixels = dicom_to_gray(encoded, name, max_pixels)
+        return _compiled_resize(image_size)(tf.constant(pixels)).numpy()
     tensor = tf.constant(encoded)
     try:
         height, width = (int(v) for v in _compiled_size()(tensor))
@@ -387,6 +419,11 @@ def decode_bytes(encoded: bytes, image_size: int, name: str = "image", max_pixel
         return _compiled_decoder(image_size, max_pixels)(tensor).numpy()
     except tf.errors.InvalidArgumentError as exc:
         raise DataError(f"{name} is not a readable image: {_decoder_message(exc.message)}") from None
+
+
+def _looks_jpeg_or_png(encoded: bytes) -> bool:
+    """JPEG (FF D8 FF) or PNG magic: a ``.dcm`` name on such bytes is a misnamed image, decoded as one."""
+    return encoded[:3] == b"\xff\xd8\xff" or encoded[:len(PNG_SIGNATURE)] == PNG_SIGNATURE
 
 
 def _decoder_message(message: str) -> str:
@@ -404,6 +441,15 @@ def _compiled_size():
     import tensorflow as tf
 
     return tf.function(encoded_image_size, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_resize(image_size: int):
+    """``resize_square`` as a tf.function, for pixels decoded outside TensorFlow (DICOM)."""
+    import tensorflow as tf
+
+    return tf.function(lambda image: resize_square(image, image_size),
+                       input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)], autograph=False)
 
 
 @functools.lru_cache(maxsize=None)

@@ -172,7 +172,8 @@ def _report(cache_path, record, manifest, data_dir, test: TestScores, train_labe
         "data_dir": str(Path(data_dir).resolve()),
         "test": {"images": len(test.paths), "positives": int(test.labels.sum()),
                  "negatives": int(len(test.labels) - test.labels.sum()), "skipped": test.skipped,
-                 "skipped_at_extraction": [s for s in manifest.get("skipped", []) if s["path"].startswith("test/")]},
+                 "skipped_at_extraction": [s for s in manifest.get("skipped", []) if s.get("split") == "test"
+                                           or "split" not in s and s["path"].startswith("test/")]},
         **scored,
         "baseline": majority_baseline(train_labels, test.labels),
         "parity": parity,

@@ -34,7 +34,11 @@ from featcache.data import (
     PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image,
     read_split_registry, write_split_registry,
 )
+from featcache.dicom import DICOM_CONVERSION
 from featcache.errors import DataError, FeatcacheError, ImageTooLargeError, storage_error
+from featcache.labels import read_label_file
+from featcache.labelset import find_labeled_images
+from featcache.patients import describe_patients
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,8 @@ class ExtractSummary:
     timing: "ComputeTiming | None" = None
     feature_shape: tuple | None = None
     image_size: int | None = None
+    patients: str = ""
+    left_out: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -92,13 +98,42 @@ def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
 def _extract_all(config: ExtractConfig) -> list[ExtractSummary]:
     with CacheLock(Path(config.cache_dir) / ".split.lock"):
         previous = read_split_registry(config.cache_dir, config.seed)
-        folder = find_images(config.data_dir, config.seed, previous_split=previous)
-        assigned = {r.patient: r.split for r in folder.records if r.split != "test"}
+        folder = _find_data(config, previous)
+        assigned = _registry_assignments(folder.records)
         if {**previous, **assigned} != previous:  # a rerun writes nothing (a read-only cache folder works)
             write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
+    patients = describe_patients([r.patient for r in folder.records])
+    log.info("%s: %s", config.data_dir, patients)
     files, unreadable = _hash_files(folder, config.progress)
     unreadable += list(folder.skipped)
-    return [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
+    summaries = [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
+    for summary in summaries:
+        summary.patients, summary.left_out = patients, len(folder.left_out)
+    return summaries
+
+
+def _registry_assignments(records) -> dict[str, str]:
+    """Patient -> train|val for the registry: patients whose images all sit in one of them (a label file may
+    put one patient in several splits; the registry cannot say that, so it keeps such patients out)."""
+    splits: dict[str, set[str]] = {}
+    for record in records:
+        splits.setdefault(record.patient, set()).add(record.split)
+    return {patient: s.pop() for patient, s in splits.items() if len(s) == 1 and "test" not in s}
+
+
+def _find_data(config: ExtractConfig, previous: dict[str, str]):
+    """Class folders, or the rows of ``--labels``; several label columns are refused until the heads take them."""
+    if config.labels is None:
+        return find_images(config.data_dir, config.seed, previous_split=previous,
+                           patient_pattern=config.patient_pattern)
+    labels = read_label_file(config.labels, config.data_dir, config.label_columns, config.uncertain)
+    folder = find_labeled_images(config.data_dir, labels, config.seed, previous_split=previous,
+                                 patient_pattern=config.patient_pattern)
+    if labels.kind == "multilabel":
+        raise DataError(f"{labels.path} is valid, but its {len(labels.columns)} label columns make a multi-label task "
+                        f"and the multi-label head is not built yet (issue 8 part 4); pick one with --label-columns "
+                        f"NAME. Received: label_columns={list(labels.columns)}")
+    return folder
 
 
 def _hash_files(folder, progress: bool = False) -> tuple[list[SourceFile], list[dict]]:
@@ -120,7 +155,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
     precision = _effective_precision(config.precision)
     backbone = load_backbone(spec, config.image_size, config.weights, config.seed, mixed=precision == "mixed")
     extractor = build_extractor(spec, backbone, config.image_size, config.feature_layer)  # checks --feature-layer
-    settings = _feature_settings(config, spec, hash_weights(backbone), precision)
+    settings = _feature_settings(config, spec, hash_weights(backbone), precision, folder)
     fingerprint = compute_fingerprint(settings)
     paths = CachePaths.for_fingerprint(config.cache_dir, name, fingerprint)
     with CacheLock(Path(config.cache_dir) / f".{name}.lock"):
@@ -169,17 +204,15 @@ def _effective_precision(requested: str) -> str:
     return "mixed" if tf.config.list_physical_devices("GPU") else "float32"
 
 
-def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precision: str) -> dict:
-    """Everything that changes the cached features; hashed into the fingerprint and the file name.
+def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precision: str, folder=None) -> dict:
+    """Everything that changes the cached features or what the cache records of each file (label, split,
+    patient); hashed into the fingerprint and the file name.
 
-    The Keras architecture and the feature layer enter only where they apply, so the original backbones
-    (vgg16, resnet152, tiny) keep their fingerprints (tests/test_backbone_pins.py).
+    Keys that only some caches need enter only where they apply: the Keras architecture, a feature layer,
+    and with ``folder`` (the ImageFolder) the label file, patient rules and DICOM conversion. The original
+    backbones on Kermany folders keep their fingerprints (tests/test_backbone_pins.py).
     """
-    extra = {"architecture": f"keras.applications.{spec.architecture}"} if spec.architecture else {}
-    if config.feature_layer is not None:
-        extra["feature_layer"] = config.feature_layer
-    return {
-        **extra,
+    settings = {
         "backbone": spec.name,
         "weights_sha256": weights_sha256,
         "image_size": config.image_size,
@@ -193,6 +226,20 @@ def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precisio
         "dtype": config.dtype,
         "precision": precision,
     }
+    if spec.architecture:
+        settings["architecture"] = f"keras.applications.{spec.architecture}"
+    if config.feature_layer is not None:
+        settings["feature_layer"] = config.feature_layer
+    if folder is None:
+        return settings
+    if folder.patient_rules:
+        settings["split"]["patient_rules"] = list(folder.patient_rules)
+    if folder.labels is not None:
+        settings["labels"] = folder.labels.settings()
+        settings["split"]["test"] = "label file 'split' column"
+    if folder.dicom:
+        settings["dicom"] = DICOM_CONVERSION
+    return settings
 
 
 def _plan_batches(missing: list, batch_size: int) -> list[tuple[str, list]]:
@@ -398,13 +445,25 @@ def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precis
         "seed": config.seed,
         "split": settings["split"],
         "class_names": list(folder.class_names),
+        **({"labels": {**settings["labels"], "file": str(Path(folder.labels.path).resolve()),
+                       "left_out": len(folder.left_out), "left_out_examples": list(folder.left_out[:10])}}
+           if folder.labels is not None else {}),
         "counts": counts,
-        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "skipped": sorted(_with_split(skipped, folder), key=lambda s: s["path"]),
         "data_dir": str(Path(folder.root).resolve()),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "h5py": h5py.__version__,
                      "numpy": np.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _with_split(skipped: list[dict], folder) -> list[dict]:
+    """Label-file data sets: each skipped file's split, so that evaluate can tell the test files apart (class
+    folders say it by the path, ``test/...``)."""
+    if folder.labels is None:
+        return skipped
+    split_of = {r.path: r.split for r in folder.records}
+    return [{**s, "split": split_of[s["path"]]} if s["path"] in split_of else s for s in skipped]
 
 
 def format_summary(summary: ExtractSummary) -> str:
@@ -414,6 +473,9 @@ def format_summary(summary: ExtractSummary) -> str:
         *([f"  maps {summary.feature_shape} at {summary.image_size} px"] if summary.feature_shape else []),
         f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; augmented copies {c['train_copies']}; "
         f"rows {c['rows']}",
+        *([f"  patients: {summary.patients}"] if summary.patients else []),
+        *([f"  left out {summary.left_out} label-file rows without a certain label (--uncertain)"]
+          if summary.left_out else []),
         f"  computed {summary.computed_rows} rows"
         + (f" at {summary.images_per_second:.1f} img/s ({summary.timing.steady_rate(summary.computed_rows):.1f} "
            f"after a {summary.timing.first_batch_seconds:.1f} s first batch)" if summary.computed_rows else "")

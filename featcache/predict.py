@@ -39,8 +39,9 @@ FIX = "re-run 'featcache export' or pass --model DIR."
 
 
 def find_inputs(inputs: list[Path]) -> tuple[list[Path], list[dict]]:
-    """Candidate files: each path given, and the JPEG/PNG names under each folder (sorted; links to folders
-    are not followed); paths that do not exist are reported as skipped. Nothing is opened here."""
+    """Candidate files: each path given (DICOM recognised by its preamble too), and the JPEG/PNG/.dcm names
+    under each folder (sorted; links to folders are not followed); paths that do not exist are reported as
+    skipped. Nothing is opened here."""
     files, skipped = [], []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -131,7 +132,7 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
         log.debug("skipped %s: %s", item["path"], item["error"])
     if not predictions:
         first = f" (e.g. {skipped[0]['path']}: {skipped[0]['error']})" if skipped else ""
-        raise DataError(f"No readable image among the inputs{first}; expected JPEG or PNG files or folders of "
+        raise DataError(f"No readable image among the inputs{first}; expected JPEG, PNG or DICOM files or folders of "
                         f"them. Received: inputs={[str(i) for i in inputs][:3]}")
     return PredictResult(predictions, skipped, card)
 

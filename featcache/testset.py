@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from featcache.cache import open_cache
+from featcache.cache import open_cache, read_manifest
 from featcache.checksums import CheckedRows, read_checked
 from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, SPLIT_CODES, decode_bytes
 from featcache.errors import CacheMismatchError, DataError
@@ -67,15 +67,19 @@ class TestBatch:
 
 
 def read_test_rows(cache_path: Path, data_dir: Path) -> TestRows:
-    """The test rows of a cache, their per-row columns checked (``read_checked``); no maps are read.
+    """The test rows of a cache, their per-row columns checked (``read_checked``); no maps are read. The
+    files and labels come from the cache's own file table, so a label-file data set (whose test rows the
+    label file chose) reads the same way as class folders.
 
     Raises:
-        DataError: no ``test/`` folder in ``data_dir``.
+        DataError: no ``test/`` folder in ``data_dir`` (class folders), or no folder ``data_dir`` (label file).
         DamagedFileError: a column fails its checks.
     """
-    if not (data_dir / "test").is_dir():
-        raise DataError(f"No test folder {data_dir / 'test'}; pass --data DIR, the folder 'featcache extract' "
-                        f"read. Received: data={str(data_dir)!r}")
+    labeled = "labels" in read_manifest(cache_path)
+    if not (data_dir.is_dir() if labeled else (data_dir / "test").is_dir()):
+        missing = data_dir if labeled else data_dir / "test"
+        raise DataError(f"No {'data' if labeled else 'test'} folder {missing}; pass --data DIR, the folder "
+                        f"'featcache extract' read. Received: data={str(data_dir)!r}")
     with open_cache(cache_path) as handle:
         split = read_checked(handle, "split")
         copy, labels = read_checked(handle, "copy_index", split), read_checked(handle, "labels", split)
@@ -86,7 +90,8 @@ def read_test_rows(cache_path: Path, data_dir: Path) -> TestRows:
     train_labels = labels[(split == SPLIT_CODES["train"]) & (copy == 0)]
     test = TestRows(Path(cache_path), split, rows, copy[rows] == 0, paths, hashes, labels[rows].astype(np.int64),
                     train_labels)
-    _warn_uncached(data_dir, {p for p, keep in zip(paths, test.original) if keep})
+    if not labeled:  # a label file lists its test rows; nothing else in the folder is a test image
+        _warn_uncached(data_dir, {p for p, keep in zip(paths, test.original) if keep})
     return test
 
 

@@ -81,7 +81,7 @@ def test_val_folder_is_pooled_and_resplit(small_xrays):
     ({"train/NORMAL/a.png": 1, "test/NORMAL/b.png": 1}, "at least two class folders"),
     ({"train/NORMAL/a.png": 1, "train/PNEUMONIA/b.png": 1, "test/NORMAL/c.png": 1}, "no folder for class PNEUMONIA"),
     ({"train/NORMAL/a.png": 1, "train/PNEUMONIA/": 0, "test/NORMAL/c.png": 1, "test/PNEUMONIA/d.png": 1},
-     "holds no JPEG or PNG"),
+     "holds no JPEG, PNG or DICOM"),
 ])
 def test_bad_layouts_are_one_line_errors(tmp_path, layout, message):
     root = tmp_path / "data"
