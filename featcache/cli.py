@@ -49,6 +49,7 @@ def extract(
     precision: Annotated[str, typer.Option("--precision", help="auto (mixed+XLA on GPU), float32 or mixed.")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     max_pixels: MaxPixels = MAX_PIXELS,
+    shard_rows: Annotated[Optional[int], typer.Option("--shard-rows", help="Rows per shard file (default: about 64 MiB of maps); any value gives the same cache.")] = None,
 ) -> None:
     """Run the frozen backbones once over every image and K augmented copies; cache the maps in HDF5."""
     from featcache.config import ExtractConfig
@@ -59,7 +60,7 @@ def extract(
             data_dir=data, backbones=tuple(backbone or ("vgg16", "resnet152")), weights=weights,
             augment_copies=augment_copies, image_size=image_size, batch_size=batch_size, seed=seed,
             cache_dir=cache_dir, dtype=dtype, compression=None if compression == "none" else compression,
-            precision=precision, progress=progress, max_pixels=max_pixels,
+            precision=precision, progress=progress, max_pixels=max_pixels, shard_rows=shard_rows,
         )
         summaries = extract_features(config)
     except FeatcacheError as error:
@@ -77,6 +78,20 @@ def info(
 
     try:
         typer.echo(describe_cache(cache or Path("cache")))
+    except FeatcacheError as error:
+        _fail(error)
+
+
+@app.command()
+def compact(
+    cache: Annotated[Path, typer.Argument(help="A cache file, or a folder of caches.")] = Path("cache"),
+    prune_only: Annotated[bool, typer.Option("--prune-only", help="Only delete shard files no cache in the folder maps.")] = False,
+) -> None:
+    """Merge a sharded cache into one plain file (same name and data), then delete shard files no cache maps."""
+    from featcache.compact import compact_path, format_compact
+
+    try:
+        typer.echo(format_compact(compact_path(cache, prune_only)))
     except FeatcacheError as error:
         _fail(error)
 

@@ -37,6 +37,8 @@ class ExtractConfig:
         precision: ``auto`` (mixed float16 + XLA on a GPU, float32 on a CPU), ``float32`` or ``mixed``.
         progress: show a tqdm bar.
         max_pixels: images with more pixels (by their header) are skipped, not decoded.
+        shard_rows: rows per shard file, or None for about 64 MiB of maps (``shards.default_shard_rows``);
+            not a feature setting: any value gives the same cache.
     """
 
     data_dir: Path
@@ -53,8 +55,11 @@ class ExtractConfig:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     progress: bool = True
     max_pixels: int = MAX_PIXELS
+    shard_rows: int | None = None
 
     def __post_init__(self) -> None:
+        if self.shard_rows is not None and self.shard_rows < 1:
+            raise FeatcacheError(f"--shard-rows must be >= 1. Received: shard_rows={self.shard_rows}")
         if not self.backbones:
             raise FeatcacheError("Pass at least one --backbone. Received: backbones=()")
         _check_unique(self.backbones)
