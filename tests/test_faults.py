@@ -164,9 +164,11 @@ def test_sigkill_at_seeded_random_points_then_resume_equals_a_clean_run(faulty_r
 
 
 def test_file_size_limit_is_one_line_then_the_rerun_completes(faulty_runs, data, clean):
-    """RLIMIT_FSIZE below the cache size (above every other file): exit 1 with one line naming the cache
-    file being assembled, no crash (h5py used to segfault), and a rerun without the limit gives the clean cache."""
-    assert clean.with_name(f"{clean.stem}.weights.h5").stat().st_size < FILE_SIZE_LIMIT < clean.stat().st_size
+    """RLIMIT_FSIZE below the size of the shard that holds the maps (above every other file): exit 1 with one
+    line naming the shard file being written, no crash (h5py used to segfault), and a rerun without the limit
+    gives the clean cache."""
+    (shard,) = clean.parent.glob(f"{clean.stem}.shards/*.h5")
+    assert clean.with_name(f"{clean.stem}.weights.h5").stat().st_size < FILE_SIZE_LIMIT < shard.stat().st_size
     folder, returncode, stderr = faulty_runs["limited"]
     assert returncode == 1, stderr[-3000:]
     (line,) = _error_lines(stderr)
