@@ -162,6 +162,8 @@ def check_shard(path: Path, fingerprint: str | None = None) -> dict:
                 if len(values) != record["rows"] or _sha256(values) != record["datasets"].get(name):
                     raise DamagedFileError(f"Shard file {path}: /{name} does not match the SHA-256 recorded when it "
                                            f"was written. Received: shard={str(path)!r}")
+    except DamagedFileError:
+        raise
     except H5_ERRORS as exc:
         raise DamagedFileError(f"Shard file {path} cannot be read ({first_line(exc)}). "
                                f"Received: shard={str(path)!r}") from None

@@ -252,12 +252,12 @@ def test_cache_dir_that_is_a_file_is_one_line(data, tmp_path):
 
 def test_damaged_batch_files_are_recomputed(data, clean, tmp_path, monkeypatch, caplog):
     """A bad CRC, a truncated file and garbage in ``.partial/`` no longer block every resume."""
-    import featcache.extract
+    import featcache.partial
 
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # stands in for a kill just before assembly: every batch is on disk
+        raise KeyboardInterrupt  # stands in for a kill just before packing into a shard: every batch is on disk
 
-    monkeypatch.setattr(featcache.extract, "assemble_cache", killed)
+    monkeypatch.setattr(featcache.partial.ShardPacker, "pack", killed)
     with pytest.raises(KeyboardInterrupt):
         extract_features(_config(data, tmp_path / "cache"))
     monkeypatch.undo()

@@ -30,7 +30,7 @@ def _shards(cache_path):
 def test_the_master_is_virtual_reads_with_plain_h5py_and_moves_with_its_folder(small_xrays, extract_config, tmp_path):
     (summary,) = extract_features(extract_config(small_xrays, shard_rows=16))
     shards = _shards(summary.cache_path)
-    assert len(shards) == 5  # 72 rows: 4 shards of 16, then the last 8
+    assert len(shards) == 5  # 70 rows: 4 shards of 16 (two batches of 8 each), then the last 6
     with h5py.File(summary.cache_path, "r") as handle:  # plain h5py, no featcache
         assert handle["features"].is_virtual and handle["pooled"].is_virtual
         assert not handle["labels"].is_virtual
@@ -82,14 +82,27 @@ def test_a_missing_or_replaced_shard_is_one_line_naming_it(small_xrays, extract_
 
 def test_a_rotten_shard_fails_verify_and_is_not_reused_by_extract(small_xrays, extract_config):
     (summary,) = extract_features(extract_config(small_xrays, shard_rows=16))
+    original = read_datasets(summary.cache_path)
     shard = _shards(summary.cache_path)[0]
     with h5py.File(shard, "r+") as handle:  # valid HDF5, fletcher32 recomputed: only the SHA-256s tell
         handle["pooled"][0] += 1
+        rows = handle["pooled"].shape[0]
     checks = {c.name: c for c in verify_cache(summary.cache_path).checks}
     assert not checks["shards"].ok and "/pooled does not match" in checks["shards"].detail
     assert not checks["sha256 /pooled"].ok
     with pytest.raises(DamagedFileError, match="/pooled .* does not match the SHA-256"):
         extract_features(extract_config(small_xrays, shard_rows=16))
+    # as the message says: delete the master; the rerun checks every shard, drops the rotten one, recomputes it
+    summary.cache_path.unlink()
+    (again,) = extract_features(extract_config(small_xrays, shard_rows=16))
+    assert again.computed_rows == rows and verify_cache(again.cache_path).ok  # the same rows: the same shard name
+    rebuilt = read_datasets(again.cache_path)
+    assert original.keys() == rebuilt.keys()
+    for name in original:
+        if original[name].dtype.kind == "f":
+            np.testing.assert_allclose(original[name], rebuilt[name], atol=1e-5, err_msg=name)
+        else:
+            assert np.array_equal(original[name], rebuilt[name]), name
 
 
 def _change_files(data, dev_data):
