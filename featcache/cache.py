@@ -4,10 +4,22 @@ A finished cache is ``<cache-dir>/<backbone>-<fingerprint[:12]>.h5``. It is writ
 ``.incomplete`` name and renamed when complete, so a file with the final name is always whole.
 Work in progress lives in ``<name>.partial/`` (see ``featcache.partial``).
 
-Layout (n rows, m files; rows ordered by file path, then copy index)::
+Since format 3 the cache is sharded: the rows' maps live in shard files ``<name>.shards/<id>.h5``
+(``featcache.shards``; each whole, atomic, with its own SHA-256s) and the ``.h5`` is a small master
+file (``featcache.master``) in which /features and /pooled are HDF5 virtual datasets over the shards
+(relative paths: the folder can be moved whole), every other dataset is a real one, and the manifest
+also lists the shards it maps with their seals (``manifest["shards"]``). Every reader opens the master
+as before; ``open_cache`` first checks that each listed shard exists and is the one the master was
+built from. Shards depend only on the settings (the fingerprint), so a new file list writes only the
+shards of its new rows plus a new master; rows of removed or changed files stay in their old shards
+(mapped by nothing) until ``featcache compact`` merges the cache into one plain file (same layout, no
+virtual datasets, ``shards`` dropped) and deletes unmapped shards. A format-2 file (always plain) is
+read as it is; extract writes format 3 under a new name (the format is part of the fingerprint).
 
-    /features      (n, h, w, c) float16|float32   backbone maps
-    /pooled        (n, c) float32                 global average of each map, from float32 maps
+Layout (n rows, m files; rows ordered by file path, then copy index, whatever the shards)::
+
+    /features      (n, h, w, c) float16|float32   backbone maps (virtual over the shards, or plain)
+    /pooled        (n, c) float32                 global average of each map, from float32 maps (idem)
     /labels        (n,) int16                     class index into manifest["class_names"]
     /split         (n,) uint8                     0 train, 1 val, 2 test
     /source_index  (n,) int32                     row of /files the image came from
@@ -15,8 +27,9 @@ Layout (n rows, m files; rows ordered by file path, then copy index)::
     /files/path    (m,) str                       relative to the data folder
     /files/sha256  (m,) bytes                     content hash of the file
     /files/label, /files/split (m,), /files/patient (m,) str
-    attrs: manifest (JSON; ``datasets`` holds each dataset's shape, dtype and SHA-256), manifest_sha256
-           (of the manifest's text), format_version, fingerprint, complete
+    attrs: manifest (JSON; ``datasets`` holds each dataset's shape, dtype and SHA-256 in row order,
+           ``shards`` each mapped shard's file, rows and seal), manifest_sha256 (of the manifest's text),
+           format_version, fingerprint, complete
 """
 
 from __future__ import annotations

@@ -128,9 +128,10 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         good = [f for f in files if (f.record.path, f.sha256) not in known_bad]
         wanted = [(f, k) for f in good for k in range(config.augment_copies + 1 if f.record.split == "train" else 1)]
         in_shards = shards.index(trusted=old.shard_names if old else set())
-        store.discard_packed(in_shards)
+        store.index()
+        store.discard_packed(in_shards)  # batches killed between their shard's rename and their deletion
         plain = {key: None for key in old.row_keys()} if old is not None and not old.sharded else {}
-        available = {**plain, **in_shards, **store.index()}
+        available = {**plain, **store.index(), **in_shards}
         missing = [(f, k) for f, k in wanted if (f.record.path, f.sha256, k) not in available]
         reused = len(wanted) - len(missing)
         present = {(f.record.path, f.sha256) for f in files}
