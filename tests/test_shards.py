@@ -206,3 +206,33 @@ def test_sigkill_while_packing_shards_then_resume_equals_a_clean_run(dev_data, t
         assert_same_datasets(list_caches(folder)[0], list_caches(tmp_path / "clean")[0])
         assert not list(folder.glob("*.partial")) and not list(folder.glob("**/*.incomplete"))
         assert verify_cache(list_caches(folder)[0]).ok
+
+
+def test_a_kill_between_a_shards_rename_and_its_batches_deletion_leaves_no_duplicate_rows(
+        small_xrays, extract_config, monkeypatch, tmp_path):
+    import featcache.partial
+    from featcache.shards import write_shard
+
+    (clean,) = extract_features(extract_config(small_xrays, cache_dir=tmp_path / "clean", shard_rows=16))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill before any packing: every batch is in .partial/
+
+    monkeypatch.setattr(featcache.partial.ShardPacker, "pack", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(extract_config(small_xrays, shard_rows=16))
+    monkeypatch.undo()
+    (partial,) = (tmp_path / "cache").glob("*.partial")
+    done = sum(len(np.load(b)["path"]) for b in partial.glob("*.npz"))
+    batches = sorted(partial.glob("*.npz"))[:2]
+    arrays = [dict(np.load(b)) for b in batches]
+    keys = [(p, s, int(k)) for a in arrays for p, s, k in zip(a["path"].tolist(), a["sha256"].astype(str).tolist(),
+                                                              a["copy_index"])]
+    # the state a kill right after a shard's rename leaves: the shard in place, its batches still there
+    write_shard(tmp_path / "cache" / f"{clean.cache_path.stem}.shards", read_manifest(clean.cache_path)["fingerprint"],
+                np.concatenate([a["features"] for a in arrays]), np.concatenate([a["pooled"] for a in arrays]), keys)
+    (resumed,) = extract_features(extract_config(small_xrays, shard_rows=16))
+    assert resumed.computed_rows == resumed.counts["rows"] - done and not any(b.exists() for b in batches)
+    shards = read_manifest(resumed.cache_path)["shards"]
+    assert sum(entry["rows"] for entry in shards) == resumed.counts["rows"]  # no row stored twice
+    assert_same_datasets(resumed.cache_path, clean.cache_path)
