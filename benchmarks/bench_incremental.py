@@ -9,7 +9,8 @@ at 32 px, no augmented copies, so rows = images. Measured in one process, side b
    Caches A and B must hold equal datasets. Target: incremental <= 5 % of the rebuild's wall time.
 4. disk:        bytes of cache A before and after the increment, against the bytes of the new rows.
 5. reads:       /pooled (train+val, as train-head) and /features (test rows, streamed, as evaluate) with
-   their checksums, from the sharded master and from a compacted copy (one plain file), alternated.
+   their checksums, and both whole with plain h5py, from the incremental master (many mappings), the
+   rebuilt master (one mapping per shard) and a compacted copy (one plain file), alternated.
 
 Reproduce:
     python benchmarks/bench_incremental.py --images 100000
@@ -168,15 +169,23 @@ def main() -> None:
     compacted = work / "compacted"
     shutil.copytree(cache_a, compacted)
     _, compact_s = timed("compact a copy", lambda: compact_path(compacted))
+    import h5py
+
+    sides = {"incremental (sharded)": grown.cache_path, "compacted (plain)": compacted / grown.cache_path.name}
+    if not args.skip_rebuild:
+        sides["rebuild (sharded)"] = rebuilt.cache_path
+    for name, path in sides.items():
+        with h5py.File(path, "r") as handle:
+            maps = len(handle["features"].virtual_sources()) if handle["features"].is_virtual else 0
+        print(f"   {name}: {maps} virtual mappings of /features")
     for label, reader in (("stages (checksums)", read_like_the_stages), ("plain h5py, whole", read_whole)):
-        sharded, plain = [], []
-        for _ in range(3):  # alternated, so machine noise hits both
-            sharded.append(reader(grown.cache_path))
-            plain.append(reader(compacted / grown.cache_path.name))
-        best = [min(s[i] for s in sharded) for i in range(2)], [min(p[i] for p in plain) for i in range(2)]
-        print(f"5. reads, {label}, best of 3: /pooled sharded {best[0][0]:.3f} s vs plain {best[1][0]:.3f} s "
-              f"(x{best[0][0] / best[1][0]:.2f}); /features sharded {best[0][1]:.3f} s vs plain {best[1][1]:.3f} s "
-              f"(x{best[0][1] / best[1][1]:.2f})")
+        times = {name: [] for name in sides}
+        for _ in range(3):  # alternated, so machine noise hits every side
+            for name, path in sides.items():
+                times[name].append(reader(path))
+        for name in sides:
+            best = [min(t[i] for t in times[name]) for i in range(2)]
+            print(f"5. reads, {label}, best of 3, {name}: /pooled {best[0]:.3f} s, /features {best[1]:.3f} s")
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 
