@@ -236,3 +236,19 @@ def test_a_kill_between_a_shards_rename_and_its_batches_deletion_leaves_no_dupli
     shards = read_manifest(resumed.cache_path)["shards"]
     assert sum(entry["rows"] for entry in shards) == resumed.counts["rows"]  # no row stored twice
     assert_same_datasets(resumed.cache_path, clean.cache_path)
+
+
+def test_batches_waiting_for_their_shard_never_exceed_one_shard(small_xrays, extract_config, monkeypatch):
+    """Peak disk during extract: the shards plus at most one shard's worth of batches (never a second copy)."""
+    from featcache.partial import ShardPacker
+
+    real, waiting = ShardPacker.write, []
+
+    def write(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        waiting.append(self.store.pending_rows())
+
+    monkeypatch.setattr(ShardPacker, "write", write)
+    (summary,) = extract_features(extract_config(small_xrays, shard_rows=16, batch_size=8))
+    assert len(waiting) == 9 and max(waiting) <= 16 - 1  # packed as soon as 16 rows wait
+    assert sum(entry["rows"] for entry in read_manifest(summary.cache_path)["shards"]) == summary.counts["rows"]
