@@ -497,7 +497,7 @@ def describe_cache(path: str | Path) -> str:
     c = manifest["counts"]
     return "\n".join([
         f"{path} ({cache_bytes(path) / 2**20:.1f} MiB"
-        + (f" in {len(manifest['shards'])} shard files" if manifest.get("shards") else "") + ")",
+        + (f": the master and {len(manifest['shards'])} shard files" if manifest.get("shards") else "") + ")",
         f"  backbone {manifest['backbone']}, weights {manifest['weights']['source']} "
         f"(sha256 {manifest['weights']['sha256'][:12]}), image size {manifest['image_size']}",
         f"  features {tuple(shape)} {dtype}, fingerprint {manifest['fingerprint'][:12]}",
