@@ -252,3 +252,22 @@ def test_batches_waiting_for_their_shard_never_exceed_one_shard(small_xrays, ext
     (summary,) = extract_features(extract_config(small_xrays, shard_rows=16, batch_size=8))
     assert len(waiting) == 9 and max(waiting) <= 16 - 1  # packed as soon as 16 rows wait
     assert sum(entry["rows"] for entry in read_manifest(summary.cache_path)["shards"]) == summary.counts["rows"]
+
+
+def test_a_format_2_cache_is_read_as_it_is(synthetic_cache):
+    path = synthetic_cache()
+    with h5py.File(path, "r+") as handle:  # a plain cache of format 2 has exactly this layout
+        handle.attrs["format_version"] = 2
+    assert len(load_pooled(path).pooled) > 0 and verify_cache(path).ok
+
+
+def test_compact_on_the_command_line(small_xrays, extract_config, tmp_path):
+    (summary,) = extract_features(extract_config(small_xrays, shard_rows=16))
+    result = run_cli("compact", summary.cache_path.parent)
+    assert result.exit_code == 0 and "70 rows from 5 shard files merged" in result.output
+    assert "removed 5 unused shard files" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("compact", empty)
+    (line,) = [x for x in result.output.splitlines() if x.strip()]
+    assert result.exit_code == 1 and "holds no cache to compact" in line and line.endswith(f"target={str(empty)!r}")
