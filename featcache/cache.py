@@ -4,10 +4,22 @@ A finished cache is ``<cache-dir>/<backbone>-<fingerprint[:12]>.h5``. It is writ
 ``.incomplete`` name and renamed when complete, so a file with the final name is always whole.
 Work in progress lives in ``<name>.partial/`` (see ``featcache.partial``).
 
-Layout (n rows, m files; rows ordered by file path, then copy index)::
+Since format 3 the cache is sharded: the rows' maps live in shard files ``<name>.shards/<id>.h5``
+(``featcache.shards``; each whole, atomic, with its own SHA-256s) and the ``.h5`` is a small master
+file (``featcache.master``) in which /features and /pooled are HDF5 virtual datasets over the shards
+(relative paths: the folder can be moved whole), every other dataset is a real one, and the manifest
+also lists the shards it maps with their seals (``manifest["shards"]``). Every reader opens the master
+as before; ``open_cache`` first checks that each listed shard exists and is the one the master was
+built from. Shards depend only on the settings (the fingerprint), so a new file list writes only the
+shards of its new rows plus a new master; rows of removed or changed files stay in their old shards
+(mapped by nothing) until ``featcache compact`` merges the cache into one plain file (same layout, no
+virtual datasets, ``shards`` dropped) and deletes unmapped shards. A format-2 file (always plain) is
+read as it is; extract writes format 3 under a new name (the format is part of the fingerprint).
 
-    /features      (n, h, w, c) float16|float32   backbone maps
-    /pooled        (n, c) float32                 global average of each map, from float32 maps
+Layout (n rows, m files; rows ordered by file path, then copy index, whatever the shards)::
+
+    /features      (n, h, w, c) float16|float32   backbone maps (virtual over the shards, or plain)
+    /pooled        (n, c) float32                 global average of each map, from float32 maps (idem)
     /labels        (n,) int16                     class index into manifest["class_names"]
     /split         (n,) uint8                     0 train, 1 val, 2 test
     /source_index  (n,) int32                     row of /files the image came from
@@ -15,8 +27,9 @@ Layout (n rows, m files; rows ordered by file path, then copy index)::
     /files/path    (m,) str                       relative to the data folder
     /files/sha256  (m,) bytes                     content hash of the file
     /files/label, /files/split (m,), /files/patient (m,) str
-    attrs: manifest (JSON; ``datasets`` holds each dataset's shape, dtype and SHA-256), manifest_sha256
-           (of the manifest's text), format_version, fingerprint, complete
+    attrs: manifest (JSON; ``datasets`` holds each dataset's shape, dtype and SHA-256 in row order,
+           ``shards`` each mapped shard's file, rows and seal), manifest_sha256 (of the manifest's text),
+           format_version, fingerprint, complete
 """
 
 from __future__ import annotations
@@ -49,7 +62,9 @@ from featcache.integrity import first_line, parse_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: per-dataset SHA-256 in the manifest, fletcher32 on chunked datasets
+FORMAT_VERSION = 3  # 2: per-dataset SHA-256 in the manifest, fletcher32; 3: /features, /pooled may be virtual
+READ_VERSIONS = (2, 3)  # a format-2 file is a plain cache: read as it is (extract writes format 3 beside it)
+SHARDS_SUFFIX = ".shards"
 SUFFIX = ".h5"
 PARTIAL_SUFFIX = ".partial"
 INCOMPLETE_SUFFIX = ".incomplete"
@@ -85,6 +100,11 @@ class CachePaths:
     @property
     def partial(self) -> Path:
         return self.cache_dir / f"{self.name}{PARTIAL_SUFFIX}"
+
+    @property
+    def shards(self) -> Path:
+        """The shard files of these settings (see ``featcache.shards``)."""
+        return self.cache_dir / f"{self.name}{SHARDS_SUFFIX}"
 
     @property
     def weights(self) -> Path:
@@ -316,9 +336,10 @@ def _check_header(handle: h5py.File, path: Path) -> None:
         if not attrs.get("complete", False) or "manifest" not in attrs:
             raise IncompleteCacheError(f"{path} is not marked complete; re-run 'featcache extract' to rebuild it.")
         version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise CacheMismatchError(
-                f"{path} has cache format version {version}; this featcache reads version {FORMAT_VERSION}. "
+                f"{path} has cache format version {version}; this featcache reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}. "
                 f"Re-run 'featcache extract' with a new --cache-dir. Received: format_version={version}"
             )
         text = attrs["manifest"]
@@ -328,11 +349,54 @@ def _check_header(handle: h5py.File, path: Path) -> None:
             raise DamagedFileError(f"Cache {path}: its manifest was edited since it was written (manifest_sha256 "
                                    f"differs); delete it and re-run 'featcache extract'. Received: file={str(path)!r}")
         check_layout(handle, manifest)
+        check_shards(handle, path, manifest)
     except FeatcacheError:
         raise
     except H5_ERRORS as exc:  # h5py on damaged object headers
         raise DamagedFileError(f"Cache {path} has damaged metadata ({first_line(exc)}); delete it and re-run "
                                f"'featcache extract'. Received: file={str(path)!r}") from None
+
+
+def check_shards(handle: h5py.File, path: Path, manifest: dict) -> None:
+    """Every shard a master maps exists and is the very file it was built from (its seal), and the
+    virtual datasets map nothing else: HDF5 reads a missing source as fill values, without an error.
+
+    Raises:
+        DamagedFileError: one line naming the first missing, unreadable or replaced shard file.
+    """
+    from featcache.shards import read_seal  # shards imports this module
+
+    listed = manifest.get("shards", [])
+    files = {entry.get("file") for entry in listed if isinstance(entry, dict)}
+    for name in ("features", "pooled"):
+        if handle[name].is_virtual and not {s.file_name for s in handle[name].virtual_sources()} <= files:
+            raise DamagedFileError(f"Cache {path}: /{name} maps files its manifest does not list; delete it and "
+                                   f"re-run 'featcache extract'. Received: file={str(path)!r}")
+    for entry in listed:
+        shard = path.parent / entry["file"]
+        try:
+            _, seal = read_seal(shard)
+        except DamagedFileError:
+            reason = "is missing" if not shard.is_file() else "cannot be read or is not a complete, unedited shard"
+            raise DamagedFileError(
+                f"Cache {path}: its shard file {shard} {reason}; restore it, or delete {path.name} "
+                f"and re-run 'featcache extract' (rows of the other shards are reused). Received: shard={entry['file']!r}"
+            ) from None
+        if seal != entry.get("seal"):
+            raise DamagedFileError(
+                f"Cache {path}: its shard file {shard} was replaced (its seal differs from the manifest's); restore "
+                f"it, or delete {path.name} and re-run 'featcache extract'. Received: shard={entry['file']!r}")
+
+
+def cache_bytes(path: str | Path) -> int:
+    """Bytes on disk of a cache: the master file plus every shard it maps (shards shared with nothing else)."""
+    path = Path(path)
+    total = path.stat().st_size
+    with contextlib.suppress(*H5_ERRORS, ValueError):
+        with h5py.File(path, "r") as handle:
+            shards = json.loads(handle.attrs["manifest"]).get("shards", [])
+        total += sum((path.parent / entry["file"]).stat().st_size for entry in shards)
+    return total
 
 
 def list_caches(cache_dir: str | Path, backbone: str | None = None) -> list[Path]:
@@ -434,7 +498,8 @@ def describe_cache(path: str | Path) -> str:
         shape, dtype = handle["features"].shape, handle["features"].dtype
     c = manifest["counts"]
     return "\n".join([
-        f"{path} ({path.stat().st_size / 2**20:.1f} MiB)",
+        f"{path} ({cache_bytes(path) / 2**20:.1f} MiB"
+        + (f": the master and {len(manifest['shards'])} shard files" if manifest.get("shards") else "") + ")",
         f"  backbone {manifest['backbone']}, weights {manifest['weights']['source']} "
         f"(sha256 {manifest['weights']['sha256'][:12]}), image size {manifest['image_size']}",
         f"  features {tuple(shape)} {dtype}"

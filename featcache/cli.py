@@ -54,6 +54,7 @@ def extract(
     label_columns: Annotated[Optional[str], typer.Option("--label-columns", help="Comma-separated label columns of --labels (default: every column but path/patient/split).")] = None,
     uncertain: Annotated[str, typer.Option("--uncertain", help="-1 and blank in 0/1 label columns: ignore (masked; a single column's row is left out), zero or one.")] = "ignore",
     patient_pattern: Annotated[Optional[str], typer.Option("--patient-pattern", help="Regular expression searched in each relative path; its first group is the patient id.")] = None,
+    shard_rows: Annotated[Optional[int], typer.Option("--shard-rows", help="Rows per shard file (default: about 64 MiB of maps); any value gives the same cache.")] = None,
 ) -> None:
     """Run the frozen backbones once over every image and K augmented copies; cache the maps in HDF5."""
     from featcache.config import ExtractConfig
@@ -66,7 +67,7 @@ def extract(
             cache_dir=cache_dir, dtype=dtype, compression=None if compression == "none" else compression,
             precision=precision, progress=progress, max_pixels=max_pixels, feature_layer=feature_layer, labels=labels,
             label_columns=tuple(c.strip() for c in label_columns.split(",") if c.strip()) if label_columns else None,
-            uncertain=uncertain, patient_pattern=patient_pattern,
+            uncertain=uncertain, patient_pattern=patient_pattern, shard_rows=shard_rows,
         )
         summaries = extract_features(config)
     except FeatcacheError as error:
@@ -98,6 +99,20 @@ def backbones(
 
     try:
         typer.echo(describe_backbone(name, image_size) if name else describe_backbones())
+    except FeatcacheError as error:
+        _fail(error)
+
+
+@app.command()
+def compact(
+    cache: Annotated[Path, typer.Argument(help="A cache file, or a folder of caches.")] = Path("cache"),
+    prune_only: Annotated[bool, typer.Option("--prune-only", help="Only delete shard files no cache in the folder maps.")] = False,
+) -> None:
+    """Merge a sharded cache into one plain file (same name and data), then delete shard files no cache maps."""
+    from featcache.compact import compact_path, format_compact
+
+    try:
+        typer.echo(format_compact(compact_path(cache, prune_only)))
     except FeatcacheError as error:
         _fail(error)
 

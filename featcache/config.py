@@ -47,6 +47,8 @@ class ExtractConfig:
         label_columns: the label columns to use (default: every column but path/patient/split).
         uncertain: policy for -1 and blank in 0/1 columns: ``ignore`` (masked), ``zero`` or ``one``.
         patient_pattern: a regular expression searched in each relative path; its first group is the patient.
+        shard_rows: rows per shard file, or None for about 64 MiB of maps (``shards.default_shard_rows``);
+            not a feature setting: any value gives the same cache.
     """
 
     data_dir: Path
@@ -68,6 +70,7 @@ class ExtractConfig:
     label_columns: tuple[str, ...] | None = None
     uncertain: str = "ignore"
     patient_pattern: str | None = None
+    shard_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.uncertain not in UNCERTAIN_POLICIES:
@@ -76,6 +79,8 @@ class ExtractConfig:
             raise FeatcacheError(f"--label-columns needs --labels FILE. Received: label_columns={list(self.label_columns)}")
         if self.patient_pattern is not None:
             check_patient_pattern(self.patient_pattern)
+        if self.shard_rows is not None and self.shard_rows < 1:
+            raise FeatcacheError(f"--shard-rows must be >= 1. Received: shard_rows={self.shard_rows}")
         if not self.backbones:
             raise FeatcacheError("Pass at least one --backbone. Received: backbones=()")
         _check_unique(self.backbones)

@@ -27,8 +27,9 @@ from featcache.backbones import (
     build_extractor, check_image_size, describe_preprocessing, get_backbone_spec, hash_weights, load_backbone,
     resolve_image_size,
 )
-from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, compute_fingerprint
-from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, assemble_cache, save_weights
+from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, cache_bytes, compute_fingerprint
+from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, ShardPacker, assemble_cache, save_weights
+from featcache.shards import ShardStore, default_shard_rows
 from featcache.config import ExtractConfig
 from featcache.data import (
     PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image,
@@ -160,7 +161,8 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
     paths = CachePaths.for_fingerprint(config.cache_dir, name, fingerprint)
     with CacheLock(Path(config.cache_dir) / f".{name}.lock"):
         old = ReusableCache.open(paths.final, fingerprint)
-        store = BatchStore(paths.partial)
+        shards, store = ShardStore(paths.shards, fingerprint), BatchStore(paths.partial)
+        shards.remove_leftovers()
         if config.weights == "random" and not paths.weights.exists():
             store.folder.mkdir(parents=True, exist_ok=True)
             save_weights(backbone, store.folder / SAVED_WEIGHTS)
@@ -168,20 +170,30 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
                      if s.get("pixels", 0) <= 0 or s["pixels"] > config.max_pixels}  # retry what a raised limit admits
         good = [f for f in files if (f.record.path, f.sha256) not in known_bad]
         wanted = [(f, k) for f in good for k in range(config.augment_copies + 1 if f.record.split == "train" else 1)]
-        available = {**(old.index if old else {}), **store.index()}
+        in_shards = shards.index(trusted=old.shard_names if old else set())
+        store.index()
+        store.discard_packed(in_shards)  # batches killed between their shard's rename and their deletion
+        plain = {key: None for key in old.row_keys()} if old is not None and not old.sharded else {}
+        available = {**plain, **store.index(), **in_shards}
         missing = [(f, k) for f, k in wanted if (f.record.path, f.sha256, k) not in available]
         reused = len(wanted) - len(missing)
         present = {(f.record.path, f.sha256) for f in files}
         skipped = [s for key, s in known_bad.items() if key in present]
         skipped += unreadable
-        timing, bad = _compute_batches(config, folder.root, extractor, missing, store)
+        feature_shape = tuple(int(d) for d in extractor.output_shape[1:])
+        shard_rows = config.shard_rows or default_shard_rows(feature_shape, config.dtype, config.batch_size)
+        rank = {(f.record.path, f.sha256, k): i for i, (f, k) in enumerate(wanted)}
+        packer = ShardPacker(store, shards, rank, shard_rows, config.compression)
+        timing, bad = _compute_batches(config, folder.root, extractor, missing, packer)
         skipped += bad
         bad_paths = {s["path"] for s in bad}
         rows = [(f, k) for f, k in wanted if f.record.path not in bad_paths]
-        manifest = _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision,
-                             tuple(int(d) for d in extractor.output_shape[1:]))
+        manifest = _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision, feature_shape)
         if old is None or missing or len(rows) != old.n_rows or old.skipped_paths != {s["path"] for s in skipped}:
-            assemble_cache(paths, rows, old, store, manifest, config)  # moves saved weights beside the cache
+            packer.pack()
+            if plain:
+                old.unpack(shards, shard_rows, config.compression)  # a compacted cache: its rows go into shards once
+            assemble_cache(paths, rows, shards, manifest, store.folder / SAVED_WEIGHTS)
         elif (store.folder / SAVED_WEIGHTS).exists():
             os.replace(store.folder / SAVED_WEIGHTS, paths.weights)  # an up-to-date cache whose weights were deleted
         if old is not None:
@@ -191,7 +203,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
     return ExtractSummary(
         backbone=name, cache_path=paths.final, counts=manifest["counts"], skipped=skipped,
         computed_rows=computed, reused_rows=reused, seconds=time.perf_counter() - started,
-        size_bytes=paths.final.stat().st_size,
+        size_bytes=cache_bytes(paths.final),
         timing=timing, feature_shape=tuple(manifest["feature_shape"]), image_size=config.image_size,
     )
 
@@ -296,8 +308,8 @@ class ComputeTiming:
         return (rows - self.first_batch_rows) / rest if rest > 0 and rows > self.first_batch_rows else 0.0
 
 
-def _compute_batches(config, root, extractor, missing, store: BatchStore) -> tuple[ComputeTiming, list[dict]]:
-    """Run the backbone over the missing rows; each finished batch goes to ``store``."""
+def _compute_batches(config, root, extractor, missing, store: ShardPacker) -> tuple[ComputeTiming, list[dict]]:
+    """Run the backbone over the missing rows; each finished batch goes to ``store`` (which packs shards)."""
     timing = ComputeTiming()
     if not missing:
         return timing, []

@@ -1,8 +1,11 @@
-"""Work in progress of one cache: finished batches, reusable rows of an older cache, and the assembly.
+"""Work in progress of one cache: finished batches, their packing into shards, reusable rows of an older
+cache, and the assembly of the master file.
 
 Each finished extraction batch is one ``.npz`` in ``<name>.partial/``, written under a temporary
-name and renamed, so a killed run loses at most the batches in flight. When every row exists,
-``assemble_cache`` writes the complete cache through ``CacheWriter`` (which renames it into place).
+name and renamed, so a killed run loses at most the batches in flight. Once a shard's worth of rows
+has gathered, ``ShardPacker`` writes them into one shard file (``featcache.shards``) and deletes the
+batches. When every row is in a shard, ``assemble_cache`` writes the small master file that maps them
+(``featcache.master``); nothing is copied twice, so the disk holds the cache plus one shard in flight.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CachePaths, CacheWriter, FileTable, open_cache, read_rows
+from featcache.cache import CachePaths, FileTable, open_cache
 from featcache.checksums import check_dataset, read_checked
 from featcache.data import SPLIT_CODES
 from featcache.errors import FeatcacheError, storage_error
+from featcache.master import write_master
+from featcache.shards import ShardStore, write_shard
 
 log = logging.getLogger(__name__)
 
-ASSEMBLE_ROWS = 256  # rows copied per step when the cache file is assembled
 SAVED_WEIGHTS = "backbone.weights.h5"  # random initialisations, in the work folder until the cache is whole
 
 
@@ -74,6 +78,27 @@ class BatchStore:
             for offset, key in enumerate(self._checked[batch]):
                 found[key] = (batch, offset)
         return found
+
+    def pending(self) -> list[Path]:
+        """Finished batches not packed into a shard yet (those this process wrote or indexed)."""
+        return list(self._checked)
+
+    def pending_rows(self) -> int:
+        return sum(len(keys) for keys in self._checked.values())
+
+    def keys(self, batch: Path) -> list[tuple[str, str, int]]:
+        return self._checked[batch]
+
+    def discard(self, batches: list[Path]) -> None:
+        """Delete batches whose rows are safely in a shard."""
+        for batch in batches:
+            self._checked.pop(batch, None)
+            with contextlib.suppress(FileNotFoundError):
+                batch.unlink()
+
+    def discard_packed(self, in_shards: dict) -> None:
+        """Delete batches whose every row is already in a shard (a kill after the shard's rename)."""
+        self.discard([b for b, keys in self._checked.items() if all(key in in_shards for key in keys)])
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -127,21 +152,41 @@ def _read_batch_keys(batch: Path) -> list[tuple[str, str, int]]:
 
 
 class ReusableCache:
-    """A complete cache of the same fingerprint, whose rows can be reused."""
+    """A complete cache of the same fingerprint: its rows are reused, its skipped files remembered.
+
+    Its /features and /pooled are checked whole against its manifest first (through the shards it maps),
+    so reused rows never carry damage into a new master.
+    """
 
     def __init__(self, handle):
         self.handle = handle
         split = read_checked(handle, "split")
         for name in ("features", "pooled"):  # verified whole: reused rows must not carry damage into a new cache
             check_dataset(handle, name, split)
-        paths = read_checked(handle, "files/path").tolist()
-        shas = read_checked(handle, "files/sha256").astype(str).tolist()
-        source, copy = read_checked(handle, "source_index", split), read_checked(handle, "copy_index", split)
-        self.index = {(paths[s], shas[s], int(k)): ("old", i) for i, (s, k) in enumerate(zip(source, copy))}
-        self.n_rows = len(source)
+        self._split = split
+        self.n_rows = len(split)
         manifest = json.loads(handle.attrs["manifest"])
         self.skipped = {(s["path"], s["sha256"]): s for s in manifest.get("skipped", []) if s.get("sha256")}
         self.skipped_paths = {s["path"] for s in manifest.get("skipped", [])}
+        self.shard_names = {Path(entry["file"]).name for entry in manifest.get("shards", [])}
+        self.sharded = self.n_rows == 0 or handle["features"].is_virtual
+
+    def row_keys(self) -> list[tuple[str, str, int]]:
+        """(path, sha256, copy_index) of every row, in row order."""
+        paths = read_checked(self.handle, "files/path").tolist()
+        shas = read_checked(self.handle, "files/sha256").astype(str).tolist()
+        source = read_checked(self.handle, "source_index", self._split)
+        copy = read_checked(self.handle, "copy_index", self._split)
+        return [(paths[s], shas[s], int(k)) for s, k in zip(source, copy)]
+
+    def unpack(self, shards: ShardStore, shard_rows: int, compression: str | None) -> None:
+        """Copy the rows of a plain (compacted or format-2) cache into shards, once, so a new master can map them."""
+        keys = self.row_keys()
+        for start in range(0, len(keys), shard_rows):
+            stop = min(start + shard_rows, len(keys))
+            features, pooled = self.handle["features"][start:stop], self.handle["pooled"][start:stop]
+            shards.add(write_shard(shards.folder, shards.fingerprint, features, pooled, keys[start:stop],
+                                   compression), keys[start:stop])
 
     @classmethod
     def open(cls, path: Path, fingerprint: str) -> "ReusableCache | None":
@@ -161,69 +206,72 @@ class ReusableCache:
         self.handle.close()
 
 
-def assemble_cache(paths: CachePaths, rows: list, old: "ReusableCache | None", store: BatchStore, manifest: dict,
-                   config) -> None:
-    """Write the complete cache from reusable old rows and finished batches, then rename it into place.
+class ShardPacker:
+    """Packs finished batches into shard files once ``shard_rows`` rows have gathered, then deletes the
+    batches: the disk holds the shards plus at most one shard's worth of batches.
+
+    Rows inside a shard are sorted by ``rank`` (their position in the cache), so a shard maps to few runs
+    of master rows. Used from one thread at a time (extract's writer thread, then the main thread).
+    """
+
+    def __init__(self, store: BatchStore, shards: ShardStore, rank: dict, shard_rows: int,
+                 compression: str | None = None):
+        self.store, self.shards, self.rank = store, shards, rank
+        self.shard_rows, self.compression = shard_rows, compression
+
+    def write(self, batch_id: str, features: np.ndarray, pooled: np.ndarray, paths: list[str],
+              sha256: list[str], copy_index: np.ndarray) -> None:
+        """Keep one finished batch; pack when a shard's worth has gathered."""
+        self.store.write(batch_id, features, pooled, paths, sha256, copy_index)
+        if self.store.pending_rows() >= self.shard_rows:
+            self.pack()
+
+    def pack(self) -> None:
+        """Write every pending batch into one shard, then delete those batches."""
+        batches = self.store.pending()
+        if not batches:
+            return
+        features, pooled, keys = [], [], []
+        for batch in batches:
+            with np.load(batch) as data:
+                features.append(data["features"])
+                pooled.append(data["pooled"])
+            keys += self.store.keys(batch)
+        last = len(self.rank)
+        order = sorted(range(len(keys)), key=lambda i: (self.rank.get(keys[i], last), keys[i]))
+        keys = [keys[i] for i in order]
+        shard = write_shard(self.shards.folder, self.shards.fingerprint, np.concatenate(features)[order],
+                            np.concatenate(pooled)[order], keys, self.compression)
+        self.shards.add(shard, keys)
+        self.store.discard(batches)
+
+
+def assemble_cache(paths: CachePaths, rows: list, shards: ShardStore, manifest: dict, weights_from: Path) -> None:
+    """Write the master file over the shards that hold ``rows``, then rename it into place.
 
     Args:
         paths: where the cache goes.
-        rows: ``(SourceFile, copy_index)`` in final row order.
-        old: an older complete cache of the same fingerprint, or None.
-        store: the finished batches.
+        rows: ``(SourceFile, copy_index)`` in final row order; every row is in a shard.
+        shards: the shard store (already indexed).
         manifest: embedded in the file.
-        config: the ExtractConfig (dtype, compression).
+        weights_from: saved random weights to move beside the cache first, if that file exists.
     """
     files = list({f.record.path: f for f, _ in rows}.values())
     position = {f.record.path: i for i, f in enumerate(files)}
     table = FileTable(
         path=[f.record.path for f in files], sha256=[f.sha256 for f in files],
-        label=np.array([f.record.label for f in files]), split=np.array([SPLIT_CODES[f.record.split] for f in files]),
+        label=np.array([f.record.label for f in files], np.int16),
+        split=np.array([SPLIT_CODES[f.record.split] for f in files], np.uint8),
         patient=[f.record.patient for f in files],
     )
-    available = {**(old.index if old else {}), **store.index()}
-    writer = CacheWriter(paths.final, table, len(rows), tuple(manifest["feature_shape"]), config.dtype,
-                         config.compression)
-    loaded: dict[Path, dict] = {}
-    try:
-        for start in range(0, len(rows), ASSEMBLE_ROWS):
-            chunk = rows[start:start + ASSEMBLE_ROWS]
-            sources = [available[(f.record.path, f.sha256, k)] for f, k in chunk]
-            features, pooled = _gather(sources, old, loaded)
-            writer.write_rows(
-                start, features, pooled,
-                labels=np.array([f.record.label for f, _ in chunk]),
-                split=np.array([SPLIT_CODES[f.record.split] for f, _ in chunk]),
-                source_index=np.array([position[f.record.path] for f, _ in chunk]),
-                copy_index=np.array([k for _, k in chunk]),
-            )
-        saved_weights = store.folder / SAVED_WEIGHTS
-        if saved_weights.exists():
-            os.replace(saved_weights, paths.weights)  # before the cache: a whole cache always has its weights
-        writer.commit(manifest)
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def _gather(sources: list, old: "ReusableCache | None", loaded: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Features and pooled rows from ("old", row) or (batch file, offset) sources, in order."""
-    features, pooled = [], []
-    old_rows = [row for kind, row in sources if kind == "old"]
-    if old_rows:
-        old_features = read_rows(old.handle["features"], np.array(old_rows))
-        old_pooled = read_rows(old.handle["pooled"], np.array(old_rows))
-    taken = 0
-    for kind, row in sources:
-        if kind == "old":
-            features.append(old_features[taken])
-            pooled.append(old_pooled[taken])
-            taken += 1
-            continue
-        if kind not in loaded:
-            if len(loaded) >= 4:
-                loaded.pop(next(iter(loaded)))
-            with np.load(kind) as data:
-                loaded[kind] = {"features": data["features"], "pooled": data["pooled"]}
-        features.append(loaded[kind]["features"][row])
-        pooled.append(loaded[kind]["pooled"][row])
-    return np.stack(features), np.stack(pooled)
+    index = shards.index()
+    located = [index[(f.record.path, f.sha256, k)] for f, k in rows]
+    shard_files = sorted({shard for shard, _ in located})
+    number = {shard: i for i, shard in enumerate(shard_files)}
+    columns = {"labels": np.array([f.record.label for f, _ in rows]),
+               "split": np.array([SPLIT_CODES[f.record.split] for f, _ in rows]),
+               "source_index": np.array([position[f.record.path] for f, _ in rows]),
+               "copy_index": np.array([k for _, k in rows])}
+    if weights_from.exists():
+        os.replace(weights_from, paths.weights)  # before the cache: a whole cache always has its weights
+    write_master(paths.final, shard_files, [(number[s], o) for s, o in located], table, columns, manifest)

@@ -1,6 +1,7 @@
 """``featcache verify``: re-check a cache or an export folder end to end, one line per check and a verdict.
 
-A cache: header, manifest and layout; every dataset's SHA-256 (all splits; /features streamed, HDF5's
+A cache: header, manifest and layout (every shard file present and the one it was built from); each shard
+read whole against its own SHA-256s; every dataset's SHA-256 (all splits; /features streamed, HDF5's
 fletcher32 checked on the way) and value ranges; counts and row/file consistency; the split registry.
 An export: model.json is featcache's and unedited, the folder holds only what an export writes,
 model.keras has the recorded SHA-256 and loads in safe mode, the SavedModel loads, its threshold is the
@@ -21,6 +22,7 @@ from featcache.checksums import DATASETS, check_dataset, read_checked
 from featcache.data import SPLITS, read_split_registry
 from featcache.errors import DamagedFileError, FeatcacheError
 from featcache.integrity import first_line, load_keras_checked
+from featcache.shards import check_shard
 from featcache.modelcard import (
     CARD_FILE,
     KERAS_FILE,
@@ -106,6 +108,8 @@ def verify_cache(path: Path) -> Verification:
             split = read_checked(handle, "split")
             return f"{len(split)} rows, SHA-256 ok"
 
+        if manifest.get("shards"):
+            result.run("shards", lambda: _shards(Path(path), manifest))
         if result.run("sha256 /split", split_column):
             for name in DATASETS:
                 if name != "split":
@@ -113,6 +117,14 @@ def verify_cache(path: Path) -> Verification:
             result.run("rows and files", lambda: _rows_and_files(handle, manifest, split))
         result.run("split registry", lambda: _registry(Path(path).parent, handle, manifest))
     return result
+
+
+def _shards(path: Path, manifest: dict) -> str:
+    """Each shard file the master maps, read whole against the SHA-256s sealed in it (dead rows included)."""
+    rows = 0
+    for entry in manifest["shards"]:
+        rows += check_shard(path.parent / entry["file"], manifest["fingerprint"])["rows"]
+    return f"{len(manifest['shards'])} shard files of {rows} rows, each whole and matching its SHA-256"
 
 
 def _dataset(handle, name: str, split: np.ndarray) -> str:

@@ -84,11 +84,15 @@ def read_datasets(path: Path) -> dict[str, np.ndarray]:
 
 def corrupt_chunks(path: Path, name: str) -> int:
     """Overwrite the stored bytes of every chunk of dataset ``name`` in place (HDF5 metadata stays valid,
-    the data is rotten); returns the number of chunks. A read of any of them must fail."""
+    the data is rotten); returns the number of chunks. A read of any of them must fail. A virtual dataset
+    (a sharded cache's master) has its chunks in the shard files: those are rotted."""
     import h5py
 
     with h5py.File(path, "r") as handle:
         dataset = handle[name]
+        if dataset.is_virtual:
+            sources = sorted({(Path(path).parent / s.file_name, s.dset_name) for s in dataset.virtual_sources()})
+            return sum(corrupt_chunks(source, source_name) for source, source_name in sources)
         chunks = [dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks())]
     with open(path, "r+b") as raw:
         for chunk in chunks:

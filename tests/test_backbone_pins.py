@@ -1,13 +1,17 @@
 """Regression pins: VGG16, ResNet152 and the tiny backbone keep their exact fingerprints, random weights and
 extractor layers. The values were computed on main (161be70) before the registry accepted any Keras
-architecture; a change here invalidates every existing cache of these backbones."""
+architecture, with cache format 2; a change here invalidates every existing cache of these backbones. The
+fingerprints are recomputed here with that format number, so the pins hold the feature settings fixed across
+deliberate format bumps (format 3, the sharded cache, renames every cache once, on purpose)."""
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
 from featcache.backbones import build_extractor, get_backbone_spec, hash_weights, load_backbone
-from featcache.cache import compute_fingerprint
+from featcache.cache import FORMAT_VERSION, compute_fingerprint
 from featcache.config import ExtractConfig
 from featcache.extract import _feature_settings
 
@@ -29,7 +33,9 @@ def test_fingerprints_of_the_original_backbones_are_unchanged(name, size):
     config = ExtractConfig(data_dir=Path("xrays"), backbones=(name,), weights="random", image_size=size, seed=0)
     settings = _feature_settings(config, spec, "ab" * 32, "float32")
     assert settings["preprocessing"] == {"mode": "caffe", "mean_bgr": [103.939, 116.779, 123.68]}
-    assert compute_fingerprint(settings) == FINGERPRINTS[(name, size)]
+    format2 = json.dumps({"format_version": 2, **settings}, sort_keys=True, default=str)
+    assert hashlib.sha256(format2.encode()).hexdigest() == FINGERPRINTS[(name, size)]
+    assert FORMAT_VERSION == 3 and compute_fingerprint(settings) != FINGERPRINTS[(name, size)]
 
 
 @pytest.mark.parametrize("name, size", sorted(RANDOM_WEIGHTS))

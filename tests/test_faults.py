@@ -164,9 +164,11 @@ def test_sigkill_at_seeded_random_points_then_resume_equals_a_clean_run(faulty_r
 
 
 def test_file_size_limit_is_one_line_then_the_rerun_completes(faulty_runs, data, clean):
-    """RLIMIT_FSIZE below the cache size (above every other file): exit 1 with one line naming the cache
-    file being assembled, no crash (h5py used to segfault), and a rerun without the limit gives the clean cache."""
-    assert clean.with_name(f"{clean.stem}.weights.h5").stat().st_size < FILE_SIZE_LIMIT < clean.stat().st_size
+    """RLIMIT_FSIZE below the size of the shard that holds the maps (above every other file): exit 1 with one
+    line naming the shard file being written, no crash (h5py used to segfault), and a rerun without the limit
+    gives the clean cache."""
+    (shard,) = clean.parent.glob(f"{clean.stem}.shards/*.h5")
+    assert clean.with_name(f"{clean.stem}.weights.h5").stat().st_size < FILE_SIZE_LIMIT < shard.stat().st_size
     folder, returncode, stderr = faulty_runs["limited"]
     assert returncode == 1, stderr[-3000:]
     (line,) = _error_lines(stderr)
@@ -250,12 +252,12 @@ def test_cache_dir_that_is_a_file_is_one_line(data, tmp_path):
 
 def test_damaged_batch_files_are_recomputed(data, clean, tmp_path, monkeypatch, caplog):
     """A bad CRC, a truncated file and garbage in ``.partial/`` no longer block every resume."""
-    import featcache.extract
+    import featcache.partial
 
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # stands in for a kill just before assembly: every batch is on disk
+        raise KeyboardInterrupt  # stands in for a kill just before packing into a shard: every batch is on disk
 
-    monkeypatch.setattr(featcache.extract, "assemble_cache", killed)
+    monkeypatch.setattr(featcache.partial.ShardPacker, "pack", killed)
     with pytest.raises(KeyboardInterrupt):
         extract_features(_config(data, tmp_path / "cache"))
     monkeypatch.undo()

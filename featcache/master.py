@@ -1,0 +1,160 @@
+"""The master file of a sharded cache: /features and /pooled as HDF5 virtual datasets over shard files.
+
+The master has the layout of ``featcache.cache`` (same names, shapes, dtypes, manifest); only the two
+large datasets are virtual. Row ``i`` of the master maps to one row of one shard; consecutive rows of
+the same shard in the same order form one mapping, so a cache built in one go has one mapping per shard.
+Source paths are relative to the master (``<name>.shards/<id>.h5``): a cache folder can be moved whole.
+The manifest lists every shard the master maps with its seal (``manifest["shards"]``), and
+``cache.open_cache`` refuses the master when one is missing or was replaced: HDF5 itself would read a
+missing source as fill values (NaN here, which the value checks refuse as well).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featcache.cache import (
+    FORMAT_VERSION, INCOMPLETE_SUFFIX, ROW_DTYPES, ROW_FIELDS, STR, FileTable, _fsync, _text_sha256, _WriteGuard,
+)
+from featcache.checksums import H5_ERRORS, Digests, dataset_records
+from featcache.errors import DamagedFileError, storage_error
+from featcache.integrity import first_line
+from featcache.shards import read_seal
+
+
+def mapping_runs(sources: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of master rows that map to consecutive rows of one shard.
+
+    Args:
+        sources: per master row, (shard number, row in the shard).
+
+    Returns:
+        ``(start, stop, shard number, first shard row)`` per run, in master order.
+    """
+    runs: list[tuple[int, int, int, int]] = []
+    for row, (shard, offset) in enumerate(sources):
+        if runs and runs[-1][2] == shard and runs[-1][3] + (row - runs[-1][0]) == offset:
+            start, _, _, first = runs[-1]
+            runs[-1] = (start, row + 1, shard, first)
+        else:
+            runs.append((row, row + 1, shard, offset))
+    return runs
+
+
+def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]], files: FileTable,
+                 columns: dict[str, np.ndarray], manifest: dict) -> Path:
+    """Write the master file of a sharded cache under ``.incomplete``, then rename it into place.
+
+    The SHA-256 of /features and /pooled (per split, in master row order) is computed by reading the
+    mapped shard rows, so it is exactly what a reader of the master will check.
+
+    Args:
+        final: the master's final path.
+        shards: the shard files the rows come from (inside ``final``'s folder tree).
+        sources: per row, (index into ``shards``, row in that shard), in final row order.
+        files: the per-file table.
+        columns: the ROW_FIELDS, one value per row.
+        manifest: embedded, with ``datasets`` (checksums) and ``shards`` (file and seal of each) added.
+
+    Raises:
+        DamagedFileError: a shard is missing or cannot be read.
+        StorageError: the master cannot be written (nothing is left behind).
+    """
+    tmp = final.with_name(final.name + INCOMPLETE_SUFFIX)
+    n = len(sources)
+    used = sorted({s for s, _ in sources})
+    renumber = {old: new for new, old in enumerate(used)}
+    shards = [shards[i] for i in used]
+    sources = [(renumber[s], o) for s, o in sources]
+    records = [read_seal(path) for path in shards]
+    relative = [os.path.relpath(path, final.parent) for path in shards]
+    feature_shape = tuple(manifest["feature_shape"])
+    raw = open(tmp, "w+b", buffering=0)
+    guard = _WriteGuard(raw)
+    try:
+        with h5py.File(guard, "w") as handle:
+            handle.attrs["complete"] = False
+            digests = Digests()
+            split = np.asarray(columns["split"], ROW_DTYPES["split"])
+            _map_rows(handle, shards, relative, records, sources, split, feature_shape, manifest["dtype"], digests)
+            for name in ROW_FIELDS:
+                values = np.asarray(columns[name], ROW_DTYPES[name])
+                handle.create_dataset(name, data=values, chunks=(min(2**16, max(n, 1)),), fletcher32=True)
+                digests.update(name, values, split)
+            _write_files(handle, files, digests)
+            manifest = {**manifest, "datasets": dataset_records(handle, digests),
+                        "shards": [{"file": rel, "rows": rec["rows"], "seal": seal}
+                                   for rel, (rec, seal) in zip(relative, records)]}
+            text = json.dumps(manifest, sort_keys=True, default=str)
+            handle.attrs["manifest"] = text
+            handle.attrs["manifest_sha256"] = _text_sha256(text)
+            handle.attrs["format_version"] = FORMAT_VERSION
+            handle.attrs["fingerprint"] = manifest["fingerprint"]
+            handle.attrs["complete"] = True
+        if guard.error is not None:
+            raise guard.error
+        os.fsync(raw.fileno())
+        raw.close()
+        os.replace(tmp, final)
+        _fsync(final.parent)
+    except OSError as exc:
+        _discard(raw, tmp)
+        raise storage_error(exc, tmp) from None
+    except BaseException:
+        _discard(raw, tmp)
+        raise
+    return final
+
+
+def _discard(raw, tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        raw.close()
+    tmp.unlink(missing_ok=True)
+
+
+def _map_rows(handle, shards, relative, records, sources, split, feature_shape, dtype, digests) -> None:
+    """Create the virtual /features and /pooled, and digest the rows they map, run by run."""
+    n, channels = len(sources), feature_shape[-1]
+    if n == 0:  # HDF5 needs at least one mapping: an empty cache has plain empty datasets
+        handle.create_dataset("features", (0, *feature_shape), dtype=dtype)
+        handle.create_dataset("pooled", (0, channels), dtype="float32")
+        return
+    layouts = {"features": h5py.VirtualLayout((n, *feature_shape), dtype),
+               "pooled": h5py.VirtualLayout((n, channels), "float32")}
+    virtual = [{"features": h5py.VirtualSource(rel, "features", (rec["rows"], *feature_shape)),
+                "pooled": h5py.VirtualSource(rel, "pooled", (rec["rows"], channels))}
+               for rel, (rec, _) in zip(relative, records)]
+    opened: dict[int, h5py.File] = {}
+    try:
+        for start, stop, shard, first in mapping_runs(sources):
+            if shard not in opened:
+                opened[shard] = h5py.File(shards[shard], "r")
+            for name, layout in layouts.items():
+                layout[start:stop] = virtual[shard][name][first:first + stop - start]
+                try:
+                    values = opened[shard][name][first:first + stop - start]
+                except H5_ERRORS as exc:
+                    raise DamagedFileError(f"Shard file {shards[shard]} cannot be read ({first_line(exc)}). "
+                                           f"Received: shard={str(shards[shard])!r}") from None
+                digests.update(name, values, split[start:stop])
+    finally:
+        for shard_handle in opened.values():
+            shard_handle.close()
+    for name, layout in layouts.items():
+        handle.create_virtual_dataset(name, layout, fillvalue=np.nan)
+
+
+def _write_files(handle, files: FileTable, digests: Digests) -> None:
+    columns = {"path": np.array(files.path, dtype=object), "sha256": np.array(files.sha256, dtype="S64"),
+               "label": np.asarray(files.label, dtype=np.int16), "split": np.asarray(files.split, dtype=np.uint8),
+               "patient": np.array(files.patient, dtype=object)}
+    group = handle.create_group("files")
+    for name, values in columns.items():
+        group.create_dataset(name, data=values, dtype=STR if values.dtype == object else values.dtype)
+        digests.update(f"files/{name}", values)
