@@ -98,6 +98,74 @@ def write_cache(cache_dir: Path, rows: int, seed: int = 0) -> Path:
     })
 
 
+def run_train_head(path: Path, trials: int, max_epochs: int, budget: str) -> dict:
+    """A fresh study in a fresh subprocess: wall seconds, peak RSS (GiB), seconds per epoch, the summary."""
+    shutil.rmtree(path.parent / "runs", ignore_errors=True)
+    code = (
+        "import logging, sys, time\n"
+        "from pathlib import Path\n"
+        "from featcache.tflog import quiet_tensorflow_startup\n"
+        "quiet_tensorflow_startup()\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "from featcache.config import TrainHeadConfig, parse_memory_budget\n"
+        "from featcache.tune import format_summary, train_heads\n"
+        f"path = Path({str(path)!r})\n"
+        "try:\n"
+        f"    config = TrainHeadConfig(cache=path, cache_dir=path.parent, trials={trials}, max_epochs={max_epochs},\n"
+        f"                             memory_budget=parse_memory_budget({budget!r}), progress=False)\n"
+        "    (summary,) = train_heads(config)\n"
+        "    print(format_summary(summary))\n"
+        "finally:\n"
+        "    print('VmHWM', [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1],"
+        " file=sys.stderr)\n")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"train-head failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (path.parent / "runs" / path.stem / "trials.jsonl").read_text().splitlines()]
+    return {"wall": wall, "peak": int(done.stderr.rsplit("VmHWM", 1)[1].split()[0]) / 2**20,
+            "epoch": sum(r["seconds"] for r in rows) / sum(r["epochs"] for r in rows),
+            "epochs": sum(r["epochs"] for r in rows), "output": done.stdout.rstrip(),
+            "trials": [{k: v for k, v in r.items() if k != "seconds"} for r in rows],
+            "log": [line for line in done.stderr.splitlines() if "training views" in line]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/featcache-stream"))
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--compare-rows", type=int, default=250_000)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--max-epochs", type=int, default=4)
+    parser.add_argument("--budget", default="1GiB", help="--memory-budget of the streamed runs (the default)")
+    parser.add_argument("--skip-large", action="store_true", help="Only the side-by-side comparison.")
+    args = parser.parse_args()
+
+    results = {}
+    for rows in ([] if args.skip_large else [args.rows]) + [args.compare_rows]:
+        started = time.perf_counter()
+        path = write_cache(args.dir / f"rows{rows}", rows)
+        print(f"cache {path} ({path.stat().st_size / 2**30:.2f} GiB, ready in {time.perf_counter() - started:.0f} s)",
+              flush=True)
+        modes = [("streamed", args.budget)] + ([("in memory", "1TiB")] if rows == args.compare_rows else [])
+        for mode, budget in modes:
+            result = results[rows, mode] = run_train_head(path, args.trials, args.max_epochs, budget)
+            print(f"\n--- {rows:,} rows, {mode} (--memory-budget {budget}): {' '.join(result['log'])}\n"
+                  f"{result['output']}", flush=True)
+    print(f"\n{'cache rows':>10} {'path':<10} {'peak RSS GiB':>12} {'s/epoch':>8} {'epochs':>6} {'wall s':>7}")
+    for (rows, mode), r in results.items():
+        print(f"{rows:>10,} {mode:<10} {r['peak']:>12.2f} {r['epoch']:>8.2f} {r['epochs']:>6} {r['wall']:>7.0f}")
+    pair = results.get((args.compare_rows, "streamed")), results.get((args.compare_rows, "in memory"))
+    if all(pair):
+        print(f"per-epoch ratio streamed / in memory at {args.compare_rows:,} rows: {pair[0]['epoch'] / pair[1]['epoch']:.2f}"
+              f" (target <= 1.5); peak RSS ratio {pair[0]['peak'] / pair[1]['peak']:.2f}; same trials (parameters, "
+              f"epochs, every metric): {'yes' if pair[0]['trials'] == pair[1]['trials'] else 'NO'}")
+    print(f"\ncpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; reproduce: python "
+          f"benchmarks/bench_train_head_stream.py --dir {args.dir} --rows {args.rows} --compare-rows "
+          f"{args.compare_rows} --trials {args.trials} --max-epochs {args.max_epochs} --budget {args.budget}")
+
+
 def main_build(args) -> None:
     for rows in args.build:
         started = time.perf_counter()
@@ -111,3 +179,5 @@ if __name__ == "__main__" and "--build" in sys.argv:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/featcache-stream"))
     parser.add_argument("--build", type=int, nargs="+")
     main_build(parser.parse_args())
+elif __name__ == "__main__":
+    main()

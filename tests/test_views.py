@@ -159,3 +159,18 @@ def test_bad_memory_budget_is_one_red_line(synthetic_cache, tmp_path, text):
     assert "--memory-budget must be a positive size" in result.output and not (path.parent / "runs").exists()
     with pytest.raises(FeatcacheError, match="memory_budget must be a positive number of bytes"):
         TrainHeadConfig(memory_budget=0)
+
+
+def test_damaged_chunks_are_one_line_whether_checked_or_streamed(synthetic_cache, tmp_path, small_windows):
+    from conftest import corrupt_chunks
+
+    from featcache.errors import DamagedFileError
+
+    path = _cache(synthetic_cache, tmp_path / "c")
+    data = load_head_data(path, memory_budget=HELD_VAL)  # checked in its first pass
+    windows = epoch_windows(data.train.source_index, 64, np.random.default_rng(0), data.train.layout)
+    corrupt_chunks(path, "pooled")  # rotten after the check: HDF5's fletcher32 catches it in the stream
+    with pytest.raises(DamagedFileError, match=r"/pooled cannot be read .*Received: dataset='pooled'$"):
+        list(data.train.stream(windows))
+    with pytest.raises(DamagedFileError, match="pooled"):
+        load_head_data(path, memory_budget=HELD_VAL)
