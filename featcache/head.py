@@ -347,7 +347,7 @@ def _train_streamed(train_epoch, state, views, windows, y_all, w_all, standardiz
 
     batch_size = int(hyper[0].numpy())
     carry_x, carry_rows = None, np.empty(0, np.int32)
-    for (_, rows), x in zip(windows, views):
+    for x, (_, rows) in zip(views, windows, strict=True):  # views first: its generator runs to its end (closes)
         x = standardize(tf.convert_to_tensor(x, tf.float32))
         if len(carry_rows):
             x, rows = tf.concat([carry_x, x], 0), np.concatenate([carry_rows, rows])
