@@ -131,6 +131,24 @@ def run_train_head(path: Path, trials: int, max_epochs: int, budget: str) -> dic
             "log": [line for line in done.stderr.splitlines() if "training views" in line]}
 
 
+def stream_read_seconds(path: Path, budget: str, repeats: int = 2) -> tuple[float, int]:
+    """(seconds, windows) of reading one epoch's windows (batch 64) through the stream, without training: what
+    streaming adds to an epoch when no core is free to overlap it. The best of ``repeats``."""
+    from featcache.config import parse_memory_budget
+    from featcache.head import epoch_windows
+    from featcache.views import load_head_data
+
+    data = load_head_data(path, parse_memory_budget(budget))
+    windows = epoch_windows(data.train.source_index, 64, np.random.default_rng(0), data.train.layout)
+    best = np.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _views in data.train.stream(windows):
+            pass
+        best = min(best, time.perf_counter() - started)
+    return best, len(windows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/featcache-stream"))
@@ -161,6 +179,10 @@ def main() -> None:
         print(f"per-epoch ratio streamed / in memory at {args.compare_rows:,} rows: {pair[0]['epoch'] / pair[1]['epoch']:.2f}"
               f" (target <= 1.5); peak RSS ratio {pair[0]['peak'] / pair[1]['peak']:.2f}; same trials (parameters, "
               f"epochs, every metric): {'yes' if pair[0]['trials'] == pair[1]['trials'] else 'NO'}")
+    if pair[0] is not None:
+        seconds, windows = stream_read_seconds(write_cache(args.dir / f"rows{args.compare_rows}", args.compare_rows),
+                                               args.budget)
+        print(f"reading one epoch's {windows} windows alone (no training) at {args.compare_rows:,} rows: {seconds:.2f} s")
     print(f"\ncpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; reproduce: python "
           f"benchmarks/bench_train_head_stream.py --dir {args.dir} --rows {args.rows} --compare-rows "
           f"{args.compare_rows} --trials {args.trials} --max-epochs {args.max_epochs} --budget {args.budget}")
