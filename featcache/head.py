@@ -233,10 +233,11 @@ def epoch_windows(source_index: np.ndarray, batch_size: int, rng: np.random.Gene
 
     Each pass draws one view per image (``pick_views``). When the views drawn lie in at most
     ``layout.window_blocks`` blocks (or without a layout) the pass is one window, shuffled as a whole: exactly
-    ``sample_views``. Otherwise the blocks are visited in a random order, ``window_blocks`` at a time, and
-    the views drawn from the blocks of each window are shuffled together. Batches then mix views of
-    ``window_blocks`` blocks from anywhere in the file (rows are ordered by file path, so by class: one
-    block alone would make single-class batches).
+    ``sample_views``. Otherwise the blocks are dealt into as few windows of at most ``window_blocks`` blocks
+    as hold them, stratified (each run of consecutive blocks gives one block to every window, at random),
+    the windows are visited in a random order, and the views drawn from a window's blocks are shuffled
+    together. Batches then mix views from the whole length of the file, whose rows are ordered by file
+    path, hence by class.
 
     Returns:
         [(blocks, rows)]: the window's blocks (increasing; None without a layout) and its training rows, in the
@@ -255,9 +256,14 @@ def epoch_windows(source_index: np.ndarray, batch_size: int, rng: np.random.Gene
         if len(blocks) <= layout.window_blocks:
             windows.append((blocks, rng.permutation(picks).astype(np.int32)))
             continue
-        order = rng.permutation(blocks)
-        for start in range(0, len(order), layout.window_blocks):
-            group = np.sort(order[start:start + layout.window_blocks])
+        # Stratified: consecutive runs of n_windows blocks each send one block, at random, to every window, so
+        # each window spans the whole file (rows are ordered by file path, hence by class: a random set of
+        # blocks would give one window mostly one class, and its batches would drift).
+        n_windows = -(-len(blocks) // layout.window_blocks)
+        strata = -(-len(blocks) // n_windows)
+        window_of = rng.permuted(np.tile(np.arange(n_windows), (strata, 1)), axis=1).ravel()[:len(blocks)]
+        for window in rng.permutation(n_windows):
+            group = blocks[window_of == window]
             windows.append((group, rng.permutation(picks[np.isin(block, group)]).astype(np.int32)))
     return windows
 
