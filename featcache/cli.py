@@ -127,14 +127,16 @@ def train_head(
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL of a shared study (default: a journal file in the run folder).")] = None,
     min_sensitivity: Annotated[Optional[float], typer.Option("--min-sensitivity", help="Use the highest threshold with this validation sensitivity (default: Youden's J).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    memory_budget: Annotated[str, typer.Option("--memory-budget", help="Cached vectors held in memory at once, e.g. 2GiB: a cache that fits is loaded whole, a larger one streamed (same trials either way); TensorFlow itself adds about 1 GiB.")] = "1GiB",
 ) -> None:
     """Search the GAP -> Dense -> Dropout -> Dense head on cached pooled features; save the best head and its threshold."""
-    from featcache.config import TrainHeadConfig
+    from featcache.config import TrainHeadConfig, parse_memory_budget
     from featcache.tune import format_summary, train_heads
 
     try:
         config = TrainHeadConfig(cache_dir=cache_dir, backbones=tuple(backbone or ()), cache=cache, trials=trials,
-                                 seed=seed, storage=storage, min_sensitivity=min_sensitivity, progress=progress)
+                                 seed=seed, storage=storage, min_sensitivity=min_sensitivity, progress=progress,
+                                 memory_budget=parse_memory_budget(memory_budget))
         summaries = train_heads(config)
     except FeatcacheError as error:
         _fail(error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,9 @@ PRECISIONS = ("auto", "float32", "mixed")
 MAX_AUGMENT_COPIES = 2**15 - 1
 # Seeds reach numpy/Keras seeding (< 2**32) as ``seed + trial number`` in train-head: leave room for the trials.
 MAX_SEED = 2**31 - 1
+DEFAULT_MEMORY_BUDGET = "1GiB"
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+              "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,8 @@ class TrainHeadConfig:
         max_epochs: epoch limit of each trial.
         patience: epochs without a lower validation loss before a trial stops.
         progress: show a tqdm bar over the trials.
+        memory_budget: bytes of cached vectors the process may hold at once (``parse_memory_budget``): a cache
+            whose train and validation rows fit (about three times over) is loaded whole, a larger one is streamed.
     """
 
     cache_dir: Path = Path("cache")
@@ -134,8 +140,12 @@ class TrainHeadConfig:
     max_epochs: int = 30
     patience: int = 5
     progress: bool = True
+    memory_budget: int = field(default_factory=lambda: parse_memory_budget(DEFAULT_MEMORY_BUDGET))
 
     def __post_init__(self) -> None:
+        if isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, int) or self.memory_budget < 1:
+            raise FeatcacheError(f"memory_budget must be a positive number of bytes. "
+                                 f"Received: memory_budget={self.memory_budget!r}")
         if self.trials < 1:
             raise FeatcacheError(f"--trials must be >= 1. Received: trials={self.trials}")
         _check_seed(self.seed)
@@ -201,6 +211,20 @@ class ExportConfig:
     backbone: str = "best"
     out: Path = Path("model")
     force: bool = False
+
+
+def parse_memory_budget(text: str) -> int:
+    """A size such as ``2GiB``, ``512MiB``, ``1.5GB`` or ``1073741824`` -> bytes (K/M/G/T and KiB.. are powers of
+    1024, KB/MB/GB/TB powers of 1000; case is ignored).
+
+    Raises:
+        FeatcacheError: not a positive size.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", str(text).lower())
+    if match is None or match.group(2) not in SIZE_UNITS or float(match.group(1)) * SIZE_UNITS[match.group(2)] < 1:
+        raise FeatcacheError(f"--memory-budget must be a positive size such as 2GiB, 512MiB or 1500000000. "
+                             f"Received: memory_budget={text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
 
 
 def check_max_pixels(max_pixels: int) -> None:

@@ -27,6 +27,8 @@ EPSILON = 1e-7  # probability clip of the validation loss, as keras.losses.Binar
 # 4,185 images) every epoch is exactly one pass, as in the reference loop.
 MIN_STEPS_PER_EPOCH = 8
 ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # keras.optimizers.Adam defaults
+VAL_BATCH_ROWS = 8192  # validation rows scored at a time, whether they are held in memory or streamed
+STATS_CHUNK_ROWS = 8192  # rows per partial fit of the standardization statistics
 
 
 @dataclass(frozen=True)
@@ -72,18 +74,43 @@ class InputStats:
 
 
 @dataclass(frozen=True)
+class EpochLayout:
+    """How the training views of an epoch are grouped so that they can be read from the cache in order.
+
+    The rows of the cache file are cut into blocks of ``block_rows`` (the /pooled HDF5 chunk); an epoch visits
+    the blocks in a random order, ``window_blocks`` at a time, and shuffles the views drawn from the blocks of
+    one window (``epoch_windows``). The layout depends on the cache alone, never on the memory budget, so the
+    views held in memory and the views streamed from the file make the same epochs.
+
+    Attributes:
+        file_rows: (n,) increasing row in the cache file of each training view.
+        block_rows: rows per block.
+        window_blocks: blocks per shuffle window.
+    """
+
+    file_rows: np.ndarray
+    block_rows: int
+    window_blocks: int
+
+
+@dataclass(frozen=True)
 class TrainViews:
     """Training rows: several views (original + augmented copies) of each training image.
 
     Attributes:
-        pooled: (n, c) float32 pooled vectors.
+        pooled: (n, c) float32 pooled vectors (or a tf.Tensor); None when they are streamed (``stream``).
         labels: (n,) 0/1.
         source_index: (n,) the image each row is a view of.
+        layout: the epochs' shuffle windows; None: one window (a shuffle of every view drawn).
+        stream: with ``pooled`` None, ``stream(windows)`` yields each window's views, (len(rows), c) float32,
+            in the order of ``epoch_windows``'s rows.
     """
 
-    pooled: np.ndarray
+    pooled: np.ndarray | None
     labels: np.ndarray
     source_index: np.ndarray
+    layout: EpochLayout | None = None
+    stream: Callable | None = None
 
 
 @dataclass
@@ -140,7 +167,7 @@ def build_head(feature_shape: tuple[int, int, int], params: HeadParams, stats: I
                       standardize=standardize)
 
 
-def input_stats(pooled: np.ndarray, chunk_rows: int = 8192) -> InputStats:
+def input_stats(pooled: np.ndarray, chunk_rows: int = STATS_CHUNK_ROWS) -> InputStats:
     """Channel mean and variance of pooled vectors, accumulated in float64 over row chunks.
 
     Args:
@@ -150,11 +177,18 @@ def input_stats(pooled: np.ndarray, chunk_rows: int = 8192) -> InputStats:
     Returns:
         InputStats, with the variance of constant channels set to 1 (as StandardScaler's scale).
     """
+    return input_stats_of_chunks(pooled[start:start + chunk_rows] for start in range(0, len(pooled), chunk_rows))
+
+
+def input_stats_of_chunks(chunks) -> InputStats:
+    """``input_stats`` of rows that arrive a chunk at a time (read from the cache in one pass): StandardScaler's
+    float64 partial fits, merged with Chan et al.'s update. The same chunks give the same bits as ``input_stats``.
+    """
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler()
-    for start in range(0, len(pooled), chunk_rows):
-        scaler.partial_fit(np.asarray(pooled[start:start + chunk_rows], dtype=np.float64))
+    for chunk in chunks:
+        scaler.partial_fit(np.asarray(chunk, dtype=np.float64))
     return InputStats(scaler.mean_.astype(np.float32), np.square(scaler.scale_).astype(np.float32))
 
 
@@ -168,11 +202,15 @@ def sample_views(source_index: np.ndarray, rng: np.random.Generator) -> np.ndarr
     Returns:
         (m,) int32 row indices, m = number of distinct images.
     """
+    return rng.permutation(pick_views(source_index, rng)).astype(np.int32)
+
+
+def pick_views(source_index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One row per image, drawn uniformly among its views (one ``rng.random`` draw per image), by image."""
     order = np.argsort(source_index, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(source_index[order]) != 0])
     counts = np.diff(np.r_[starts, len(order)])
-    picks = order[starts + (rng.random(len(starts)) * counts).astype(np.int64)]
-    return rng.permutation(picks).astype(np.int32)
+    return order[starts + (rng.random(len(starts)) * counts).astype(np.int64)]
 
 
 def epoch_rows(source_index: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -186,9 +224,48 @@ def epoch_rows(source_index: np.ndarray, batch_size: int, rng: np.random.Generat
     Returns:
         (passes * images,) int32 rows, each pass one view per image in a fresh order.
     """
+    return np.concatenate([rows for _, rows in epoch_windows(source_index, batch_size, rng)])
+
+
+def epoch_windows(source_index: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  layout: EpochLayout | None = None) -> list[tuple[np.ndarray | None, np.ndarray]]:
+    """The rows of one epoch (``epoch_rows``), window by window, for reading them from the cache in order.
+
+    Each pass draws one view per image (``pick_views``). When the views drawn lie in at most
+    ``layout.window_blocks`` blocks (or without a layout) the pass is one window, shuffled as a whole: exactly
+    ``sample_views``. Otherwise the blocks are dealt into as few windows of at most ``window_blocks`` blocks
+    as hold them, stratified (each run of consecutive blocks gives one block to every window, at random),
+    the windows are visited in a random order, and the views drawn from a window's blocks are shuffled
+    together. Batches then mix views from the whole length of the file, whose rows are ordered by file
+    path, hence by class.
+
+    Returns:
+        [(blocks, rows)]: the window's blocks (increasing; None without a layout) and its training rows, in the
+        order they are trained.
+    """
     images = len(np.unique(source_index))
     passes = (MIN_STEPS_PER_EPOCH - 1) * batch_size // images + 1  # the fewest with ceil(passes * images / batch) >= 8
-    return np.concatenate([sample_views(source_index, rng) for _ in range(passes)])
+    windows = []
+    for _ in range(passes):
+        picks = pick_views(source_index, rng)
+        if layout is None:
+            windows.append((None, rng.permutation(picks).astype(np.int32)))
+            continue
+        block = layout.file_rows[picks] // layout.block_rows
+        blocks = np.unique(block)
+        if len(blocks) <= layout.window_blocks:
+            windows.append((blocks, rng.permutation(picks).astype(np.int32)))
+            continue
+        # Stratified: consecutive runs of n_windows blocks each send one block, at random, to every window, so
+        # each window spans the whole file (rows are ordered by file path, hence by class: a random set of
+        # blocks would give one window mostly one class, and its batches would drift).
+        n_windows = -(-len(blocks) // layout.window_blocks)
+        strata = -(-len(blocks) // n_windows)
+        window_of = rng.permuted(np.tile(np.arange(n_windows), (strata, 1)), axis=1).ravel()[:len(blocks)]
+        for window in rng.permutation(n_windows):
+            group = blocks[window_of == window]
+            windows.append((group, rng.permutation(picks[np.isin(block, group)]).astype(np.int32)))
+    return windows
 
 
 def class_weights(labels: np.ndarray) -> np.ndarray:
@@ -213,8 +290,10 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
 
     Args:
         models: from ``build_head``, holding the seeded initial weights; trained in place.
-        train: training views; ``train.pooled`` may already be a tf.Tensor (converted once by the caller).
-        val_pooled: (m, c) validation pooled vectors (originals only).
+        train: training views; ``train.pooled`` may already be a tf.Tensor (converted once by the caller), or
+            None with ``train.stream`` giving each window's views (the same batches, a window in memory at a time).
+        val_pooled: (m, c) validation pooled vectors (originals only), or an object whose ``batches()`` yields
+            them ``VAL_BATCH_ROWS`` at a time.
         val_labels: (m,) 0/1.
         params: hyperparameters (the layer sizes must match ``models``).
         seed: seeds the per-epoch view draws, the shuffling and dropout.
@@ -234,21 +313,25 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
              tf.constant(0, tf.int64))
     class_weight = class_weights(train.labels) if params.class_weight else np.ones(2, np.float32)
     labels = np.asarray(train.labels, np.int64)
-    x_all, y_all = tf.convert_to_tensor(train.pooled, tf.float32), tf.constant(labels, tf.float32)
-    w_all = tf.constant(class_weight[labels])
+    y_all, w_all = labels.astype(np.float32), class_weight[labels]
     hyper = [tf.constant(v, dtype) for v, dtype in ((params.batch_size, tf.int32), (params.learning_rate, tf.float32),
                                                     (params.l2, tf.float32), (params.dropout, tf.float32),
                                                     (seed, tf.int64))]
-    val_x = tf.convert_to_tensor(val_pooled, tf.float32)
-    if models.standardize is not None:  # the layer itself, so training sees exactly what the saved head computes
-        x_all, val_x = models.standardize(x_all), models.standardize(val_x)
+    standardize = models.standardize or (lambda x: x)  # the layer itself: training sees what the saved head computes
+    x_all = None if train.pooled is None else standardize(tf.convert_to_tensor(train.pooled, tf.float32))
+    score = _val_scorer(val_pooled, standardize, predict)
     rng = np.random.default_rng(seed)
     val_weights = class_weight[np.asarray(val_labels, np.int64)]
     best_loss, best_epoch, best, history, stopped = np.inf, 0, weights, [], False
     for epoch in range(1, max_epochs + 1):
-        rows = epoch_rows(train.source_index, params.batch_size, rng)
-        state = train_epoch(state, x_all, y_all, w_all, tf.constant(rows), *hyper)
-        probs = predict(state[0], val_x).numpy()
+        windows = epoch_windows(train.source_index, params.batch_size, rng, train.layout)
+        if x_all is not None:  # one graph call for the whole epoch
+            rows = np.concatenate([rows for _, rows in windows])
+            state = train_epoch(state, x_all, tf.constant(y_all), tf.constant(w_all), tf.constant(rows), *hyper)
+        else:
+            state = _train_streamed(train_epoch, state, train.stream(windows), windows, y_all, w_all, standardize,
+                                    hyper)
+        probs = score(state[0])
         scores = score_probs(val_labels, probs)
         stop_loss = binary_cross_entropy(val_labels, probs, val_weights) if params.class_weight else scores["loss"]
         history.append({"epoch": epoch, **scores, "stop_loss": stop_loss})
@@ -259,8 +342,48 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
             break
     for variable, value in zip(models.pooled.trainable_variables, best):
         variable.assign(value)
-    probs = predict(best, val_x).numpy()
+    probs = score(best)
     return FitResult(score_probs(val_labels, probs), probs, best_epoch, epoch, stopped, history)
+
+
+def _train_streamed(train_epoch, state, views, windows, y_all, w_all, standardize, hyper):
+    """One epoch on views that arrive a window at a time: the rows left over from a window's last full batch
+    open the next window's first, so the batches are exactly those of the epoch trained in one call."""
+    import tensorflow as tf
+
+    batch_size = int(hyper[0].numpy())
+    carry_x, carry_rows = None, np.empty(0, np.int32)
+    for x, (_, rows) in zip(views, windows, strict=True):  # views first: its generator runs to its end (closes)
+        x = standardize(tf.convert_to_tensor(x, tf.float32))
+        if len(carry_rows):
+            x, rows = tf.concat([carry_x, x], 0), np.concatenate([carry_rows, rows])
+        full = len(rows) // batch_size * batch_size
+        if full:
+            state = train_epoch(state, x, tf.constant(y_all[rows]), tf.constant(w_all[rows]),
+                                tf.range(full, dtype=tf.int32), *hyper)
+        carry_x, carry_rows = x[full:], rows[full:]
+    if len(carry_rows):
+        state = train_epoch(state, carry_x, tf.constant(y_all[carry_rows]), tf.constant(w_all[carry_rows]),
+                            tf.range(len(carry_rows), dtype=tf.int32), *hyper)
+    return state
+
+
+def _val_scorer(val_pooled, standardize, predict) -> Callable:
+    """``score(weights) -> (m,) probabilities`` of the validation rows, ``VAL_BATCH_ROWS`` at a time.
+
+    ``val_pooled`` is an (m, c) array, standardized once here, or an object whose ``batches()`` yields the rows
+    in batches of ``VAL_BATCH_ROWS`` (read from the cache on every call). Either way each batch is the same,
+    so the probabilities are too.
+    """
+    import tensorflow as tf
+
+    if hasattr(val_pooled, "batches"):
+        return lambda weights: np.concatenate([
+            predict(weights, standardize(tf.convert_to_tensor(batch, tf.float32))).numpy()
+            for batch in val_pooled.batches()])
+    held = [standardize(tf.convert_to_tensor(val_pooled[start:start + VAL_BATCH_ROWS], tf.float32))
+            for start in range(0, len(val_pooled), VAL_BATCH_ROWS)]
+    return lambda weights: np.concatenate([predict(weights, batch).numpy() for batch in held])
 
 
 def binary_cross_entropy(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None) -> float:

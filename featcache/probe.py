@@ -3,6 +3,14 @@
 It is the honest floor every tuned head is shown beside (``train-head`` records its validation
 scores, ``evaluate`` its test scores): a head below the probe has lost what the features hold. The
 probe never takes part in selection or export. Pure computation, no file IO.
+
+Within a memory budget (``views.probe_rows``) a cache too large to hold is probed on a seeded subsample of one
+view per image, of as many images as fit half the budget. Why a subsample rather than a streaming SGD
+logistic regression: the probe is a floor, so it must be a converged, deterministic fit with the C chosen on
+validation, which lbfgs on a subsample is and an SGD pass with its learning-rate schedule is not; a linear
+model on 2,048 features is estimated well from tens of thousands of images (the budget's default holds 65,536
+ResNet152 rows), and it is still standardized with the statistics of every training view, and scored on every
+validation image.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from featcache.head import InputStats, input_stats, score_probs
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, chosen on validation ROC-AUC
 MAX_ITER = 500
+PREDICT_ROWS = 1024  # validation rows scored at a time
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class Probe:
     intercept: float
     c: float
     val_scores: dict
+    train_rows: int = 0  # training rows it was fitted on (a subsample when the cache exceeds the memory budget)
 
     def predict(self, pooled: np.ndarray) -> np.ndarray:
         """(n, c) pooled vectors -> (n,) float64 probability of class 1.
@@ -49,17 +59,17 @@ class Probe:
     def to_dict(self) -> dict:
         return {"kind": "StandardScaler + LogisticRegression(l2, lbfgs)", "c": self.c, "intercept": self.intercept,
                 "mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),
-                "val_scores": self.val_scores}
+                "val_scores": self.val_scores, "train_rows": self.train_rows}
 
     @classmethod
     def from_dict(cls, record: dict) -> "Probe":
         return cls(np.asarray(record["mean"], np.float64), np.asarray(record["scale"], np.float64),
                    np.asarray(record["coef"], np.float64), float(record["intercept"]), float(record["c"]),
-                   record["val_scores"])
+                   record["val_scores"], int(record.get("train_rows", 0)))
 
 
 def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np.ndarray, val_labels: np.ndarray,
-              stats: InputStats | None = None, grid: tuple[float, ...] = C_GRID) -> Probe:
+              stats: InputStats | None = None, grid: tuple[float, ...] = C_GRID, overwrite: bool = False) -> Probe:
     """Fit the probe on training views for each C of ``grid``; keep the C with the best validation ROC-AUC.
 
     The standardization is the head's (``head.input_stats``: StandardScaler's mean and scale of the
@@ -73,6 +83,8 @@ def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np
         val_pooled: (m, c) validation originals.
         val_labels: (m,) 0/1, both classes present.
         stats: the training views' ``input_stats`` when the caller has them already.
+        overwrite: standardize ``train_pooled`` (float32) in place rather than in a copy: the same values, half
+            the memory.
 
     Returns:
         The chosen Probe, its validation scores and the whole grid's validation ROC-AUC.
@@ -81,7 +93,10 @@ def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np
 
     stats = stats if stats is not None else input_stats(train_pooled)
     mean, scale = stats.mean.astype(np.float64), np.sqrt(stats.variance.astype(np.float64))
-    x_train = np.subtract(train_pooled, stats.mean, dtype=np.float32)
+    if overwrite and isinstance(train_pooled, np.ndarray) and train_pooled.dtype == np.float32:
+        x_train = np.subtract(train_pooled, stats.mean, out=train_pooled)
+    else:
+        x_train = np.subtract(train_pooled, stats.mean, dtype=np.float32)
     x_train /= np.sqrt(stats.variance)
     model = LogisticRegression(max_iter=MAX_ITER, warm_start=True)
     best, scores = None, {}
@@ -89,8 +104,17 @@ def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np
         model.set_params(C=c)
         model.fit(x_train, np.asarray(train_labels, np.int64))
         probe = Probe(mean, scale, model.coef_[0].astype(np.float64), float(model.intercept_[0]), float(c), {})
-        scores[c] = score_probs(val_labels, probe.predict(val_pooled))
+        scores[c] = score_probs(val_labels, _predict(probe, val_pooled))
         if best is None or scores[c]["roc_auc"] > scores[best.c]["roc_auc"]:
             best = probe
     val_scores = {**scores[best.c], "grid": {f"{c:g}": scores[c]["roc_auc"] for c in sorted(grid)}}
-    return Probe(best.mean, best.scale, best.coef, best.intercept, best.c, val_scores)
+    return Probe(best.mean, best.scale, best.coef, best.intercept, best.c, val_scores, len(x_train))
+
+
+def _predict(probe: Probe, val_pooled) -> np.ndarray:
+    """Probabilities of validation rows (an array, or an object whose ``batches()`` yields them), a batch at a
+    time: ``predict`` holds a float64 copy of what it is given, and scores each row alone."""
+    if hasattr(val_pooled, "batches"):
+        return np.concatenate([probe.predict(batch) for batch in val_pooled.batches()])
+    return np.concatenate([probe.predict(val_pooled[start:start + PREDICT_ROWS])
+                           for start in range(0, len(val_pooled), PREDICT_ROWS)])

@@ -5,6 +5,7 @@ its decision threshold, the trials table and the linear-probe floor, written to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -12,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import find_cache, list_caches, load_pooled, read_manifest
+from featcache.cache import find_cache, list_caches, read_manifest
 from featcache.config import TrainHeadConfig
 from featcache.errors import FeatcacheError, IncompleteCacheError
-from featcache.head import (HeadModels, HeadParams, InputStats, TrainViews, build_head, choose_threshold, fit_head,
-                            input_stats, score_probs)
+from featcache.head import HeadModels, HeadParams, TrainViews, build_head, choose_threshold, fit_head, score_probs
 from featcache.probe import Probe, fit_probe
 from featcache.runs import load_probe, open_study, run_dir_for, study_rows, write_head, write_probe, write_tables
+from featcache.views import HeadData, load_head_data, probe_rows, read_train_rows
+
+__all__ = ["HeadData", "load_head_data", "train_head", "train_heads"]  # HeadData, load_head_data: from views
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +31,6 @@ L2 = (0.0, 1e-5, 1e-4, 1e-3)
 REFERENCE = HeadParams()  # 128 units: always the first trial of a new study
 STANDARDIZED_REFERENCE = HeadParams(standardize=True)  # the second trial of a new study
 COLLAPSE_STD = 0.01  # validation probabilities with a smaller standard deviation count as (nearly) constant
-
-
-@dataclass(frozen=True)
-class HeadData:
-    """What head training reads from a cache: train views, validation originals, the manifest."""
-
-    train: TrainViews
-    val_pooled: np.ndarray  # (m, c) float32
-    val_labels: np.ndarray  # (m,)
-    manifest: dict
-    stats: InputStats  # channel mean and variance of the training views, for standardized heads
 
 
 @dataclass(frozen=True)
@@ -87,29 +79,6 @@ def select_caches(config: TrainHeadConfig) -> list[Path]:
     raise FeatcacheError(
         f"No cache in {config.cache_dir}; run 'featcache extract' first. Received: cache_dir={str(config.cache_dir)!r}"
     )
-
-
-def load_head_data(path: str | Path) -> HeadData:
-    """Pooled vectors of train rows (originals and copies) and validation originals; never /features
-    and nothing of test rows but their split code.
-
-    Raises:
-        IncompleteCacheError, CacheMismatchError, DamagedFileError: from ``load_pooled``.
-        FeatcacheError: a split without rows or classes other than two.
-    """
-    data = load_pooled(path, ("train", "val"))  # checked against the SHA-256 recorded at extraction
-    manifest, labels = data.manifest, data.labels.astype(np.int64)
-    if len(manifest["class_names"]) != 2:
-        raise FeatcacheError(f"The head is binary; {path} has classes {manifest['class_names']}. "
-                             f"Received: class_names={manifest['class_names']}")
-    # each mask indexes the loaded rows once: no intermediate copy of the (n, c) pooled vectors
-    is_train, is_val = data.split == 0, (data.split == 1) & (data.copy_index == 0)
-    for name, mask in (("train", is_train), ("validation", is_val)):
-        if len(np.unique(labels[mask])) < 2:
-            raise FeatcacheError(f"The {name} split of {path} lacks a class; add images or change the split seed. "
-                                 f"Received: {name}_labels={np.unique(labels[mask]).tolist()}")
-    train = TrainViews(data.pooled[is_train], labels[is_train], data.source_index[is_train])
-    return HeadData(train, data.pooled[is_val], labels[is_val], manifest, input_stats(train.pooled))
 
 
 def suggest_params(trial) -> HeadParams:
@@ -168,8 +137,10 @@ def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
     import tensorflow as tf
 
     started = time.perf_counter()
-    data = load_head_data(cache_path)  # checks the cache before anything is written
+    data = load_head_data(cache_path, config.memory_budget)  # checks the cache before anything is written
     manifest = data.manifest
+    log.info("%s: %s %d training views of %s", manifest["backbone"], "streaming" if data.streamed else "loaded",
+             len(data.train.labels), cache_path.name)
     run_dir = run_dir_for(cache_path)
     study = open_study(config, cache_path, manifest["fingerprint"], run_dir,
                        references=[REFERENCE.to_dict(), STANDARDIZED_REFERENCE.to_dict()], settle=settle_standardize)
@@ -177,7 +148,8 @@ def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     todo = max(0, config.trials - len(study.get_trials(deepcopy=False, states=finished)))
     log.info("%s: %d trials to run on %s (study %s)", manifest["backbone"], todo, cache_path.name, study.study_name)
-    train = TrainViews(tf.convert_to_tensor(data.train.pooled), data.train.labels, data.train.source_index)
+    train = data.train if data.streamed else dataclasses.replace(data.train,
+                                                                   pooled=tf.convert_to_tensor(data.train.pooled))
     kept: dict = {}  # the best head trained in this process: {"row": ..., "head": (models, probs)}
     if todo:
         _optimize(study, _objective(config, data, train, kept), todo, config, manifest["backbone"])
@@ -226,7 +198,11 @@ def _probe(data: HeadData, run_dir: Path) -> Probe:
     fingerprint = data.manifest["fingerprint"]
     probe = load_probe(run_dir, fingerprint)
     if probe is None:
-        probe = fit_probe(data.train.pooled, data.train.labels, data.val_pooled, data.val_labels, data.stats)
+        rows = probe_rows(data)  # None: every training view; else a subsample within the memory budget
+        labels = data.train.labels if rows is None else data.train.labels[rows]
+        pooled = read_train_rows(data, rows)
+        probe = fit_probe(pooled, labels, data.val_pooled, data.val_labels, data.stats,
+                          overwrite=rows is not None or data.streamed)  # a copy made for the probe alone
         write_probe(run_dir, probe, fingerprint)
     return probe
 
