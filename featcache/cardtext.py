@@ -8,10 +8,11 @@ the evaluation report.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
+
+from featcache.reports import format_ci as _ci, format_value as _num
 
 DATASET_NOTE = (
     "The Kermany et al. (2018) chest X-ray set is paediatric (patients aged one to five, from one centre in "
@@ -69,16 +70,6 @@ def _augment_text(augment: dict | None) -> str:
     if not augment:
         return "n/a"
     return ", ".join(f"{key} {value}" for key, value in sorted(augment.items()) if key not in ("copies", "version"))
-
-
-def _num(value, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _ci(entry: dict | None) -> str:
-    if not entry:
-        return "n/a"
-    return f"{_num(entry['value'])} [{_num(entry['ci_low'])}, {_num(entry['ci_high'])}]"
 
 
 def render_model_card(card: dict) -> str:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from pathlib import Path
 
 from featcache.metrics import METRICS
+from featcache.reports import format_ci as _ci, format_value as _num
 
 HTML_FILE = "report.html"
 GALLERY_DIR = "gallery"
@@ -32,16 +32,6 @@ figure img { max-width: 100%; }
 .gallery img { width: 16rem; }
 figcaption { overflow-wrap: anywhere; font-size: 0.85rem; }
 """
-
-
-def _num(value, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _ci(entry: dict | None) -> str:
-    if not entry:
-        return "n/a"
-    return f"{_num(entry['value'])} [{_num(entry['ci_low'])}, {_num(entry['ci_high'])}]"
 
 
 def _esc(value) -> str:

@@ -12,12 +12,19 @@ LABELS = {"accuracy": "Accuracy", "sensitivity": "Sensitivity (recall of {pos})"
           "precision": "Precision", "f1": "F1", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC (average precision)"}
 
 
-def _num(value, digits: int = 3) -> str:
+def format_value(value, digits: int = 3) -> str:
+    """A metric for a table: ``digits`` decimals, "n/a" for None or NaN."""
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _ci(entry: dict) -> str:
-    return f"{_num(entry['value'])} [{_num(entry['ci_low'])}, {_num(entry['ci_high'])}]"
+def format_ci(entry: dict | None) -> str:
+    """``{"value", "ci_low", "ci_high"}`` as "value [low, high]" ("n/a" for none)."""
+    if not entry:
+        return "n/a"
+    return f"{format_value(entry['value'])} [{format_value(entry['ci_low'])}, {format_value(entry['ci_high'])}]"
+
+
+_num, _ci = format_value, format_ci  # the short names of this module's tables
 
 
 def _confusion(confusion: dict, names: list[str]) -> list[str]:
