@@ -68,6 +68,7 @@ SHARDS_SUFFIX = ".shards"
 SUFFIX = ".h5"
 PARTIAL_SUFFIX = ".partial"
 INCOMPLETE_SUFFIX = ".incomplete"
+POOLED_CHUNK_ROWS = 1024  # rows of a /pooled chunk (plain caches and shards); train-head's epoch blocks
 READ_CACHE_BYTES = 64 * 2**20  # HDF5 chunk cache for readers: several feature chunks
 ROW_FIELDS = ("labels", "split", "source_index", "copy_index")
 ROW_DTYPES = {"labels": np.int16, "split": np.uint8, "source_index": np.int32, "copy_index": np.int16}
@@ -230,7 +231,7 @@ class CacheWriter:
         self._file.create_dataset("features", (n_rows, *feature_shape), dtype=dtype, fletcher32=True,
                                   chunks=(min(rows, one), *feature_shape), compression=compression)
         self._file.create_dataset("pooled", (n_rows, feature_shape[-1]), dtype="float32", fletcher32=True,
-                                  chunks=(min(1024, one), feature_shape[-1]), compression=compression)
+                                  chunks=(min(POOLED_CHUNK_ROWS, one), feature_shape[-1]), compression=compression)
         for name in ROW_FIELDS:
             self._file.create_dataset(name, (n_rows,), dtype=ROW_DTYPES[name], chunks=(min(2**16, one),),
                                       fletcher32=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.cache import INCOMPLETE_SUFFIX, STR, _fsync, _WriteGuard, chunk_rows
+from featcache.cache import INCOMPLETE_SUFFIX, POOLED_CHUNK_ROWS, STR, _fsync, _WriteGuard, chunk_rows
 from featcache.checksums import H5_ERRORS
 from featcache.errors import DamagedFileError, storage_error
 from featcache.integrity import array_bytes, first_line
@@ -80,7 +80,7 @@ def write_shard(folder: Path, fingerprint: str, features: np.ndarray, pooled: np
             handle.create_dataset("features", data=features, fletcher32=True, compression=compression,
                                   chunks=(min(chunk_rows(shape, str(features.dtype)), n), *shape))
             handle.create_dataset("pooled", data=values["pooled"], fletcher32=True, compression=compression,
-                                  chunks=(min(1024, n), shape[-1]))
+                                  chunks=(min(POOLED_CHUNK_ROWS, n), shape[-1]))
             for name in ("path", "sha256", "copy_index"):
                 array = values[name]
                 handle.create_dataset(name, data=array, dtype=STR if array.dtype == object else array.dtype)

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.cache import open_cache
+from featcache.cache import POOLED_CHUNK_ROWS, open_cache
 from featcache.checksums import H5_ERRORS, CheckedRows, read_checked
 from featcache.errors import DamagedFileError, FeatcacheError
 from featcache.head import (STATS_CHUNK_ROWS, VAL_BATCH_ROWS, EpochLayout, InputStats, TrainViews, input_stats,
@@ -82,7 +82,9 @@ def load_head_data(path: str | Path, memory_budget: int | None = None) -> HeadDa
         is_train, is_val = tv_split == 0, (tv_split == 1) & (copy_index == 0)
         _check_classes(path, manifest, labels, is_train, is_val)
         pooled = handle["pooled"]
-        channels, block_rows = pooled.shape[1], pooled.chunks[0]
+        # The /pooled chunk of a plain cache; a sharded master's /pooled is virtual (no chunks of its own) and
+        # gets the same blocks, so a cache gives the same epochs sharded or compacted.
+        channels, block_rows = pooled.shape[1], min(POOLED_CHUNK_ROWS, max(1, pooled.shape[0]))
         window_blocks = max(1, SHUFFLE_WINDOW_BYTES // (block_rows * channels * ROW_BYTES))
         layout = EpochLayout(rows[is_train], block_rows, window_blocks)
         row_bytes = channels * ROW_BYTES

@@ -271,3 +271,30 @@ def test_compact_on_the_command_line(small_xrays, extract_config, tmp_path):
     result = run_cli("compact", empty)
     (line,) = [x for x in result.output.splitlines() if x.strip()]
     assert result.exit_code == 1 and "holds no cache to compact" in line and line.endswith(f"target={str(empty)!r}")
+
+
+def test_train_head_gives_the_same_trials_on_a_sharded_and_a_compacted_cache(small_xrays, extract_config, tmp_path):
+    """A sharded master's /pooled is virtual (no chunks of its own): train-head must cut it into the epoch blocks
+    of the plain file it compacts to, and find the same trials."""
+    from featcache.config import TrainHeadConfig
+    from featcache.tune import train_head
+
+    (summary,) = extract_features(extract_config(small_xrays, shard_rows=16))
+    sharded = summary.cache_path
+    assert h5py.File(sharded, "r")["pooled"].is_virtual
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    for path in (sharded, *sharded.parent.glob(f"{sharded.stem}.weights.h5")):
+        shutil.copy2(path, plain_dir / path.name)
+    shutil.copytree(sharded.parent / f"{sharded.stem}.shards", plain_dir / f"{sharded.stem}.shards")
+    compact_path(plain_dir / sharded.name, False)
+    plain = plain_dir / sharded.name
+    assert not h5py.File(plain, "r")["pooled"].is_virtual
+
+    def trials(path):
+        config = TrainHeadConfig(cache_dir=path.parent, trials=2, max_epochs=4, patience=2, progress=False)
+        result = train_head(path, config)
+        shutil.rmtree(path.parent / "runs")
+        return [(r["params"], r["val_roc_auc"], r["epochs"]) for r in result.rows]
+
+    assert trials(sharded) == trials(plain)
