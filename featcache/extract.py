@@ -37,6 +37,7 @@ from featcache.data import (
 )
 from featcache.dicom import DICOM_CONVERSION
 from featcache.errors import DataError, FeatcacheError, ImageTooLargeError, storage_error
+from featcache.hashcache import HashCache, stat_key
 from featcache.labels import read_label_file
 from featcache.labelset import find_labeled_images
 from featcache.patients import describe_patients
@@ -105,7 +106,7 @@ def _extract_all(config: ExtractConfig) -> list[ExtractSummary]:
             write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
     patients = describe_patients([r.patient for r in folder.records])
     log.info("%s: %s", config.data_dir, patients)
-    files, unreadable = _hash_files(folder, config.progress)
+    files, unreadable = _hash_files(folder, config.progress, config.cache_dir)
     unreadable += list(folder.skipped)
     summaries = [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
     for summary in summaries:
@@ -137,14 +138,32 @@ def _find_data(config: ExtractConfig, previous: dict[str, str]):
     return folder
 
 
-def _hash_files(folder, progress: bool = False) -> tuple[list[SourceFile], list[dict]]:
+def _hash_files(folder, progress: bool = False, cache_dir: str | Path | None = None
+                ) -> tuple[list[SourceFile], list[dict]]:
+    """SHA-256 of every record's file, in record order; with ``cache_dir``, a hash remembered in its hash
+    cache (``hashcache``) is reused when the file's whole stat key still matches."""
+    hashes = HashCache(cache_dir, folder.root) if cache_dir is not None else None
     files, unreadable = [], []
     for record in tqdm(folder.records, unit="file", desc="hash", disable=not progress, dynamic_ncols=True, leave=False):
         try:
-            files.append(SourceFile(record, hash_file(folder.root / record.path)))
+            files.append(SourceFile(record, _hash_one(folder.root, record.path, hashes)))
         except OSError as exc:
             unreadable.append({"path": record.path, "error": f"cannot read: {exc.strerror}"})
+    if hashes is not None:
+        log.debug("hashes: %d of %d files reused from %s", hashes.reused, len(folder.records), hashes.path)
+        hashes.save()
     return files, unreadable
+
+
+def _hash_one(root: Path, relative: str, hashes: HashCache | None) -> str:
+    if hashes is None:
+        return hash_file(root / relative)
+    key = stat_key(root / relative)
+    digest = hashes.get(relative, key)
+    if digest is None:
+        digest = hash_file(root / relative)
+        hashes.put(relative, key, digest)
+    return digest
 
 
 def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], unreadable: list[dict],
