@@ -138,32 +138,52 @@ def _find_data(config: ExtractConfig, previous: dict[str, str]):
     return folder
 
 
+HASH_THREADS = min(8, (os.cpu_count() or 1) + 2)  # hashlib and file reads release the GIL
+HASH_CHUNK = 64  # files per task: many small files cost more in task overhead than in hashing
+
+
 def _hash_files(folder, progress: bool = False, cache_dir: str | Path | None = None
                 ) -> tuple[list[SourceFile], list[dict]]:
-    """SHA-256 of every record's file, in record order; with ``cache_dir``, a hash remembered in its hash
-    cache (``hashcache``) is reused when the file's whole stat key still matches."""
+    """SHA-256 of every record's file, in record order, in a thread pool; with ``cache_dir``, a hash remembered
+    in its hash cache (``hashcache``) is reused when the file's whole stat key still matches."""
     hashes = HashCache(cache_dir, folder.root) if cache_dir is not None else None
-    files, unreadable = [], []
-    for record in tqdm(folder.records, unit="file", desc="hash", disable=not progress, dynamic_ncols=True, leave=False):
-        try:
-            files.append(SourceFile(record, _hash_one(folder.root, record.path, hashes)))
-        except OSError as exc:
-            unreadable.append({"path": record.path, "error": f"cannot read: {exc.strerror}"})
+    records = folder.records
+    chunks = [records[i:i + HASH_CHUNK] for i in range(0, len(records), HASH_CHUNK)]
+    files, unreadable, reused = [], [], 0
+    with tqdm(total=len(records), unit="file", desc="hash", disable=not progress, dynamic_ncols=True,
+              leave=False) as bar, cf.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash") as pool:
+        for chunk, results in zip(chunks, pool.map(lambda c: [_hash_one(folder.root, r.path, hashes) for r in c],
+                                                   chunks)):
+            for record, (digest, key, known) in zip(chunk, results):
+                if isinstance(digest, OSError):
+                    unreadable.append({"path": record.path, "error": f"cannot read: {digest.strerror}"})
+                    continue
+                files.append(SourceFile(record, digest))
+                if hashes is not None and known:
+                    hashes.keep(record.path, key, digest)
+                    reused += 1
+                elif hashes is not None:
+                    hashes.put(record.path, key, digest)
+            bar.update(len(chunk))
     if hashes is not None:
-        log.debug("hashes: %d of %d files reused from %s", hashes.reused, len(folder.records), hashes.path)
+        log.debug("hashes: %d of %d files reused from %s", reused, len(records), hashes.path)
         hashes.save()
     return files, unreadable
 
 
-def _hash_one(root: Path, relative: str, hashes: HashCache | None) -> str:
-    if hashes is None:
-        return hash_file(root / relative)
-    key = stat_key(root / relative)
-    digest = hashes.get(relative, key)
-    if digest is None:
-        digest = hash_file(root / relative)
-        hashes.put(relative, key, digest)
-    return digest
+def _hash_one(root: Path, relative: str, hashes: HashCache | None):
+    """(hex digest or the OSError that stopped it, stat key or None, whether the hash cache knew it);
+    reads ``hashes`` only (the calling thread records the results)."""
+    try:
+        if hashes is None:
+            return hash_file(root / relative), None, False
+        key = stat_key(root / relative)  # before reading: a write during the read changes the next key
+        digest = hashes.get(relative, key)
+        if digest is not None:
+            return digest, key, True
+        return hash_file(root / relative), key, False
+    except OSError as exc:
+        return exc, None, False
 
 
 def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], unreadable: list[dict],

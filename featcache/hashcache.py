@@ -40,7 +40,8 @@ def stat_key(path: str | Path) -> tuple[int, int, int, int, int]:
 
 
 class HashCache:
-    """Hashes remembered for one data folder; ``get``/``put`` by relative path and stat key, ``save`` once."""
+    """Hashes remembered for one data folder: ``get`` by relative path and stat key; ``keep`` (a hit) and
+    ``put`` (a fresh hash) what the next run may reuse; ``save`` once."""
 
     def __init__(self, cache_dir: str | Path, data_root: str | Path):
         self.path = Path(cache_dir) / HASHES_FILE
@@ -49,7 +50,6 @@ class HashCache:
         self._others: dict[str, dict] = {}  # other data folders' entries, written back untouched
         self._old: dict[str, list] = {}
         self._new: dict[str, list] = {}
-        self.reused = 0
         self._load()
 
     def _load(self) -> None:
@@ -73,13 +73,16 @@ class HashCache:
         self._old = {path: entry for path, entry in roots.get(self.root, {}).items() if _valid(entry)}
 
     def get(self, relative: str, key: tuple) -> str | None:
-        """The remembered hash of ``relative`` if its whole stat key matches, else None."""
+        """The remembered hash of ``relative`` if its whole stat key matches, else None (reads only: safe from
+        several threads)."""
         entry = self._old.get(relative)
         if entry is not None and tuple(entry[:5]) == tuple(key):
-            self.reused += 1
-            self._new[relative] = entry
             return entry[5]
         return None
+
+    def keep(self, relative: str, key: tuple, sha256: str) -> None:
+        """Keep an entry ``get`` returned for the next run."""
+        self._new[relative] = [*key, sha256]
 
     def put(self, relative: str, key: tuple, sha256: str) -> None:
         """Remember a hash computed from the file's content read after ``key`` was taken."""

@@ -126,3 +126,16 @@ def test_extract_with_an_unusable_hash_file_gives_the_same_cache(small_xrays, ex
     counted.clear()
     (again,) = extract_features(extract_config(small_xrays, cache_dir=tmp_path / "a", augment_copies=0))
     assert counted == [] and again.computed_rows == 0, "a rerun reads no image file to hash it"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_parallel_hashing_keeps_record_order_and_reports_vanished_files(small_xrays, tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(extract, "HASH_CHUNK", chunk)
+    folder = find_images(small_xrays, seed=0)
+    gone = folder.records[5]
+    (small_xrays / gone.path).unlink()
+    for cache_dir in (None, tmp_path, tmp_path):
+        files, unreadable = _hash_files(folder, cache_dir=cache_dir)
+        assert [f.record for f in files] == [r for r in folder.records if r != gone]
+        assert all(f.sha256 == hash_file(small_xrays / f.record.path) for f in files)
+        assert unreadable == [{"path": gone.path, "error": "cannot read: No such file or directory"}]
