@@ -144,46 +144,53 @@ HASH_CHUNK = 64  # files per task: many small files cost more in task overhead t
 
 def _hash_files(folder, progress: bool = False, cache_dir: str | Path | None = None
                 ) -> tuple[list[SourceFile], list[dict]]:
-    """SHA-256 of every record's file, in record order, in a thread pool; with ``cache_dir``, a hash remembered
-    in its hash cache (``hashcache``) is reused when the file's whole stat key still matches."""
+    """SHA-256 of every record's file, in record order; with ``cache_dir``, a hash remembered in its hash cache
+    (``hashcache``) is reused when the file's whole stat key still matches. The files to read are hashed in a
+    thread pool."""
     hashes = HashCache(cache_dir, folder.root) if cache_dir is not None else None
-    records = folder.records
-    chunks = [records[i:i + HASH_CHUNK] for i in range(0, len(records), HASH_CHUNK)]
-    files, unreadable, reused = [], [], 0
+    records, root = folder.records, str(folder.root)  # strings: pathlib per file costs more than a stat
+    results: list = [None] * len(records)  # digest, or the OSError that stopped it
+    keys: list = [None] * len(records)
     with tqdm(total=len(records), unit="file", desc="hash", disable=not progress, dynamic_ncols=True,
-              leave=False) as bar, cf.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash") as pool:
-        for chunk, results in zip(chunks, pool.map(lambda c: [_hash_one(folder.root, r.path, hashes) for r in c],
-                                                   chunks)):
-            for record, (digest, key, known) in zip(chunk, results):
-                if isinstance(digest, OSError):
-                    unreadable.append({"path": record.path, "error": f"cannot read: {digest.strerror}"})
+              leave=False) as bar:
+        if hashes is not None:
+            for i, record in enumerate(records):
+                try:
+                    keys[i] = stat_key(os.path.join(root, record.path))  # before reading: a later write changes it
+                except OSError as exc:
+                    results[i] = exc
                     continue
-                files.append(SourceFile(record, digest))
-                if hashes is not None and known:
-                    hashes.keep(record.path, key, digest)
-                    reused += 1
-                elif hashes is not None:
-                    hashes.put(record.path, key, digest)
-            bar.update(len(chunk))
+                results[i] = hashes.get(record.path, keys[i])
+                if results[i] is not None:
+                    hashes.keep(record.path, keys[i], results[i])
+            bar.update(sum(r is not None for r in results))
+        todo = [i for i, r in enumerate(results) if r is None]
+        chunks = [todo[i:i + HASH_CHUNK] for i in range(0, len(todo), HASH_CHUNK)]
+        with cf.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash") as pool:
+            for chunk, digests in zip(chunks, pool.map(lambda c: [_hash_or_error(os.path.join(root, records[i].path))
+                                                                  for i in c], chunks)):
+                for i, digest in zip(chunk, digests):
+                    results[i] = digest
+                    if hashes is not None and not isinstance(digest, OSError):
+                        hashes.put(records[i].path, keys[i], digest)
+                bar.update(len(chunk))
+    files, unreadable = [], []
+    for record, digest in zip(records, results):
+        if isinstance(digest, OSError):
+            unreadable.append({"path": record.path, "error": f"cannot read: {digest.strerror}"})
+        else:
+            files.append(SourceFile(record, digest))
     if hashes is not None:
-        log.debug("hashes: %d of %d files reused from %s", reused, len(records), hashes.path)
+        log.debug("hashes: %d of %d files reused from %s", len(records) - len(todo), len(records), hashes.path)
         hashes.save()
     return files, unreadable
 
 
-def _hash_one(root: Path, relative: str, hashes: HashCache | None):
-    """(hex digest or the OSError that stopped it, stat key or None, whether the hash cache knew it);
-    reads ``hashes`` only (the calling thread records the results)."""
+def _hash_or_error(path: str):
     try:
-        if hashes is None:
-            return hash_file(root / relative), None, False
-        key = stat_key(root / relative)  # before reading: a write during the read changes the next key
-        digest = hashes.get(relative, key)
-        if digest is not None:
-            return digest, key, True
-        return hash_file(root / relative), key, False
+        return hash_file(path)
     except OSError as exc:
-        return exc, None, False
+        return exc
 
 
 def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], unreadable: list[dict],

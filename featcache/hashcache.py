@@ -70,13 +70,13 @@ class HashCache:
                      "again", self.path, VERSION)
             return
         self._others = {root: entries for root, entries in roots.items() if root != self.root}
-        self._old = {path: entry for path, entry in roots.get(self.root, {}).items() if _valid(entry)}
+        self._old = roots.get(self.root, {})  # entries are checked when used
 
     def get(self, relative: str, key: tuple) -> str | None:
         """The remembered hash of ``relative`` if its whole stat key matches, else None (reads only: safe from
         several threads)."""
         entry = self._old.get(relative)
-        if entry is not None and tuple(entry[:5]) == tuple(key):
+        if type(entry) is list and len(entry) == 6 and entry[:5] == [*key] and _is_sha256(entry[5]):
             return entry[5]
         return None
 
@@ -108,6 +108,5 @@ class HashCache:
                 pass
 
 
-def _valid(entry) -> bool:
-    return (isinstance(entry, list) and len(entry) == 6 and all(type(v) is int for v in entry[:5])
-            and isinstance(entry[5], str) and len(entry[5]) == 64)
+def _is_sha256(value) -> bool:
+    return type(value) is str and len(value) == 64
