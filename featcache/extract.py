@@ -37,6 +37,7 @@ from featcache.data import (
 )
 from featcache.dicom import DICOM_CONVERSION
 from featcache.errors import DataError, FeatcacheError, ImageTooLargeError, storage_error
+from featcache.hashcache import HashCache, stat_key
 from featcache.labels import read_label_file
 from featcache.labelset import find_labeled_images
 from featcache.patients import describe_patients
@@ -105,7 +106,7 @@ def _extract_all(config: ExtractConfig) -> list[ExtractSummary]:
             write_split_registry(config.cache_dir, config.seed, {**previous, **assigned})
     patients = describe_patients([r.patient for r in folder.records])
     log.info("%s: %s", config.data_dir, patients)
-    files, unreadable = _hash_files(folder, config.progress)
+    files, unreadable = _hash_files(folder, config.progress, config.cache_dir)
     unreadable += list(folder.skipped)
     summaries = [_extract_backbone(config, folder, files, unreadable, name) for name in config.backbones]
     for summary in summaries:
@@ -137,14 +138,59 @@ def _find_data(config: ExtractConfig, previous: dict[str, str]):
     return folder
 
 
-def _hash_files(folder, progress: bool = False) -> tuple[list[SourceFile], list[dict]]:
+HASH_THREADS = min(8, (os.cpu_count() or 1) + 2)  # hashlib and file reads release the GIL
+HASH_CHUNK = 64  # files per task: many small files cost more in task overhead than in hashing
+
+
+def _hash_files(folder, progress: bool = False, cache_dir: str | Path | None = None
+                ) -> tuple[list[SourceFile], list[dict]]:
+    """SHA-256 of every record's file, in record order; with ``cache_dir``, a hash remembered in its hash cache
+    (``hashcache``) is reused when the file's whole stat key still matches. The files to read are hashed in a
+    thread pool."""
+    hashes = HashCache(cache_dir, folder.root) if cache_dir is not None else None
+    records, root = folder.records, str(folder.root)  # strings: pathlib per file costs more than a stat
+    results: list = [None] * len(records)  # digest, or the OSError that stopped it
+    keys: list = [None] * len(records)
+    with tqdm(total=len(records), unit="file", desc="hash", disable=not progress, dynamic_ncols=True,
+              leave=False) as bar:
+        if hashes is not None:
+            for i, record in enumerate(records):
+                try:
+                    keys[i] = stat_key(os.path.join(root, record.path))  # before reading: a later write changes it
+                except OSError as exc:
+                    results[i] = exc
+                    continue
+                results[i] = hashes.get(record.path, keys[i])
+                if results[i] is not None:
+                    hashes.keep(record.path, keys[i], results[i])
+            bar.update(sum(r is not None for r in results))
+        todo = [i for i, r in enumerate(results) if r is None]
+        chunks = [todo[i:i + HASH_CHUNK] for i in range(0, len(todo), HASH_CHUNK)]
+        with cf.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash") as pool:
+            for chunk, digests in zip(chunks, pool.map(lambda c: [_hash_or_error(os.path.join(root, records[i].path))
+                                                                  for i in c], chunks)):
+                for i, digest in zip(chunk, digests):
+                    results[i] = digest
+                    if hashes is not None and not isinstance(digest, OSError):
+                        hashes.put(records[i].path, keys[i], digest)
+                bar.update(len(chunk))
     files, unreadable = [], []
-    for record in tqdm(folder.records, unit="file", desc="hash", disable=not progress, dynamic_ncols=True, leave=False):
-        try:
-            files.append(SourceFile(record, hash_file(folder.root / record.path)))
-        except OSError as exc:
-            unreadable.append({"path": record.path, "error": f"cannot read: {exc.strerror}"})
+    for record, digest in zip(records, results):
+        if isinstance(digest, OSError):
+            unreadable.append({"path": record.path, "error": f"cannot read: {digest.strerror}"})
+        else:
+            files.append(SourceFile(record, digest))
+    if hashes is not None:
+        log.debug("hashes: %d of %d files reused from %s", len(records) - len(todo), len(records), hashes.path)
+        hashes.save()
     return files, unreadable
+
+
+def _hash_or_error(path: str):
+    try:
+        return hash_file(path)
+    except OSError as exc:
+        return exc
 
 
 def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], unreadable: list[dict],
