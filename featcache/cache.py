@@ -205,6 +205,42 @@ class _WriteGuard:
         return getattr(self.raw, name)
 
 
+@contextlib.contextmanager
+def atomic_h5(final: Path):
+    """An HDF5 file written under ``<final>.incomplete`` through the write guard, then fsynced and renamed to
+    ``final`` (and its folder fsynced) when the block ends; on any error the temporary file is deleted, and an
+    OSError (disk full, file-size limit, ...) becomes one StorageError line. Used by the shards and the master.
+
+    Yields:
+        the open, writable h5py.File.
+    """
+    final = Path(final)
+    tmp = final.with_name(final.name + INCOMPLETE_SUFFIX)
+    raw = open(tmp, "w+b", buffering=0)
+    guard = _WriteGuard(raw)
+    try:
+        with h5py.File(guard, "w") as handle:
+            yield handle
+        if guard.error is not None:
+            raise guard.error
+        os.fsync(raw.fileno())
+        raw.close()
+        os.replace(tmp, final)
+        _fsync(final.parent)
+    except OSError as exc:
+        _discard(raw, tmp)
+        raise storage_error(exc, tmp) from None
+    except BaseException:
+        _discard(raw, tmp)
+        raise
+
+
+def _discard(raw, tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        raw.close()
+    tmp.unlink(missing_ok=True)
+
+
 class CacheWriter:
     """Writes one complete cache file: everything goes to ``<final>.incomplete`` until ``commit``.
 

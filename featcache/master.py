@@ -11,7 +11,6 @@ missing source as fill values (NaN here, which the value checks refuse as well).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -20,10 +19,10 @@ import h5py
 import numpy as np
 
 from featcache.cache import (
-    FORMAT_VERSION, INCOMPLETE_SUFFIX, ROW_DTYPES, ROW_FIELDS, STR, FileTable, _fsync, _text_sha256, _WriteGuard,
+    FORMAT_VERSION, ROW_DTYPES, ROW_FIELDS, STR, FileTable, _text_sha256, atomic_h5,
 )
 from featcache.checksums import H5_ERRORS, Digests, dataset_records
-from featcache.errors import DamagedFileError, storage_error
+from featcache.errors import DamagedFileError
 from featcache.integrity import first_line
 from featcache.shards import read_seal
 
@@ -66,7 +65,6 @@ def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]]
         DamagedFileError: a shard is missing or cannot be read.
         StorageError: the master cannot be written (nothing is left behind).
     """
-    tmp = final.with_name(final.name + INCOMPLETE_SUFFIX)
     n = len(sources)
     used = sorted({s for s, _ in sources})
     renumber = {old: new for new, old in enumerate(used)}
@@ -75,47 +73,26 @@ def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]]
     records = [read_seal(path) for path in shards]
     relative = [os.path.relpath(path, final.parent) for path in shards]
     feature_shape = tuple(manifest["feature_shape"])
-    raw = open(tmp, "w+b", buffering=0)
-    guard = _WriteGuard(raw)
-    try:
-        with h5py.File(guard, "w") as handle:
-            handle.attrs["complete"] = False
-            digests = Digests()
-            split = np.asarray(columns["split"], ROW_DTYPES["split"])
-            _map_rows(handle, shards, relative, records, sources, split, feature_shape, manifest["dtype"], digests)
-            for name in ROW_FIELDS:
-                values = np.asarray(columns[name], ROW_DTYPES[name])
-                handle.create_dataset(name, data=values, chunks=(min(2**16, max(n, 1)),), fletcher32=True)
-                digests.update(name, values, split)
-            _write_files(handle, files, digests)
-            manifest = {**manifest, "datasets": dataset_records(handle, digests),
-                        "shards": [{"file": rel, "rows": rec["rows"], "seal": seal}
-                                   for rel, (rec, seal) in zip(relative, records)]}
-            text = json.dumps(manifest, sort_keys=True, default=str)
-            handle.attrs["manifest"] = text
-            handle.attrs["manifest_sha256"] = _text_sha256(text)
-            handle.attrs["format_version"] = FORMAT_VERSION
-            handle.attrs["fingerprint"] = manifest["fingerprint"]
-            handle.attrs["complete"] = True
-        if guard.error is not None:
-            raise guard.error
-        os.fsync(raw.fileno())
-        raw.close()
-        os.replace(tmp, final)
-        _fsync(final.parent)
-    except OSError as exc:
-        _discard(raw, tmp)
-        raise storage_error(exc, tmp) from None
-    except BaseException:
-        _discard(raw, tmp)
-        raise
+    with atomic_h5(final) as handle:
+        handle.attrs["complete"] = False
+        digests = Digests()
+        split = np.asarray(columns["split"], ROW_DTYPES["split"])
+        _map_rows(handle, shards, relative, records, sources, split, feature_shape, manifest["dtype"], digests)
+        for name in ROW_FIELDS:
+            values = np.asarray(columns[name], ROW_DTYPES[name])
+            handle.create_dataset(name, data=values, chunks=(min(2**16, max(n, 1)),), fletcher32=True)
+            digests.update(name, values, split)
+        _write_files(handle, files, digests)
+        manifest = {**manifest, "datasets": dataset_records(handle, digests),
+                    "shards": [{"file": rel, "rows": rec["rows"], "seal": seal}
+                               for rel, (rec, seal) in zip(relative, records)]}
+        text = json.dumps(manifest, sort_keys=True, default=str)
+        handle.attrs["manifest"] = text
+        handle.attrs["manifest_sha256"] = _text_sha256(text)
+        handle.attrs["format_version"] = FORMAT_VERSION
+        handle.attrs["fingerprint"] = manifest["fingerprint"]
+        handle.attrs["complete"] = True
     return final
-
-
-def _discard(raw, tmp: Path) -> None:
-    with contextlib.suppress(OSError):
-        raw.close()
-    tmp.unlink(missing_ok=True)
 
 
 def _map_rows(handle, shards, relative, records, sources, split, feature_shape, dtype, digests) -> None:

@@ -23,15 +23,14 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from featcache.cache import INCOMPLETE_SUFFIX, POOLED_CHUNK_ROWS, STR, _fsync, _WriteGuard, chunk_rows
+from featcache.cache import INCOMPLETE_SUFFIX, POOLED_CHUNK_ROWS, STR, atomic_h5, chunk_rows
 from featcache.checksums import H5_ERRORS
-from featcache.errors import DamagedFileError, storage_error
+from featcache.errors import DamagedFileError
 from featcache.integrity import array_bytes, first_line
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,6 @@ def write_shard(folder: Path, fingerprint: str, features: np.ndarray, pooled: np
     """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{shard_id(keys)}{SHARD_SUFFIX}"
-    tmp = final.with_name(final.name + INCOMPLETE_SUFFIX)
     n = len(keys)
     values = {"features": features, "pooled": np.asarray(pooled, np.float32),
               "path": np.array([k[0] for k in keys], dtype=object),
@@ -72,37 +70,18 @@ def write_shard(folder: Path, fingerprint: str, features: np.ndarray, pooled: np
               "copy_index": np.array([k[2] for k in keys], np.int16)}
     text = json.dumps({"fingerprint": fingerprint, "rows": n,
                        "datasets": {name: _sha256(array) for name, array in values.items()}}, sort_keys=True)
-    raw = open(tmp, "w+b", buffering=0)
-    guard = _WriteGuard(raw)
-    try:
-        with h5py.File(guard, "w") as handle:
-            shape = features.shape[1:]
-            handle.create_dataset("features", data=features, fletcher32=True, compression=compression,
-                                  chunks=(min(chunk_rows(shape, str(features.dtype)), n), *shape))
-            handle.create_dataset("pooled", data=values["pooled"], fletcher32=True, compression=compression,
-                                  chunks=(min(POOLED_CHUNK_ROWS, n), shape[-1]))
-            for name in ("path", "sha256", "copy_index"):
-                array = values[name]
-                handle.create_dataset(name, data=array, dtype=STR if array.dtype == object else array.dtype)
-            handle.attrs["shard"] = text
-            handle.attrs["shard_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-            handle.attrs["complete"] = True
-        if guard.error is not None:
-            raise guard.error
-        os.fsync(raw.fileno())
-        raw.close()
-        os.replace(tmp, final)
-        _fsync(folder)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            raw.close()
-        tmp.unlink(missing_ok=True)
-        raise storage_error(exc, tmp) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            raw.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_h5(final) as handle:
+        shape = features.shape[1:]
+        handle.create_dataset("features", data=features, fletcher32=True, compression=compression,
+                              chunks=(min(chunk_rows(shape, str(features.dtype)), n), *shape))
+        handle.create_dataset("pooled", data=values["pooled"], fletcher32=True, compression=compression,
+                              chunks=(min(POOLED_CHUNK_ROWS, n), shape[-1]))
+        for name in ("path", "sha256", "copy_index"):
+            array = values[name]
+            handle.create_dataset(name, data=array, dtype=STR if array.dtype == object else array.dtype)
+        handle.attrs["shard"] = text
+        handle.attrs["shard_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        handle.attrs["complete"] = True
     return final
 
 
