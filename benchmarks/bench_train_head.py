@@ -35,17 +35,26 @@ CHUNK = 512
 SEPARATION = 1.0  # class-mean distance along one direction; noise std there ~0.35
 
 
-def write_full_scale_cache(cache_dir: Path, seed: int = 0) -> Path:
-    """The synthetic full-scale cache; values are a weak class signal + noise (val AUC well below 1)."""
-    from featcache.cache import FORMAT_VERSION, CachePaths, CacheWriter, FileTable, compute_fingerprint, list_caches
+def synthetic_cache_path(cache_dir: Path, settings: dict) -> tuple[Path, str]:
+    """The final path and fingerprint of a synthetic ResNet152 cache of these settings; the folder's other
+    ResNet152 caches (older settings or format) are deleted, so a benchmark folder holds one."""
+    from featcache.cache import CachePaths, compute_fingerprint, list_caches
 
-    settings = {"benchmark": "train-head", "seed": seed, "n": [N_TRAIN, N_VAL, N_TEST, COPIES], "v": 2,
-                "format_version": FORMAT_VERSION}  # a cache of an older format is written again
     fingerprint = compute_fingerprint(settings)
     final = CachePaths.for_fingerprint(cache_dir, "resnet152", fingerprint).final
     for stale in list_caches(cache_dir, "resnet152"):
         if stale != final:
             stale.unlink()
+    return final, fingerprint
+
+
+def write_full_scale_cache(cache_dir: Path, seed: int = 0) -> Path:
+    """The synthetic full-scale cache; values are a weak class signal + noise (val AUC well below 1)."""
+    from featcache.cache import FORMAT_VERSION, CacheWriter, FileTable
+
+    settings = {"benchmark": "train-head", "seed": seed, "n": [N_TRAIN, N_VAL, N_TEST, COPIES], "v": 2,
+                "format_version": FORMAT_VERSION}  # a cache of an older format is written again
+    final, fingerprint = synthetic_cache_path(cache_dir, settings)
     if final.is_file():
         return final
     rng = np.random.default_rng(seed)

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_train_head import synthetic_cache_path  # beside this script: its folder is on sys.path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -50,16 +51,12 @@ def split_counts(rows: int) -> tuple[int, int, int]:
 
 def write_cache(cache_dir: Path, rows: int, seed: int = 0) -> Path:
     """The synthetic cache of about ``rows`` rows (exactly, when the split counts allow), written once."""
-    from featcache.cache import FORMAT_VERSION, CachePaths, CacheWriter, FileTable, compute_fingerprint, list_caches
+    from featcache.cache import FORMAT_VERSION, CacheWriter, FileTable
 
     n_train, n_val, n_test = split_counts(rows)
     settings = {"benchmark": "train-head-stream", "seed": seed, "n": [n_train, n_val, n_test, COPIES], "v": 1,
                 "format_version": FORMAT_VERSION}
-    fingerprint = compute_fingerprint(settings)
-    final = CachePaths.for_fingerprint(cache_dir, "resnet152", fingerprint).final
-    for stale in list_caches(cache_dir, "resnet152"):
-        if stale != final:
-            stale.unlink()
+    final, fingerprint = synthetic_cache_path(cache_dir, settings)
     if final.is_file():
         return final
     rng = np.random.default_rng(seed)
