@@ -160,13 +160,16 @@ def write_backbone_html(report: dict, run_dir: Path, cache_path: Path, assembled
     folder = Path(run_dir) / GALLERY_DIR
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
+    wrong = most_wrong(report)
+    indices = [i for kind_indices in wrong.values() for i in kind_indices]
+    paths = [predictions["path"][i] for i in indices]  # one read of the cache for both kinds
+    explained = explain_maps(assembled, data_dir, *cached_rows(cache_path, "test", paths=paths))[0] if paths else []
+    by_index = dict(zip(indices, explained))
     gallery = {}
-    for kind, indices in most_wrong(report).items():
-        paths = [predictions["path"][i] for i in indices]
-        explained, _ = explain_maps(assembled, data_dir, *cached_rows(cache_path, "test", paths=paths)) if paths \
-            else ([], [])
+    for kind, kind_indices in wrong.items():
         items = []
-        for n, (i, e) in enumerate(zip(indices, explained)):
+        for n, i in enumerate(kind_indices):
+            e = by_index[i]
             prediction = {key: predictions[key][i] for key in ("path", "label", "probability")}
             overlay = None
             if e.image is not None:
