@@ -21,7 +21,7 @@ import numpy as np
 
 from featcache.head import InputStats, input_stats, score_probs
 
-C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, chosen on validation ROC-AUC
+C_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, chosen on validation ROC-AUC
 MAX_ITER = 500
 PREDICT_ROWS = 1024  # validation rows scored at a time
 

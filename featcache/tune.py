@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 UNITS = (32, 64, 128, 256)
 BATCH_SIZES = (64, 128, 256, 512)
-L2 = (0.0, 1e-5, 1e-4, 1e-3)
+L2 = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 REFERENCE = HeadParams()  # 128 units: always the first trial of a new study
 STANDARDIZED_REFERENCE = HeadParams(standardize=True)  # the second trial of a new study
 COLLAPSE_STD = 0.01  # validation probabilities with a smaller standard deviation count as (nearly) constant
