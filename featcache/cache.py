@@ -546,5 +546,19 @@ def describe_cache(path: str | Path) -> str:
         f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; copies {c['train_copies']}; "
         f"skipped {c['skipped']}",
         f"  classes {manifest['class_names']}, seed {manifest['seed']}, created {manifest['created']}",
+        f"  labels {_labels_text(manifest)}; patients {_patients_text(manifest)}",
         "  manifest: " + json.dumps(manifest, sort_keys=True),
     ])
+
+
+def _labels_text(manifest: dict) -> str:
+    labels = manifest.get("labels")
+    if not labels:
+        return "from the class folders"
+    return (f"from {labels.get('file', 'a label file')} (sha256 {labels['sha256'][:12]}), columns "
+            f"{','.join(labels['columns'])}, uncertain {labels['uncertain']}")
+
+
+def _patients_text(manifest: dict) -> str:
+    rules = manifest.get("split", {}).get("patient_rules") or []
+    return "; ".join(["Kermany file names", *rules]) if rules else "Kermany file names (one per file otherwise)"

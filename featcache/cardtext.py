@@ -8,10 +8,12 @@ the evaluation report.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
 
+from featcache.patients import pattern_of_rule
 from featcache.reports import format_ci as _ci, format_value as _num
 
 DATASET_NOTE = (
@@ -58,12 +60,17 @@ def extract_command(manifest: dict) -> str:
 
 
 def _label_options(manifest: dict) -> str:
-    """The label-file options of a cache built from ``--labels`` (none for class folders)."""
+    """The data options beyond the folder: ``--labels`` (none for class folders) and ``--patient-pattern``."""
+    options = ""
     labels = manifest.get("labels")
-    if not labels:
-        return ""
-    return (f" --labels {labels['file']} --label-columns {','.join(labels['columns'])} "
-            f"--uncertain {labels['uncertain']}")
+    if labels:
+        options += (f" --labels {shlex.quote(labels['file'])} --label-columns {shlex.quote(','.join(labels['columns']))} "
+                    f"--uncertain {labels['uncertain']}")
+    rules = manifest.get("split", {}).get("patient_rules", [])
+    pattern = next((p for p in map(pattern_of_rule, rules) if p is not None), None)
+    if pattern is not None:
+        options += f" --patient-pattern {shlex.quote(pattern)}"
+    return options
 
 
 def _augment_text(augment: dict | None) -> str:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 from collections import Counter
@@ -79,7 +80,7 @@ def assign_patients(paths: list[str], pattern: str | None = None, dicom_ids: dic
                 raise DataError(f"--patient-pattern matches no patient in {path} ({misses} of {len(paths)} paths do "
                                 f"not match). Received: patient_pattern={pattern!r}")
             ids[path] = next((g for g in match.groups() if g), match.group(0))
-        return ids, [f"--patient-pattern {pattern!r} over the relative path (first group)"]
+        return ids, [pattern_rule(pattern)]
     parts = {path: path.split("/") for path in paths}  # relative POSIX paths: str.split, 10x PurePosixPath
     names = Counter(split[-1] for split in parts.values())
     suffixes = _suffix_counts(parts, names)
@@ -96,6 +97,17 @@ def assign_patients(paths: list[str], pattern: str | None = None, dicom_ids: dic
         if rule:
             rules.add(rule)
     return ids, sorted(rules)
+
+
+def pattern_rule(pattern: str) -> str:
+    """How the cache's split records that ``--patient-pattern`` decided the patient ids."""
+    return f"--patient-pattern {pattern!r} over the relative path (first group)"
+
+
+def pattern_of_rule(rule: str) -> str | None:
+    """The pattern of a ``pattern_rule`` description (None for the other rules): the card's extract command."""
+    match = re.fullmatch(r"--patient-pattern (.+) over the relative path \(first group\)", rule)
+    return ast.literal_eval(match.group(1)) if match else None
 
 
 def _stem(name: str) -> str:

@@ -133,6 +133,8 @@ def test_extract_train_head_evaluate_on_a_label_file(chexpert, tmp_path):
     assert manifest["labels"]["sha256"] == hashlib.sha256(csv_path.read_bytes()).hexdigest()
     assert manifest["labels"]["left_out"] == 2 and [x["line"] for x in manifest["labels"]["left_out_examples"]] == [2, 5]
     assert manifest["counts"]["test"] == 7 and manifest["counts"]["train"] + manifest["counts"]["val"] == 30
+    info = run_cli("info", str(cache))
+    assert f"labels from {csv_path.resolve()} (sha256 {manifest['labels']['sha256'][:12]}), columns Pneumonia" in info.output
     result = run_cli("train-head", "--cache-dir", cache_dir, "--trials", "1", "--no-progress")
     assert result.exit_code == 0, result.output
     result = run_cli("evaluate", "--cache-dir", cache_dir, "--bootstrap", "50", "--no-progress")

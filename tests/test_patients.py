@@ -91,3 +91,22 @@ def test_label_file_patient_column_wins(dev_data, tmp_path):
     assert {r.path: r.patient for r in folder.records} == {
         row["path"]: row["patient"] for row in rows if row["path"] in {r.path for r in folder.records}}
     assert folder.patient_rules == ("label file 'patient' column",)
+
+
+def test_the_model_card_extract_command_repeats_the_patient_pattern_and_label_file():
+    import shlex
+
+    from featcache.cardtext import extract_command
+    from featcache.patients import pattern_of_rule, pattern_rule
+
+    pattern = r"p1\d/(p\d+)/ 'x'"  # a space and quotes: the command must quote it for the shell
+    assert pattern_of_rule(pattern_rule(pattern)) == pattern and pattern_of_rule("a folder rule") is None
+    manifest = {"data_dir": "/data", "backbone": "tiny", "weights": {"source": "random"}, "image_size": 32,
+                "augment": {"copies": 0}, "seed": 0, "dtype": "float16",
+                "split": {"patient_rules": [pattern_rule(pattern)]},
+                "labels": {"file": "/data/my labels.csv", "columns": ["Pneumonia"], "uncertain": "ignore"}}
+    argv = shlex.split(extract_command(manifest))
+    assert argv[argv.index("--patient-pattern") + 1] == pattern
+    assert argv[argv.index("--labels") + 1] == "/data/my labels.csv"
+    del manifest["labels"], manifest["split"]
+    assert "--patient-pattern" not in extract_command(manifest) and "--labels" not in extract_command(manifest)
