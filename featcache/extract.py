@@ -6,6 +6,7 @@ written by a background thread, and the cache file is assembled once every row e
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import datetime
@@ -39,6 +40,7 @@ from featcache.dicom import DICOM_CONVERSION
 from featcache.errors import DataError, FeatcacheError, ImageTooLargeError, storage_error
 from featcache.hashcache import HashCache, stat_key
 from featcache.labels import read_label_file
+from featcache.replicas import make_forward, replica_devices
 from featcache.labelset import find_labeled_images
 from featcache.patients import describe_patients
 
@@ -361,7 +363,7 @@ def _compute_batches(config, root, extractor, missing, store: ShardPacker) -> tu
         return timing, []
     forward = _make_forward(extractor)
     batches = _plan_batches(missing, config.batch_size)
-    prepared: queue.Queue = queue.Queue(maxsize=2)
+    prepared: queue.Queue = queue.Queue(maxsize=max(2, forward.replicas + 1))
     stop = threading.Event()
     failed: list[BaseException] = []
     bad: list[dict] = []
@@ -374,22 +376,31 @@ def _compute_batches(config, root, extractor, missing, store: ShardPacker) -> tu
     try:
         with cf.ThreadPoolExecutor(max_workers=1) as writer:
             pending: list[cf.Future] = []
+            computing: collections.deque = collections.deque()  # (future, batch_id, kept): one per replica at most
+
+            def finish(future, batch_id, kept):
+                maps, pooled = future.result()
+                maps, pooled = maps[:len(kept)], pooled[:len(kept)]
+                if not timing.first_batch_rows:
+                    timing.first_batch_seconds, timing.first_batch_rows = time.perf_counter() - started, len(kept)
+                pending.append(writer.submit(
+                    store.write, batch_id, maps.astype(config.dtype), pooled,
+                    [f.record.path for f, _ in kept], [f.sha256 for f, _ in kept], np.array([k for _, k in kept]),
+                ))
+
             while (item := prepared.get()) is not None:
                 batch_id, planned, images, kept, batch_bad = item
                 bad.extend(batch_bad)
                 if kept:
-                    maps, pooled = forward(_pad(np.stack(images), config.batch_size))
-                    maps, pooled = maps[:len(kept)], pooled[:len(kept)]
-                    if not timing.first_batch_rows:
-                        timing.first_batch_seconds, timing.first_batch_rows = time.perf_counter() - started, len(kept)
-                    pending.append(writer.submit(
-                        store.write, batch_id, maps.astype(config.dtype), pooled,
-                        [f.record.path for f, _ in kept], [f.sha256 for f, _ in kept], np.array([k for _, k in kept]),
-                    ))
+                    computing.append((forward.submit(_pad(np.stack(images), config.batch_size)), batch_id, kept))
+                while computing and (len(computing) >= forward.replicas or computing[0][0].done()):
+                    finish(*computing.popleft())  # in batch order
                 for done in [p for p in pending if p.done()] + pending[:-2]:
                     done.result()  # surface write errors; keep at most two writes in flight
                 pending = [p for p in pending if not p.done()]
                 bar.update(planned)
+            while computing:
+                finish(*computing.popleft())
             for p in pending:
                 p.result()
         if failed:
@@ -405,6 +416,7 @@ def _compute_batches(config, root, extractor, missing, store: ShardPacker) -> tu
     finally:
         stop.set()
         bar.close()
+        forward.close()
         producer.join(timeout=10)  # it stops after its current batch
     timing.seconds = time.perf_counter() - started
     return timing, bad
@@ -454,25 +466,8 @@ def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def _make_forward(extractor):
-    """A compiled ``images -> (maps, pooled)``; pooled is averaged from float32 maps.
-
-    The extractor's dtype policy (float32 or mixed_float16) was set when its backbone was built;
-    XLA compiles the step where a GPU is visible.
-    """
-    import tensorflow as tf
-
-    use_xla = bool(tf.config.list_physical_devices("GPU"))
-
-    @tf.function(jit_compile=use_xla)
-    def step(images):
-        maps = tf.cast(extractor(images, training=False), tf.float32)
-        return maps, tf.reduce_mean(maps, axis=(1, 2))
-
-    def forward(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, pooled = step(tf.convert_to_tensor(images))
-        return maps.numpy(), pooled.numpy()
-
-    return forward
+    """A compiled ``images -> (maps, pooled)``: one backbone replica per visible GPU (``replicas``)."""
+    return make_forward(extractor, replica_devices())
 
 
 def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision, feature_shape) -> dict:
