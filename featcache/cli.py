@@ -128,6 +128,7 @@ def train_head(
     min_sensitivity: Annotated[Optional[float], typer.Option("--min-sensitivity", help="Use the highest threshold with this validation sensitivity (default: Youden's J).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     memory_budget: Annotated[str, typer.Option("--memory-budget", help="Cached vectors held in memory at once, e.g. 2GiB: a cache that fits is loaded whole, a larger one streamed (same trials either way); TensorFlow itself adds about 1 GiB.")] = "1GiB",
+    calibrate: Annotated[str, typer.Option("--calibrate", help="Post-hoc calibration of the chosen head, fitted on validation: none, temperature (folded into the head; the exported model outputs calibrated probabilities) or isotonic (a lookup recorded in head.json and the model card; the model outputs the uncalibrated score).")] = "none",
 ) -> None:
     """Search the GAP -> Dense -> Dropout -> Dense head on cached pooled features; save the best head and its threshold."""
     from featcache.config import TrainHeadConfig, parse_memory_budget
@@ -136,7 +137,7 @@ def train_head(
     try:
         config = TrainHeadConfig(cache_dir=cache_dir, backbones=tuple(backbone or ()), cache=cache, trials=trials,
                                  seed=seed, storage=storage, min_sensitivity=min_sensitivity, progress=progress,
-                                 memory_budget=parse_memory_budget(memory_budget))
+                                 memory_budget=parse_memory_budget(memory_budget), calibrate=calibrate)
         summaries = train_heads(config)
     except FeatcacheError as error:
         _fail(error)
