@@ -131,6 +131,7 @@ class TrainHeadConfig:
             whose train and validation rows fit (about three times over) is loaded whole, a larger one is streamed.
         calibrate: post-hoc calibration of the chosen head on validation (``posthoc.METHODS``): none,
             temperature (folded into the head) or isotonic (a lookup recorded in head.json).
+        mlflow: MLflow tracking URI to log each trial and the chosen head to (``featcache.tracking``); None: none.
     """
 
     cache_dir: Path = Path("cache")
@@ -145,6 +146,7 @@ class TrainHeadConfig:
     progress: bool = True
     memory_budget: int = field(default_factory=lambda: parse_memory_budget(DEFAULT_MEMORY_BUDGET))
     calibrate: str = "none"
+    mlflow: str | None = None
 
     def __post_init__(self) -> None:
         if self.calibrate not in CALIBRATE_METHODS:
@@ -182,6 +184,7 @@ class EvaluateConfig:
         batch_size: test images decoded, scored and dropped at a time (the end-to-end model's batch).
         max_pixels: test images with more pixels (by their header) are skipped, not decoded.
         progress: show a tqdm bar over the test images.
+        mlflow: MLflow tracking URI to log the reports to (``featcache.tracking``); None: none.
     """
 
     cache_dir: Path = Path("cache")
@@ -192,6 +195,7 @@ class EvaluateConfig:
     batch_size: int = 32
     max_pixels: int = MAX_PIXELS
     progress: bool = True
+    mlflow: str | None = None
 
     def __post_init__(self) -> None:
         check_max_pixels(self.max_pixels)

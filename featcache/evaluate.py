@@ -82,6 +82,10 @@ def evaluate_backbones(config: EvaluateConfig) -> tuple[list[dict], dict]:
     """
     reports = [evaluate_cache(path, config) for path in select_caches(config)]
     selection = write_selection(config.cache_dir)
+    if config.mlflow:
+        from featcache.tracking import log_evaluation
+
+        log_evaluation(config.mlflow, reports, selection, Path(config.cache_dir) / RUNS)
     return reports, selection
 
 

@@ -52,7 +52,17 @@ class TrainHeadSummary:
 
 def train_heads(config: TrainHeadConfig) -> list[TrainHeadSummary]:
     """Search a head for each selected cache (``select_caches``), one after another; see ``train_head``."""
-    return [train_head(path, config) for path in select_caches(config)]
+    return [_train_tracked(path, config) for path in select_caches(config)]
+
+
+def _train_tracked(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
+    """``train_head`` inside an MLflow run of its own when ``config.mlflow`` is set (``featcache.tracking``)."""
+    from featcache.tracking import log_train_summary, tracked_run
+
+    with tracked_run(config.mlflow, f"train-head {Path(cache_path).stem}") as tracker:
+        summary = train_head(cache_path, config, tracker)
+        log_train_summary(tracker, summary)
+    return summary
 
 
 def select_caches(config: TrainHeadConfig) -> list[Path]:
@@ -121,12 +131,13 @@ def is_collapsed(probs: np.ndarray, roc_auc: float) -> bool:
     return bool(np.std(probs) < COLLAPSE_STD or roc_auc <= 0.5)
 
 
-def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
+def train_head(cache_path: Path, config: TrainHeadConfig, tracker=None) -> TrainHeadSummary:
     """Run the trials the study still lacks on one cache, then save the best head and the tables.
 
     Args:
         cache_path: a complete cache file; the run folder is ``<its folder>/runs/<its stem>/``.
         config: trials, seed, storage, threshold rule, epoch limits, progress.
+        tracker: a ``tracking.Tracker`` that logs each trial this process runs as a nested run; None: none.
 
     Returns:
         TrainHeadSummary of the study's finished trials and the saved head.
@@ -154,7 +165,7 @@ def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
                                                                    pooled=tf.convert_to_tensor(data.train.pooled))
     kept: dict = {}  # the best head trained in this process: {"row": ..., "head": (models, probs)}
     if todo:
-        _optimize(study, _objective(config, data, train, kept), todo, config, manifest["backbone"])
+        _optimize(study, _objective(config, data, train, kept, tracker), todo, config, manifest["backbone"])
     rows = study_rows(study)
     best = min((r for r in rows if not r["pruned"]), key=rank_trial, default=None)
     if best is None:
@@ -213,7 +224,7 @@ def _probe(data: HeadData, run_dir: Path) -> Probe:
     return probe
 
 
-def _objective(config: TrainHeadConfig, data: HeadData, train: TrainViews, kept: dict):
+def _objective(config: TrainHeadConfig, data: HeadData, train: TrainViews, kept: dict, tracker=None):
     """Optuna's objective: fit one head, record its scores, keep it in ``kept`` if it ranks first."""
     import optuna
 
@@ -226,6 +237,9 @@ def _objective(config: TrainHeadConfig, data: HeadData, train: TrainViews, kept:
         trial.set_user_attr("collapsed", collapsed)
         trial.set_user_attr("fit", {"epochs": result.epochs, "best_epoch": result.best_epoch, "seconds": seconds,
                                     "seed": seed, "max_epochs": config.max_epochs, "patience": config.patience})
+        if tracker is not None:
+            tracker.log_trial(trial.number, dict(trial.params), result.history, result.scores,
+                              "pruned" if result.stopped else "complete")
         if result.stopped:
             raise optuna.TrialPruned()
         row = {"number": trial.number, "collapsed": collapsed, **_flat(result.scores)}
