@@ -201,4 +201,5 @@ def describe_calibration(record: dict | None) -> str:
             if record["method"] == "temperature" else
             f"isotonic lookup of {len(record['table']['x'])} points (applied outside the model)")
     return (f"{what}, fitted on {record['images']} validation images: log-loss {before['log_loss']:.4f} -> "
-            f"{after['log_loss']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}")
+            f"{after['log_loss']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f} (in-sample: on the images it was "
+            f"fitted on; the test figures are the independent check)")
