@@ -172,6 +172,9 @@ def calibrate_head(method: str, models, probs: np.ndarray, labels: np.ndarray, v
     if method == "none":
         return probs, None
     labels = np.asarray(labels).astype(np.int64)
+    if np.ndim(probs) != 1 or not np.isin(labels, (0, 1)).all():
+        raise FeatcacheError(f"--calibrate {method} calibrates binary heads (one probability per image, 0/1 labels). "
+                             f"Received: probs shape={np.shape(probs)}, labels={np.unique(labels).tolist()[:5]}")
     record = {"method": method, "fitted_on": "validation", "images": int(len(labels)),
               "validation_before": _scores(labels, probs)}
     if method == "isotonic":

@@ -119,6 +119,8 @@ def test_unknown_method_is_refused():
         TrainHeadConfig(calibrate="platt")
     with pytest.raises(FeatcacheError, match="--calibrate must be one of"):
         calibrate_head("platt", None, np.zeros(2), np.array([0, 1]), np.zeros((2, 1)))
+    with pytest.raises(FeatcacheError, match="binary heads"):  # a multi-class head's (n, k) probabilities
+        calibrate_head("isotonic", None, np.full((3, 3), 1 / 3), np.array([0, 1, 2]), np.zeros((3, 1)))
 
 
 @pytest.mark.parametrize("method", ["temperature", "isotonic"])
