@@ -147,7 +147,8 @@ def _scores(labels: np.ndarray, probs: np.ndarray) -> dict:
     return {"log_loss": binary_cross_entropy(labels, probs), "brier": point["brier"], "ece": point["ece"]}
 
 
-def calibrate_head(method: str, models, probs: np.ndarray, labels: np.ndarray, val_pooled) -> tuple[np.ndarray, dict | None]:
+def calibrate_head(method: str, models, probs: np.ndarray, labels: np.ndarray,
+                   val_pooled) -> tuple[np.ndarray, dict | None]:
     """Fit ``method`` on the validation rows; for ``temperature``, fold ``T`` into ``models`` (in place).
 
     Args:
