@@ -137,11 +137,33 @@ def _metric_lines(card: dict) -> list[str]:
     if calibration:
         lines.append(f"Calibration on test: Brier score {_ci(calibration['brier'])}, expected calibration error "
                      f"{_ci(calibration['ece'])} (10 equal-width bins).")
+    lines += _posthoc_card_lines(card.get("post_hoc_calibration"))
     parity = card.get("parity") or {}
     if parity:
         lines.append(f"Parity: the end-to-end model and the head on cached maps differ by at most "
                      f"{parity.get('max_abs_diff', float('nan')):.1e} over {parity.get('images')} test images.")
     return lines + [""]
+
+
+def _posthoc_card_lines(record: dict | None) -> list[str]:
+    """The post-hoc calibration fitted on validation; the isotonic table itself, since the model does not apply it."""
+    from featcache.posthoc import describe_calibration
+
+    if not record:
+        return []
+    lines = [f"Post-hoc calibration: {describe_calibration(record)}."]
+    if record.get("method") == "temperature":
+        lines.append("The exported model outputs the temperature-scaled probability (T folded into its last layer).")
+    if record.get("method") == "isotonic":
+        table = record["table"]
+        lines += ["", "**The exported model.keras and SavedModel output the uncalibrated score.** The calibrated "
+                  "probability is this lookup of the score (linear between points, clipped outside; also "
+                  "`post_hoc_calibration.table` in model.json):", "", "| score | calibrated probability |",
+                  "| ---: | ---: |", *(f"| {x:.6g} | {y:.6g} |" for x, y in zip(table["x"], table["y"])), ""]
+        if record.get("test"):
+            lines.append(f"Calibrated probabilities on test: Brier score {_ci(record['test']['brier'])}, expected "
+                         f"calibration error {_ci(record['test']['ece'])}.")
+    return lines
 
 
 def _limitation_lines(card: dict) -> list[str]:
@@ -162,9 +184,14 @@ def _reproduce_lines(card: dict) -> list[str]:
     extract = data.get("command") or f"featcache extract --backbone {card['backbone']} ..."
     return ["## Reproduce", "", "```bash", extract,
             f"featcache train-head --backbone {card['backbone']} --trials {search.get('trials', 'N')} "
-            f"--seed {search.get('seed', 0)}",
+            f"--seed {search.get('seed', 0)}" + _calibrate_flag(card),
             f"featcache evaluate --backbone {card['backbone']}", f"featcache export --backbone {card['backbone']}",
             "```", "",
             f"Cache fingerprint `{card['cache_fingerprint']}`; head SHA-256 `{head['head_sha256']}`; backbone weights "
             f"SHA-256 `{card['weights']['sha256']}`; featcache {card['versions']['featcache']}, TensorFlow "
             f"{card['versions']['tensorflow']}, Keras {card['versions']['keras']}.", ""]
+
+
+def _calibrate_flag(card: dict) -> str:
+    method = (card.get("post_hoc_calibration") or {}).get("method", "none")
+    return f" --calibrate {method}" if method != "none" else ""

@@ -128,6 +128,8 @@ def train_head(
     min_sensitivity: Annotated[Optional[float], typer.Option("--min-sensitivity", help="Use the highest threshold with this validation sensitivity (default: Youden's J).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     memory_budget: Annotated[str, typer.Option("--memory-budget", help="Cached vectors held in memory at once, e.g. 2GiB: a cache that fits is loaded whole, a larger one streamed (same trials either way); TensorFlow itself adds about 1 GiB.")] = "1GiB",
+    mlflow: Annotated[Optional[str], typer.Option("--mlflow", envvar="FEATCACHE_MLFLOW_URI", help="MLflow tracking URI: log each trial (parameters, per-epoch validation metrics) and the chosen head (needs featcache[mlflow]).")] = None,
+    calibrate: Annotated[str, typer.Option("--calibrate", help="Post-hoc calibration of the chosen head, fitted on validation: none, temperature (folded into the head; the exported model outputs calibrated probabilities) or isotonic (a lookup recorded in head.json and the model card; the model outputs the uncalibrated score).")] = "none",
 ) -> None:
     """Search the GAP -> Dense -> Dropout -> Dense head on cached pooled features; save the best head and its threshold."""
     from featcache.config import TrainHeadConfig, parse_memory_budget
@@ -136,7 +138,8 @@ def train_head(
     try:
         config = TrainHeadConfig(cache_dir=cache_dir, backbones=tuple(backbone or ()), cache=cache, trials=trials,
                                  seed=seed, storage=storage, min_sensitivity=min_sensitivity, progress=progress,
-                                 memory_budget=parse_memory_budget(memory_budget))
+                                 memory_budget=parse_memory_budget(memory_budget), calibrate=calibrate,
+                                 mlflow=mlflow)
         summaries = train_heads(config)
     except FeatcacheError as error:
         _fail(error)
@@ -154,6 +157,7 @@ def evaluate(
     max_pixels: MaxPixels = MAX_PIXELS,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Test images decoded and scored at a time.")] = 32,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    mlflow: Annotated[Optional[str], typer.Option("--mlflow", envvar="FEATCACHE_MLFLOW_URI", help="MLflow tracking URI: log the test metrics and the reports as artifacts (needs featcache[mlflow]).")] = None,
 ) -> None:
     """Score the reassembled end-to-end models on the raw test images, check parity with the cache, pick the best backbone by validation AUC."""
     from featcache.config import EvaluateConfig
@@ -163,7 +167,7 @@ def evaluate(
     try:
         config = EvaluateConfig(cache_dir=cache_dir, data_dir=data, backbones=tuple(backbone or ()),
                                 n_bootstrap=bootstrap, seed=seed, max_pixels=max_pixels, batch_size=batch_size,
-                                progress=progress)
+                                progress=progress, mlflow=mlflow)
         reports, selection = evaluate_backbones(config)
     except FeatcacheError as error:
         _fail(error)

@@ -17,6 +17,7 @@ from featcache.metrics import N_BOOTSTRAP
 DTYPES = ("float16", "float32")
 COMPRESSIONS = (None, "lzf", "gzip")
 PRECISIONS = ("auto", "float32", "mixed")
+CALIBRATE_METHODS = ("none", "temperature", "isotonic")  # train-head --calibrate (featcache.posthoc)
 # copy_index is int16 in the cache and in the work files: copies 1..K must fit.
 MAX_AUGMENT_COPIES = 2**15 - 1
 # Seeds reach numpy/Keras seeding (< 2**32) as ``seed + trial number`` in train-head: leave room for the trials.
@@ -128,6 +129,9 @@ class TrainHeadConfig:
         progress: show a tqdm bar over the trials.
         memory_budget: bytes of cached vectors the process may hold at once (``parse_memory_budget``): a cache
             whose train and validation rows fit (about three times over) is loaded whole, a larger one is streamed.
+        calibrate: post-hoc calibration of the chosen head on validation (``posthoc.METHODS``): none,
+            temperature (folded into the head) or isotonic (a lookup recorded in head.json).
+        mlflow: MLflow tracking URI to log each trial and the chosen head to (``featcache.tracking``); None: none.
     """
 
     cache_dir: Path = Path("cache")
@@ -141,8 +145,13 @@ class TrainHeadConfig:
     patience: int = 5
     progress: bool = True
     memory_budget: int = field(default_factory=lambda: parse_memory_budget(DEFAULT_MEMORY_BUDGET))
+    calibrate: str = "none"
+    mlflow: str | None = None
 
     def __post_init__(self) -> None:
+        if self.calibrate not in CALIBRATE_METHODS:
+            raise FeatcacheError(f"--calibrate must be one of {', '.join(CALIBRATE_METHODS)}. "
+                                 f"Received: calibrate={self.calibrate!r}")
         if isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, int) or self.memory_budget < 1:
             raise FeatcacheError(f"memory_budget must be a positive number of bytes. "
                                  f"Received: memory_budget={self.memory_budget!r}")
@@ -175,6 +184,7 @@ class EvaluateConfig:
         batch_size: test images decoded, scored and dropped at a time (the end-to-end model's batch).
         max_pixels: test images with more pixels (by their header) are skipped, not decoded.
         progress: show a tqdm bar over the test images.
+        mlflow: MLflow tracking URI to log the reports to (``featcache.tracking``); None: none.
     """
 
     cache_dir: Path = Path("cache")
@@ -185,6 +195,7 @@ class EvaluateConfig:
     batch_size: int = 32
     max_pixels: int = MAX_PIXELS
     progress: bool = True
+    mlflow: str | None = None
 
     def __post_init__(self) -> None:
         check_max_pixels(self.max_pixels)

@@ -2,8 +2,9 @@
 images read from their raw files, prove parity with the cached path, and select the backbone by
 validation ROC-AUC (never by test score) as the default of ``export``.
 
-Per run folder ``<cache-dir>/runs/<cache stem>/``: report.json, report.md, roc.png, confusion.png,
-trials.png. Across backbones, in ``<cache-dir>/runs/``: selection.json, comparison.md, roc.png.
+Per run folder ``<cache-dir>/runs/<cache stem>/``: report.json, report.md, report.html, roc.png, pr.png,
+confusion.png, calibration.png (and calibration-calibrated.png for an isotonic head), trials.png. Across
+backbones, in ``<cache-dir>/runs/``: selection.json, comparison.md, report.html, roc.png, pr.png.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from featcache.config import EvaluateConfig
 from featcache.errors import FeatcacheError
 from featcache.integrity import check_plain_name, load_json
 from featcache.calibration import calibration_with_intervals
+from featcache.posthoc import calibrated_probability
 from featcache.html_report import HTML_FILE, render_comparison, write_backbone_html
 from featcache.metrics import majority_baseline, score_with_intervals
 from featcache.probe import Probe
@@ -36,6 +38,7 @@ from featcache.testset import TestImages, TestRows, read_test_rows
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
+CALIBRATED_PLOT = "calibration-calibrated.png"  # reliability of the looked-up probabilities (--calibrate isotonic)
 SELECTION_FILE = "selection.json"
 # What export and the selection read from the JSON files evaluate writes.
 SELECTION_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "head_sha256": "sha256"}
@@ -79,6 +82,10 @@ def evaluate_backbones(config: EvaluateConfig) -> tuple[list[dict], dict]:
     """
     reports = [evaluate_cache(path, config) for path in select_caches(config)]
     selection = write_selection(config.cache_dir)
+    if config.mlflow:
+        from featcache.tracking import log_evaluation
+
+        log_evaluation(config.mlflow, reports, selection, Path(config.cache_dir) / RUNS)
     return reports, selection
 
 
@@ -119,7 +126,8 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
     report["probe"] = score_probe(probe, manifest, record, scores, config)
     report["predictions"] = {"path": scores.paths, "label": scores.labels.tolist(),
                              "probability": scores.probs.tolist(), "cached_probability": scores.cached.tolist()}
-    write_report_files(Path(record["run_dir"]), report, scores.labels, scores.probs)
+    report.update(score_posthoc(record.get("calibration"), scores, config, report["predictions"]))
+    write_report_files(Path(record["run_dir"]), report, scores.labels, scores.probs, scores.probe)
     write_backbone_html(report, Path(record["run_dir"]), cache_path, assembled, data_dir)
     return report
 
@@ -202,15 +210,40 @@ def score_probe(probe: Probe | None, manifest: dict, record: dict, test: TestSco
     return {"c": probe.c, "validation": probe.val_scores, "test": test_scores, "head_below_probe_on_validation": below}
 
 
-def write_report_files(run_dir: Path, report: dict, labels: np.ndarray, probs: np.ndarray) -> None:
-    """report.json, report.md and the plots of one backbone, each replaced atomically."""
-    from featcache.plots import plot_calibration, plot_confusions, plot_roc, plot_trials
+def score_posthoc(record: dict | None, scores: TestScores, config: EvaluateConfig, predictions: dict) -> dict:
+    """The head's post-hoc calibration (``train-head --calibrate``) for the report: ``{"post_hoc_calibration"}``,
+    and for a lookup applied outside the model (isotonic) ``{"calibrated"}``, the calibration of the looked-up
+    test probabilities, which are added to ``predictions`` as ``calibrated_probability``. {} when uncalibrated."""
+    if not record:
+        return {}
+    calibrated = calibrated_probability(record, scores.probs)
+    if calibrated is None:
+        return {"post_hoc_calibration": record}
+    predictions["calibrated_probability"] = calibrated.tolist()
+    return {"post_hoc_calibration": record, "calibrated": {"method": record["method"], **calibration_with_intervals(
+        scores.labels, calibrated, n_bootstrap=config.n_bootstrap, seed=config.seed)}}
+
+
+def write_report_files(run_dir: Path, report: dict, labels: np.ndarray, probs: np.ndarray,
+                       probe_probs: np.ndarray | None = None) -> None:
+    """report.json, report.md and the plots of one backbone, each replaced atomically. ``probe_probs``: the linear
+    probe's test probabilities, drawn beside the head's in the precision-recall plot."""
+    from featcache.plots import plot_calibration, plot_confusions, plot_pr, plot_roc, plot_trials
 
     names = report["class_names"]
     if "calibration" in report:
         plot_calibration(labels, probs, report["calibration"]["bins"], names, run_dir / "calibration.png",
                          f"Test, {report['backbone']}")
+    if "calibrated" in report:
+        plot_calibration(labels, np.array(report["predictions"]["calibrated_probability"]),
+                         report["calibrated"]["bins"], names, run_dir / CALIBRATED_PLOT,
+                         f"Test, {report['backbone']}, {report['calibrated']['method']}-calibrated")
+    else:
+        (run_dir / CALIBRATED_PLOT).unlink(missing_ok=True)
     plot_roc([(report["backbone"], labels, probs)], run_dir / "roc.png", f"Test ROC, {report['backbone']}")
+    probe_curve = [("linear probe", labels, probe_probs)] if probe_probs is not None else []
+    plot_pr([(report["backbone"], labels, probs), *probe_curve], run_dir / "pr.png",
+            f"Test precision-recall, {report['backbone']}")
     plot_confusions([(f"threshold {report['at_threshold']['threshold']:.3f}",
                       report["at_threshold"]["confusion"]["matrix"]),
                      ("threshold 0.5", report["at_0.5"]["confusion"]["matrix"])], names, run_dir / "confusion.png")
@@ -275,7 +308,7 @@ def select_backbone(reports: list[dict]) -> dict:
 
 def write_selection(cache_dir: Path) -> dict:
     """selection.json, comparison.md and the ROC curves of every backbone with a current report."""
-    from featcache.plots import plot_roc
+    from featcache.plots import plot_pr, plot_roc
 
     reports = current_reports(cache_dir)
     selection = select_backbone(reports)
@@ -283,6 +316,7 @@ def write_selection(cache_dir: Path) -> dict:
     curves = [(r["backbone"], np.array(r["predictions"]["label"]), np.array(r["predictions"]["probability"]))
               for r in reports]
     plot_roc(curves, runs / "roc.png", "Test ROC, all backbones")
+    plot_pr(curves, runs / "pr.png", "Test precision-recall, all backbones")
     write_atomic(runs / "comparison.md", format_comparison(reports, selection))
     write_atomic(runs / HTML_FILE, render_comparison(reports, selection, runs))
     write_atomic(runs / SELECTION_FILE, json.dumps(selection, indent=1, sort_keys=True) + "\n")

@@ -246,6 +246,8 @@ def model_card(assembled: EndToEnd, cache_path: Path, report: dict, verification
                        "c": report["probe"]["c"], "val_roc_auc": report["probe"]["validation"]["roc_auc"],
                        "test_roc_auc": report["probe"]["test"]["metrics"]["roc_auc"]}},
         "calibration": (report.get("calibration") or {}).get("metrics"),
+        "post_hoc_calibration": {**(record.get("calibration") or {"method": "none"}),
+                                 **({"test": report["calibrated"]["metrics"]} if report.get("calibrated") else {})},
         "training_data": {**data_summary(cache_path), "data_dir": manifest["data_dir"],
                           "command": extract_command(manifest), "augment": manifest["augment"],
                           "split_method": manifest["split"]["method"]},
@@ -254,12 +256,20 @@ def model_card(assembled: EndToEnd, cache_path: Path, report: dict, verification
         "verification": verification,
         "files": {"keras": KERAS_FILE, "keras_sha256": keras_sha256, "saved_model": SAVED_MODEL_DIR,
                   "signature": SIGNATURE, "inputs": {"image_bytes": "(None,) tf.string, encoded JPEG or PNG"},
-                  "outputs": {"probability": f"(None,) float32, P({manifest['class_names'][1]})",
+                  "outputs": {"probability": _probability_text(record, manifest["class_names"][1]),
                               "label": "(None,) tf.string, class name at the threshold"},
                   "keras_input": f"(None, {manifest['image_size']}, {manifest['image_size']}, 3) uint8 RGB"},
         "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
+
+
+def _probability_text(record: dict, positive: str) -> str:
+    """What the exported probability is: after an isotonic calibration, the score the lookup must be applied to."""
+    if (record.get("calibration") or {}).get("method") == "isotonic":
+        return (f"(None,) float32, the UNCALIBRATED score of {positive}; the calibrated P({positive}) is "
+                "post_hoc_calibration.table applied to it (linear between points, clipped outside)")
+    return f"(None,) float32, P({positive})"
 
 
 def _search(record: dict) -> dict:

@@ -100,11 +100,32 @@ def render_backbone(report: dict, run_dir: Path, gallery: dict[str, list[tuple[d
         parts.append("<h2>Calibration</h2>" + _table(["", "value [95 % CI]"], [
             ["Brier score", _ci(calibration["metrics"]["brier"])],
             ["expected calibration error (10 bins)", _ci(calibration["metrics"]["ece"])]]))
+    parts.append(_posthoc(report))
     parts.append("<h2>Plots</h2>" + "".join(_image(run_dir / f, alt) for f, alt in (
-        ("roc.png", "ROC curve"), ("confusion.png", "confusion matrices at the threshold and at 0.5"),
-        ("calibration.png", "reliability diagram and scores per class"), ("trials.png", "head search trials"))))
+        ("roc.png", "ROC curve"), ("pr.png", "precision-recall curves (the head, and the linear probe when fitted)"),
+        ("confusion.png", "confusion matrices at the threshold and at 0.5"),
+        ("calibration.png", "reliability diagram and scores per class"),
+        ("calibration-calibrated.png", "reliability diagram of the calibrated probabilities"),
+        ("trials.png", "head search trials: validation ROC-AUC per trial"))))
     parts.append(_gallery(gallery, names))
     return _page(f"featcache evaluation: {report['backbone']}", "\n".join(parts))
+
+
+def _posthoc(report: dict) -> str:
+    """The post-hoc calibration fitted on validation (``train-head --calibrate``), when there is one."""
+    from featcache.posthoc import describe_calibration
+
+    record = report.get("post_hoc_calibration")
+    if not record:
+        return ""
+    rows = [["method", describe_calibration(record)]]
+    calibrated = report.get("calibrated")
+    if calibrated:
+        rows += [["model output", "the uncalibrated score (the figures above); the calibrated probability is the "
+                                  f"{record['method']} lookup of it"],
+                 ["calibrated: Brier score", _ci(calibrated["metrics"]["brier"])],
+                 ["calibrated: expected calibration error", _ci(calibrated["metrics"]["ece"])]]
+    return "<h2>Post-hoc calibration (fitted on validation)</h2>" + _table(["", ""], rows)
 
 
 def _gallery(gallery: dict, names: list[str]) -> str:
@@ -143,7 +164,8 @@ def render_comparison(reports: list[dict], selection: dict, runs_dir: Path) -> s
             _table(["backbone", "val ROC-AUC", "threshold", "test accuracy", "test ROC-AUC", "sensitivity",
                     "specificity", "Brier", "probe test ROC-AUC"], rows),
             "<p>Brackets: 95 % bootstrap intervals. Test scores are reported, never used to choose.</p>",
-            _image(runs_dir / "roc.png", "test ROC, all backbones"), f"<h2>Per backbone</h2><ul>{links}</ul>"]
+            _image(runs_dir / "roc.png", "test ROC, all backbones"),
+            _image(runs_dir / "pr.png", "test precision-recall, all backbones"), f"<h2>Per backbone</h2><ul>{links}</ul>"]
     return _page("featcache backbone comparison", "\n".join(body))
 
 

@@ -40,6 +40,26 @@ def plot_roc(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title
     return _save(figure, path)
 
 
+def plot_pr(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title: str = "Test precision-recall") -> Path:
+    """Precision-recall curves, one per ``(name, labels (n,), probs (n,))``, with their average precision in the
+    legend, and the precision of a classifier without skill (the prevalence of class 1) as a dashed line."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    figure = Figure(figsize=(5, 5))
+    axes = figure.add_subplot()
+    for name, labels, probs in curves:
+        precision, recall, _ = precision_recall_curve(labels, probs)
+        axes.step(recall, precision, where="post", lw=1.8,
+                  label=f"{name} (AP {average_precision_score(labels, probs):.3f})")
+    if curves:
+        prevalence = float(np.mean(curves[0][1]))
+        axes.axhline(prevalence, ls="--", color="grey", lw=1, label=f"no skill ({prevalence:.3f})")
+    axes.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    axes.legend(loc="lower left", fontsize=8)
+    return _save(figure, path)
+
+
 def plot_confusions(matrices: list[tuple[str, list[list[int]]]], class_names: list[str], path: Path) -> Path:
     """Side-by-side 2x2 confusion matrices (rows: true class, columns: predicted), counts annotated."""
     from matplotlib.figure import Figure

@@ -21,13 +21,15 @@ from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, decode_bytes
 from featcache.errors import DataError
 from featcache.integrity import load_keras_checked
 from featcache.modelcard import CARD_FILE, KERAS_FILE, read_card
+from featcache.posthoc import calibrated_probability
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PredictResult:
-    """``predictions``: {"path", "label", "probability"} per image read; ``skipped``: {"path", "error"}."""
+    """``predictions``: {"path", "label", "probability"[, "calibrated_probability" (isotonic)]} per image read;
+    ``skipped``: {"path", "error"}."""
 
     predictions: list[dict]
     skipped: list[dict]
@@ -128,6 +130,10 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
                     predictions.append({"path": str(file), "label": names[int(prob >= threshold)],
                                         "probability": float(prob)})
             bar.update(len(files[start:start + width]))
+    calibrated = calibrated_probability(card.get("post_hoc_calibration"), [p["probability"] for p in predictions])
+    if calibrated is not None:  # isotonic: a lookup the model does not apply; the label stays on the model's score
+        for prediction, value in zip(predictions, calibrated):
+            prediction["calibrated_probability"] = float(value)
     for item in skipped:
         log.debug("skipped %s: %s", item["path"], item["error"])
     if not predictions:
@@ -159,4 +165,6 @@ def format_predictions(result: PredictResult, as_json: bool = False) -> str:
                            "positive_class": card["positive_class"], "predictions": result.predictions,
                            "skipped": result.skipped}, indent=1)
     width = max(len(name) for name in result.card["class_names"])
-    return "\n".join(f"{p['label']:<{width}}  {p['probability']:.4f}  {p['path']}" for p in result.predictions)
+    return "\n".join(f"{p['label']:<{width}}  {p['probability']:.4f}  " + (
+        f"calibrated {p['calibrated_probability']:.4f}  " if "calibrated_probability" in p else "") + p["path"]
+        for p in result.predictions)

@@ -66,13 +66,14 @@ def format_report(report: dict) -> str:
                      f"{_num(base['metrics'][name])} |")
     lines += ["", f"Validation (the head's own split): ROC-AUC {_num(report['validation']['roc_auc'])}, "
               f"accuracy {_num(report['validation']['accuracy'])} at the threshold.", "", *_probe_lines(report), "",
-              *_calibration_lines(report), f"## Confusion matrix at threshold {at_t['threshold']:.3f}", ""]
+              *_calibration_lines(report), *posthoc_lines(report), f"## Confusion matrix at threshold {at_t['threshold']:.3f}", ""]
     lines += _confusion(at_t["confusion"], names)
     lines += ["", "## Confusion matrix at 0.5", ""] + _confusion(at_half["confusion"], names)
     skipped = test["skipped"] + test["skipped_at_extraction"]
     if skipped:
         lines += ["", "## Skipped test images", ""] + [f"- `{s['path']}`: {s['error']}" for s in skipped]
-    lines += ["", "Plots: [ROC](roc.png), [confusion matrices](confusion.png), [calibration](calibration.png), "
+    lines += ["", "Plots: [ROC](roc.png), [precision-recall](pr.png), [confusion matrices](confusion.png), "
+              "[calibration](calibration.png), "
               "[trial history](trials.png).", ""]
     return "\n".join(lines)
 
@@ -90,6 +91,27 @@ def _calibration_lines(report: dict) -> list[str]:
     lines += [f"| {b['low']:.1f}-{b['high']:.1f} | {b['count']} | {_num(b['mean_prob'])} | "
               f"{_num(b['fraction_positive'])} |" for b in calibration["bins"] if b["count"]]
     return lines + [""]
+
+
+def posthoc_lines(report: dict) -> list[str]:
+    """The post-hoc calibration fitted on validation (``train-head --calibrate``), and for a lookup applied
+    outside the model (isotonic) the calibration of the looked-up test probabilities."""
+    from featcache.posthoc import describe_calibration
+
+    record = report.get("post_hoc_calibration")
+    if not record:
+        return []
+    lines = ["## Post-hoc calibration (fitted on validation)", "", describe_calibration(record) + ".", ""]
+    if record["method"] == "temperature":
+        lines += ["The model's own output (and every test figure above) is the temperature-scaled probability.", ""]
+    calibrated = report.get("calibrated")
+    if calibrated:
+        metrics = calibrated["metrics"]
+        lines += [f"The model outputs the uncalibrated score (the figures above); the calibrated probability is the "
+                  f"{record['method']} lookup of it (`calibrated_probability` in report.json). On test: Brier score "
+                  f"{_ci(metrics['brier'])}, expected calibration error {_ci(metrics['ece'])} "
+                  "([reliability](calibration-calibrated.png)).", ""]
+    return lines
 
 
 def _prevalence_brier(report: dict) -> float:

@@ -17,6 +17,7 @@ from featcache.cache import find_cache, list_caches, read_manifest
 from featcache.config import TrainHeadConfig
 from featcache.errors import FeatcacheError, IncompleteCacheError
 from featcache.head import HeadModels, HeadParams, TrainViews, build_head, choose_threshold, fit_head, score_probs
+from featcache.posthoc import calibrate_head, describe_calibration
 from featcache.probe import Probe, fit_probe
 from featcache.runs import load_probe, open_study, run_dir_for, study_rows, write_head, write_probe, write_tables
 from featcache.views import HeadData, load_head_data, probe_rows, read_train_rows
@@ -46,11 +47,22 @@ class TrainHeadSummary:
     new_trials: int
     seconds: float
     probe: Probe  # the standardized logistic-regression floor on the same training views
+    calibration: dict | None = None  # head.json's post-hoc calibration record (--calibrate), None: not calibrated
 
 
 def train_heads(config: TrainHeadConfig) -> list[TrainHeadSummary]:
     """Search a head for each selected cache (``select_caches``), one after another; see ``train_head``."""
-    return [train_head(path, config) for path in select_caches(config)]
+    return [_train_tracked(path, config) for path in select_caches(config)]
+
+
+def _train_tracked(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
+    """``train_head`` inside an MLflow run of its own when ``config.mlflow`` is set (``featcache.tracking``)."""
+    from featcache.tracking import log_train_summary, tracked_run
+
+    with tracked_run(config.mlflow, f"train-head {Path(cache_path).stem}") as tracker:
+        summary = train_head(cache_path, config, tracker)
+        log_train_summary(tracker, summary)
+    return summary
 
 
 def select_caches(config: TrainHeadConfig) -> list[Path]:
@@ -119,12 +131,13 @@ def is_collapsed(probs: np.ndarray, roc_auc: float) -> bool:
     return bool(np.std(probs) < COLLAPSE_STD or roc_auc <= 0.5)
 
 
-def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
+def train_head(cache_path: Path, config: TrainHeadConfig, tracker=None) -> TrainHeadSummary:
     """Run the trials the study still lacks on one cache, then save the best head and the tables.
 
     Args:
         cache_path: a complete cache file; the run folder is ``<its folder>/runs/<its stem>/``.
         config: trials, seed, storage, threshold rule, epoch limits, progress.
+        tracker: a ``tracking.Tracker`` that logs each trial this process runs as a nested run; None: none.
 
     Returns:
         TrainHeadSummary of the study's finished trials and the saved head.
@@ -152,7 +165,7 @@ def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
                                                                    pooled=tf.convert_to_tensor(data.train.pooled))
     kept: dict = {}  # the best head trained in this process: {"row": ..., "head": (models, probs)}
     if todo:
-        _optimize(study, _objective(config, data, train, kept), todo, config, manifest["backbone"])
+        _optimize(study, _objective(config, data, train, kept, tracker), todo, config, manifest["backbone"])
     rows = study_rows(study)
     best = min((r for r in rows if not r["pruned"]), key=rank_trial, default=None)
     if best is None:
@@ -160,12 +173,15 @@ def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
                              f"Received: trials={config.trials}")
     models, probs = kept["head"] if kept.get("row", {}).get("number") == best["number"] else \
         _refit(best, data, train)
+    # after the choice, never part of it; temperature rescales the head's output layer in place
+    probs, calibration = calibrate_head(config.calibrate, models, probs, data.val_labels, data.val_pooled)
     threshold, method = choose_threshold(data.val_labels, probs, config.min_sensitivity)
     val_metrics = score_probs(data.val_labels, probs, threshold)
     probe_record = {"c": probe.c, **{f"val_{key}": value for key, value in probe.val_scores.items()}}
     latest = {"rows": rows}
     record = write_head(run_dir, models.maps, cache_path, manifest, best, threshold, method, val_metrics,
-                        study.study_name, probe=probe_record, keep=_better_saved(study, best, method, latest))
+                        study.study_name, probe=probe_record, calibration=calibration,
+                        keep=_better_saved(study, best, method, latest, config.calibrate))
     rows = latest["rows"]
     if record["trial_number"] != best["number"]:  # another worker saved a better trial of the study meanwhile
         best = next(row for row in rows if row["number"] == record["trial_number"])
@@ -175,10 +191,10 @@ def train_head(cache_path: Path, config: TrainHeadConfig) -> TrainHeadSummary:
         log.warning("%s: the chosen head's validation ROC-AUC %.4f is below the linear probe's %.4f",
                     manifest["backbone"], best["val_roc_auc"], probe.val_scores["roc_auc"])
     return TrainHeadSummary(manifest["backbone"], Path(cache_path), run_dir, rows, best, threshold, method,
-                            val_metrics, todo, time.perf_counter() - started, probe)
+                            val_metrics, todo, time.perf_counter() - started, probe, record.get("calibration"))
 
 
-def _better_saved(study, best: dict, method: str, latest: dict):
+def _better_saved(study, best: dict, method: str, latest: dict, calibrate: str = "none"):
     """``write_head``'s ``keep``: the saved head stays when it is a finished trial of this very study (same
     number, parameters and seed), chosen by the same threshold rule, that ranks above ``best``. Workers that
     share a run folder then leave the best head of the study there, whichever finishes last."""
@@ -188,7 +204,8 @@ def _better_saved(study, best: dict, method: str, latest: dict):
         row = next((r for r in latest["rows"] if r["number"] == saved.get("trial_number")), None)
         return (row is not None and not row["pruned"] and saved.get("study_name") == study.study_name
                 and saved.get("params") == row["params"] and saved.get("seed") == row["seed"]
-                and saved.get("threshold_method") == method and rank_trial(row) < rank_trial(best))
+                and saved.get("threshold_method") == method and rank_trial(row) < rank_trial(best)
+                and (saved.get("calibration") or {}).get("method", "none") == calibrate)
 
     return keep
 
@@ -207,7 +224,7 @@ def _probe(data: HeadData, run_dir: Path) -> Probe:
     return probe
 
 
-def _objective(config: TrainHeadConfig, data: HeadData, train: TrainViews, kept: dict):
+def _objective(config: TrainHeadConfig, data: HeadData, train: TrainViews, kept: dict, tracker=None):
     """Optuna's objective: fit one head, record its scores, keep it in ``kept`` if it ranks first."""
     import optuna
 
@@ -220,6 +237,9 @@ def _objective(config: TrainHeadConfig, data: HeadData, train: TrainViews, kept:
         trial.set_user_attr("collapsed", collapsed)
         trial.set_user_attr("fit", {"epochs": result.epochs, "best_epoch": result.best_epoch, "seconds": seconds,
                                     "seed": seed, "max_epochs": config.max_epochs, "patience": config.patience})
+        if tracker is not None:
+            tracker.log_trial(trial.number, dict(trial.params), result.history, result.scores,
+                              "pruned" if result.stopped else "complete")
         if result.stopped:
             raise optuna.TrialPruned()
         row = {"number": trial.number, "collapsed": collapsed, **_flat(result.scores)}
@@ -298,6 +318,8 @@ def format_summary(summary: TrainHeadSummary, top: int = 5) -> str:
                                                if summary.best["val_roc_auc"] < probe.val_scores["roc_auc"] else ""),
         f"  head {summary.run_dir / 'head.keras'}",
     ]
+    if summary.calibration:
+        lines.insert(-1, f"  calibration: {describe_calibration(summary.calibration)}")
     by_number = {r["number"]: r for r in summary.rows}
     if 0 in by_number and 1 in by_number and _raw_references_collapsed(by_number[0]["collapsed"],
                                                                          by_number[1]["collapsed"]):

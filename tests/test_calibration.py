@@ -81,3 +81,18 @@ def test_empty_bins_and_bad_input():
         calibration_with_intervals(np.array([0, 1]), np.array([0.1, 0.9]), n_bootstrap=0)
     with pytest.raises(FeatcacheError, match="labels must be 0 or 1"):
         calibration(np.array([0, 2]), np.array([0.1, 0.9]))
+
+
+def test_reliability_bins_and_ece_against_sklearn_calibration_curve():
+    from sklearn.calibration import calibration_curve
+
+    labels, probs = _random_set(seed=3, n=2000)
+    probs[:2] = [0.0, 1.0]  # no value on an inner edge: there sklearn puts it in the lower bin, this module in the upper
+    prob_true, prob_pred = calibration_curve(labels, probs, n_bins=10, strategy="uniform")
+    full = [b for b in reliability_bins(labels, probs) if b["count"]]
+    np.testing.assert_allclose([b["fraction_positive"] for b in full], prob_true, atol=1e-12)
+    np.testing.assert_allclose([b["mean_prob"] for b in full], prob_pred, atol=1e-12)
+    counts = np.array([b["count"] for b in full])
+    expected_ece = float(np.sum(counts / len(labels) * np.abs(prob_true - prob_pred)))
+    assert calibration(labels, probs)["ece"] == pytest.approx(expected_ece, abs=1e-12)
+    assert calibration(labels, probs)["brier"] == pytest.approx(brier_score_loss(labels, probs), abs=1e-12)

@@ -94,7 +94,7 @@ def test_calibration_of_the_test_probabilities_is_reported_and_drawn(run):
 
 
 def test_report_files_and_selection(run):
-    for name in ("report.json", "report.md", "roc.png", "confusion.png", "calibration.png", "trials.png"):
+    for name in ("report.json", "report.md", "roc.png", "pr.png", "confusion.png", "calibration.png", "trials.png"):
         assert (run["run_dir"] / name).stat().st_size > 0, name
     runs = run["cache_dir"] / "runs"
     selection = json.loads((runs / "selection.json").read_text())
@@ -314,6 +314,10 @@ def test_html_reports_are_self_contained_and_show_the_most_wrong_images(run):
     acc = report["at_threshold"]["metrics"]["accuracy"]
     assert f"{acc['value']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]" in text and "Random backbone weights" in text
     assert "Brier score" in text and "linear probe at 0.5" in text
+    alts = " | ".join(alt for _, alt in page.images)  # every plot the issue asks for, embedded
+    for plot in ("ROC curve", "precision-recall curves", "confusion matrices at the threshold and at 0.5",
+                 "reliability diagram", "validation ROC-AUC per trial"):
+        assert plot in alts, plot
     # the gallery: the most confident errors, found here from the report's own predictions
     threshold, predictions = report["at_threshold"]["threshold"], report["predictions"]
     rows = list(zip(predictions["path"], predictions["label"], predictions["probability"]))
@@ -325,4 +329,5 @@ def test_html_reports_are_self_contained_and_show_the_most_wrong_images(run):
     comparison.feed((run["cache_dir"] / "runs" / "report.html").read_text())
     assert "script" not in comparison.tags and all(s.startswith("data:image/png") for s, _ in comparison.images)
     assert comparison.links == [f"{run['cache'].stem}/report.html"]
+    assert [alt for _, alt in comparison.images] == ["test ROC, all backbones", "test precision-recall, all backbones"]
     assert (run["cache_dir"] / "runs" / comparison.links[0]).is_file()

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from featcache.plots import plot_confusions, plot_roc, plot_trials
+from featcache.plots import plot_confusions, plot_pr, plot_roc, plot_trials
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -15,10 +15,11 @@ def test_plots_write_png_files_and_nothing_else(tmp_path):
     rows.append({"number": 5, "val_roc_auc": None, "pruned": True})  # a trial pruned before its first report
     written = [
         plot_roc(curves, tmp_path / "roc.png"),
+        plot_pr(curves, tmp_path / "pr.png"),
         plot_confusions([("at t", [[3, 1], [2, 10]]), ("at 0.5", [[0, 4], [0, 12]])], ["NORMAL", "PNEUMONIA"],
                         tmp_path / "confusion.png"),
         plot_trials(rows, tmp_path / "trials.png"),
     ]
     for path in written:
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion.png", "roc.png", "trials.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion.png", "pr.png", "roc.png", "trials.png"]

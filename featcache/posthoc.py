@@ -1,0 +1,209 @@
+"""Post-hoc calibration of the chosen head on the validation images (``train-head --calibrate``): temperature
+scaling folded into the head's own output layer, or an isotonic lookup recorded beside it.
+
+It runs after the search has chosen the head and never feeds back into that choice. Only validation rows
+(originals, never a training view or a test image) are used.
+
+- ``temperature``: one scalar ``T > 0`` minimising the validation log-loss of ``sigmoid(logit / T)``. It is
+  folded into the head's last layer, ``Dense(1, sigmoid)`` with kernel and bias divided by ``T``: that layer
+  then computes exactly ``sigmoid((w.h + b) / T)``. Why this and not a ``Rescaling`` layer before an
+  ``Activation("sigmoid")``: the head keeps its architecture (same layers, names and config), so head.keras,
+  the reassembled model and the exported model.keras stay plain Keras that loads in safe mode, Grad-CAM's
+  ``head_logit`` and every other reader of the head work unchanged, and nothing new has to be serialised. The
+  price: ``T`` is not visible in the model itself; head.json, model.json and the model card record it.
+- ``isotonic``: a non-decreasing step map fitted with scikit-learn's ``IsotonicRegression``. No standard Keras
+  layer computes a fitted piecewise-linear lookup (a Discretization + embedding would need a custom
+  interpolation), so the model keeps returning the uncalibrated score; the table (``x``, ``y`` thresholds,
+  linear in between, clipped outside) is recorded in head.json and model.json, and ``evaluate`` and
+  ``predict`` report the looked-up value as the *calibrated probability*. The decision threshold stays on the
+  uncalibrated score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.calibration import calibration
+from featcache.config import CALIBRATE_METHODS
+from featcache.errors import FeatcacheError
+from featcache.head import VAL_BATCH_ROWS, binary_cross_entropy
+
+METHODS = CALIBRATE_METHODS
+# Search interval of log(1/T): T from e**-9 (sharpen 8,000x) to e**9 (flatten 8,000x).
+LOG_INVERSE_BOUNDS = (-9.0, 9.0)
+
+
+def head_logits(pooled_model, val_pooled) -> np.ndarray:
+    """(m,) float64 logits of a featcache head (pooled vectors -> ``Dense(1, sigmoid)``) on the validation rows.
+
+    The layers before the last run in inference mode (dropout off); the last layer's ``w.h + b`` is taken in
+    float64, so a saturated probability (1.0 in float32) keeps its finite logit.
+
+    Args:
+        pooled_model: the head on pooled vectors (``HeadModels.pooled``).
+        val_pooled: (m, c) float32, or an object whose ``batches()`` yields them (``views.ValRows``).
+
+    Raises:
+        FeatcacheError: the head does not end in a one-unit sigmoid Dense layer (a multi-class head).
+    """
+    import keras
+
+    last = pooled_model.layers[-1]
+    if not isinstance(last, keras.layers.Dense) or last.units != 1 or last.activation is not keras.activations.sigmoid:
+        raise FeatcacheError(f"--calibrate needs a binary head that ends in Dense(1, sigmoid). Received: last layer "
+                             f"{type(last).__name__}")
+    kernel = np.asarray(keras.ops.convert_to_numpy(last.kernel), np.float64)[:, 0]
+    bias = float(np.asarray(keras.ops.convert_to_numpy(last.bias), np.float64)[0])
+    logits = []
+    for batch in _batches(val_pooled):
+        x = keras.ops.convert_to_tensor(np.asarray(batch, np.float32))
+        for layer in pooled_model.layers[1:-1]:  # [0] is the InputLayer
+            x = layer(x, training=False)
+        logits.append(np.asarray(keras.ops.convert_to_numpy(x), np.float64) @ kernel + bias)
+    return np.concatenate(logits)
+
+
+def _batches(val_pooled):
+    if hasattr(val_pooled, "batches"):
+        yield from val_pooled.batches()
+    else:
+        for start in range(0, len(val_pooled), VAL_BATCH_ROWS):
+            yield val_pooled[start:start + VAL_BATCH_ROWS]
+
+
+def predict_pooled(pooled_model, val_pooled) -> np.ndarray:
+    """(m,) float32 probabilities of the head (inference mode) on the validation rows."""
+    import keras
+
+    return np.concatenate([np.asarray(keras.ops.convert_to_numpy(
+        pooled_model(keras.ops.convert_to_tensor(np.asarray(batch, np.float32)), training=False)), np.float32)[:, 0]
+        for batch in _batches(val_pooled)])
+
+
+def logit_log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy of ``sigmoid(logits)``, computed from the logits (no clipping, no overflow)."""
+    labels = np.asarray(labels, np.float64)
+    return float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
+
+
+def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
+    """The ``T > 0`` minimising the mean log-loss of ``sigmoid(logits / T)`` (Guo et al. 2017).
+
+    The loss is convex in ``1/T``, so a bounded scalar search over ``log(1/T)`` finds its minimum.
+
+    Raises:
+        FeatcacheError: the labels lack a class, or the logits rank the classes the wrong way round (the
+            minimum is at ``1/T <= 0``: no temperature helps).
+    """
+    from scipy.optimize import minimize_scalar
+
+    labels = np.asarray(labels, np.float64)
+    logits = np.asarray(logits, np.float64)
+    if len(np.unique(labels)) < 2:
+        raise FeatcacheError(f"Calibration needs both classes among the validation images. "
+                             f"Received: labels={np.unique(labels).astype(int).tolist()}")
+    if np.mean((0.5 - labels) * logits) >= 0:  # d loss / d(1/T) at 1/T = 0: no descent towards 1/T > 0
+        raise FeatcacheError("The head's validation scores rank the classes the wrong way round; temperature "
+                             "scaling cannot calibrate it. Use --calibrate none or isotonic. Received: calibrate="
+                             "'temperature'")
+    result = minimize_scalar(lambda u: logit_log_loss(labels, np.exp(u) * logits), bounds=LOG_INVERSE_BOUNDS,
+                             method="bounded", options={"xatol": 1e-10})
+    return float(np.exp(-result.x))
+
+
+def fit_isotonic(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """``{"x", "y"}``: the thresholds of a non-decreasing isotonic fit of the labels on the scores.
+
+    Applied by ``apply_isotonic`` (linear between thresholds, clipped outside), as scikit-learn's
+    ``IsotonicRegression(out_of_bounds="clip").predict`` does.
+    """
+    from sklearn.isotonic import IsotonicRegression
+
+    labels = np.asarray(labels, np.float64)
+    if len(np.unique(labels)) < 2:
+        raise FeatcacheError(f"Calibration needs both classes among the validation images. "
+                             f"Received: labels={np.unique(labels).astype(int).tolist()}")
+    model = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    model.fit(np.asarray(probs, np.float64), labels)
+    return {"x": model.X_thresholds_.tolist(), "y": model.y_thresholds_.tolist()}
+
+
+def apply_isotonic(table: dict, probs: np.ndarray) -> np.ndarray:
+    """(n,) calibrated probabilities: ``table`` (``fit_isotonic``) looked up at the scores ``probs``."""
+    return np.interp(np.asarray(probs, np.float64), np.asarray(table["x"], np.float64),
+                     np.asarray(table["y"], np.float64))
+
+
+def calibrated_probability(calibration_record: dict | None, probs: np.ndarray) -> np.ndarray | None:
+    """The calibrated probabilities of model scores when a lookup must be applied outside the model (isotonic);
+    None when the model's own output is the probability to report (none, temperature)."""
+    if not calibration_record or calibration_record.get("method") != "isotonic":
+        return None
+    return apply_isotonic(calibration_record["table"], probs)
+
+
+def _scores(labels: np.ndarray, probs: np.ndarray) -> dict:
+    point = calibration(labels, probs)
+    return {"log_loss": binary_cross_entropy(labels, probs), "brier": point["brier"], "ece": point["ece"]}
+
+
+def calibrate_head(method: str, models, probs: np.ndarray, labels: np.ndarray,
+                   val_pooled) -> tuple[np.ndarray, dict | None]:
+    """Fit ``method`` on the validation rows; for ``temperature``, fold ``T`` into ``models`` (in place).
+
+    Args:
+        method: one of ``METHODS``.
+        models: the chosen head (``head.HeadModels``); its ``maps`` and ``pooled`` models share the output layer.
+        probs: (m,) the head's validation probabilities, as the search scored them.
+        labels: (m,) 0/1 validation labels.
+        val_pooled: the validation rows (``HeadData.val_pooled``).
+
+    Returns:
+        (validation probabilities of the saved model, used for the threshold and the validation metrics;
+        the record for head.json: method, T or table, images, validation log-loss/Brier/ECE before and after),
+        or (``probs``, None) for ``none``.
+
+    Raises:
+        FeatcacheError: an unknown method, a multi-class head, or validation rows that cannot be calibrated.
+    """
+    import keras
+
+    if method not in METHODS:
+        raise FeatcacheError(f"--calibrate must be one of {', '.join(METHODS)}. Received: calibrate={method!r}")
+    if method == "none":
+        return probs, None
+    labels = np.asarray(labels).astype(np.int64)
+    if np.ndim(probs) != 1 or not np.isin(labels, (0, 1)).all():
+        raise FeatcacheError(f"--calibrate {method} calibrates binary heads (one probability per image, 0/1 labels). "
+                             f"Received: probs shape={np.shape(probs)}, labels={np.unique(labels).tolist()[:5]}")
+    record = {"method": method, "fitted_on": "validation", "images": int(len(labels)),
+              "validation_before": _scores(labels, probs)}
+    if method == "isotonic":
+        table = fit_isotonic(labels, probs)
+        record.update(table=table, applies_to="the model's score (model.keras and the SavedModel output the "
+                      "uncalibrated score; evaluate and predict report the calibrated probability)",
+                      validation_after=_scores(labels, apply_isotonic(table, probs)))
+        return probs, record
+    logits = head_logits(models.pooled, val_pooled)
+    temperature = fit_temperature(labels, logits)
+    output = models.pooled.layers[-1]
+    output.kernel.assign(keras.ops.convert_to_numpy(output.kernel) / np.float32(temperature))
+    output.bias.assign(keras.ops.convert_to_numpy(output.bias) / np.float32(temperature))
+    after = predict_pooled(models.pooled, val_pooled)  # the saved head's own probabilities: the threshold's scale
+    record.update(temperature=temperature, validation_log_loss_of_logits={
+        "before": logit_log_loss(labels, logits), "after": logit_log_loss(labels, logits / temperature)},
+        validation_after=_scores(labels, after))
+    return after, record
+
+
+def describe_calibration(record: dict | None) -> str:
+    """One line: the method, T or the table's size, and the validation log-loss and ECE before and after."""
+    if not record or record.get("method", "none") == "none":
+        return "none (the head's own probabilities)"
+    before, after = record["validation_before"], record["validation_after"]
+    what = (f"temperature T = {record['temperature']:.4g} (folded into the head's output layer)"
+            if record["method"] == "temperature" else
+            f"isotonic lookup of {len(record['table']['x'])} points (applied outside the model)")
+    return (f"{what}, fitted on {record['images']} validation images: log-loss {before['log_loss']:.4f} -> "
+            f"{after['log_loss']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f} (in-sample: on the images it was "
+            f"fitted on; the test figures are the independent check)")
