@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones import build_extractor, get_backbone_spec, hash_weights, load_cached_backbone
-from featcache.data import RESIZE
+from featcache.data import RESIZE, resize_settings
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.integrity import load_keras_checked
 
@@ -96,14 +96,14 @@ def assemble_model(cache_path: str | Path, record: dict, manifest: dict) -> EndT
 
 
 def check_decoding(cache_path: str | Path, manifest: dict) -> None:
-    """Refuse a cache whose images were decoded or resized otherwise than ``data.RESIZE`` says now: its
+    """Refuse a cache whose images were decoded or resized otherwise than ``data.resize_settings`` says now: its
     features are not what the end-to-end model computes (an older featcache decoded JPEG less accurately).
 
     Raises:
         CacheMismatchError: the manifest records another ``resize``.
     """
     recorded = manifest.get("resize")
-    if recorded is not None and recorded != RESIZE:
+    if recorded is not None and recorded not in (resize_settings("exact"), resize_settings("fast")):
         version = recorded.get("decode_version", 1)
         raise CacheMismatchError(
             f"{Path(cache_path).name} was extracted with decoding version {version}, this featcache decodes with "

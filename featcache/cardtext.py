@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.data import scaled_decode
 from featcache.patients import pattern_of_rule
 from featcache.reports import format_ci as _ci, format_value as _num
 
@@ -56,6 +57,7 @@ def extract_command(manifest: dict) -> str:
             f"--image-size {manifest['image_size']} --augment-copies {manifest['augment']['copies']} "
             f"--seed {manifest['seed']} --dtype {manifest['dtype']} --precision {manifest.get('precision', 'float32')}"
             + (f" --feature-layer {manifest['feature_layer']}" if manifest.get("feature_layer") else "")
+            + (" --decode fast" if scaled_decode(manifest.get("resize")) else "")
             + _label_options(manifest))
 
 

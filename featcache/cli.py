@@ -55,6 +55,7 @@ def extract(
     uncertain: Annotated[str, typer.Option("--uncertain", help="-1 and blank in 0/1 label columns: ignore (masked; a single column's row is left out), zero or one.")] = "ignore",
     patient_pattern: Annotated[Optional[str], typer.Option("--patient-pattern", help="Regular expression searched in each relative path; its first group is the patient id.")] = None,
     shard_rows: Annotated[Optional[int], typer.Option("--shard-rows", help="Rows per shard file (default: about 64 MiB of maps); any value gives the same cache.")] = None,
+    decode: Annotated[str, typer.Option("--decode", help="exact (the reference's pixels) or fast (large JPEGs decoded at 1/2-1/8 scale in the IDCT first; evaluate, export and predict follow the cache).")] = "exact",
 ) -> None:
     """Run the frozen backbones once over every image and K augmented copies; cache the maps in HDF5."""
     from featcache.config import ExtractConfig
@@ -67,7 +68,7 @@ def extract(
             cache_dir=cache_dir, dtype=dtype, compression=None if compression == "none" else compression,
             precision=precision, progress=progress, max_pixels=max_pixels, feature_layer=feature_layer, labels=labels,
             label_columns=tuple(c.strip() for c in label_columns.split(",") if c.strip()) if label_columns else None,
-            uncertain=uncertain, patient_pattern=patient_pattern, shard_rows=shard_rows,
+            uncertain=uncertain, patient_pattern=patient_pattern, shard_rows=shard_rows, decode=decode,
         )
         summaries = extract_features(config)
     except FeatcacheError as error:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from featcache.applications import registry_key
 from featcache.augment import AugmentSpec
-from featcache.data import MAX_PIXELS
+from featcache.data import DECODES, MAX_PIXELS
 from featcache.errors import FeatcacheError
 from featcache.labels import UNCERTAIN_POLICIES
 from featcache.patients import check_patient_pattern
@@ -54,6 +54,8 @@ class ExtractConfig:
         patient_pattern: a regular expression searched in each relative path; its first group is the patient.
         shard_rows: rows per shard file, or None for about 64 MiB of maps (``shards.default_shard_rows``);
             not a feature setting: any value gives the same cache.
+        decode: ``exact`` (the reference's pixels) or ``fast`` (JPEGs decoded at a reduced DCT scale first,
+            ``data.FAST_DECODE``); recorded in the manifest, so evaluate, export and predict decode the same way.
     """
 
     data_dir: Path
@@ -76,8 +78,11 @@ class ExtractConfig:
     uncertain: str = "ignore"
     patient_pattern: str | None = None
     shard_rows: int | None = None
+    decode: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.decode not in DECODES:
+            raise FeatcacheError(f"--decode must be one of {DECODES}. Received: decode={self.decode!r}")
         if self.uncertain not in UNCERTAIN_POLICIES:
             raise FeatcacheError(f"--uncertain must be one of {UNCERTAIN_POLICIES}. Received: uncertain={self.uncertain!r}")
         if self.label_columns is not None and self.labels is None:

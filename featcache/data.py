@@ -54,6 +54,28 @@ RESIZE = {
     "output": "uint8, rounded",
 }
 
+# --decode fast: JPEGs are decoded at a reduced scale inside libjpeg's inverse DCT (tf.io.decode_jpeg's
+# ``ratio``: 1/2, 1/4 or 1/8), the largest that keeps the shorter side at least JPEG_SCALE_MARGIN times the
+# target size, then resized as above. A full-resolution X-ray (1,000-2,500 px) to 224 px decodes at 1/2 or 1/4,
+# several times faster; pixels move by about one level (measured in BENCHMARKS.md). Not the default: the exact
+# decode is pixel for pixel the reference's (Pillow). Recorded in the manifest, hence in the fingerprint.
+JPEG_SCALE_MARGIN = 2
+JPEG_RATIOS = (1, 2, 4, 8)
+DECODES = ("exact", "fast")
+FAST_DECODE = {"jpeg_scaling": f"tf.io.decode_jpeg(ratio=r), r the largest of {JPEG_RATIOS} with "
+                               f"min(height, width) / r >= {JPEG_SCALE_MARGIN} x image size"}
+
+
+def resize_settings(decode: str = "exact") -> dict:
+    """What ``decode_and_resize`` does with ``--decode``, as recorded in a cache manifest (``resize``)."""
+    return dict(RESIZE) if decode == "exact" else {**RESIZE, **FAST_DECODE}
+
+
+def scaled_decode(resize: dict | None) -> bool:
+    """Whether a cache (its manifest's ``resize``) or a model card was made with ``--decode fast``."""
+    return bool(resize and "jpeg_scaling" in resize)
+
+
 # Largest image decoded, in pixels (width x height), read from the file header before decoding. Pillow's
 # MAX_IMAGE_PIXELS: 1 GiB / (3 channels x 4 bytes), so the float32 RGB image the resize works on stays
 # under 1 GiB; a 23,000 x 23,000 PNG of 560 KB (a decompression bomb) is 6 times that.
@@ -317,19 +339,21 @@ def hash_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def decode_and_resize(encoded, image_size: int, max_pixels: int = MAX_PIXELS):
+def decode_and_resize(encoded, image_size: int, max_pixels: int = MAX_PIXELS, scaled: bool = False):
     """Encoded JPEG/PNG bytes (a scalar tf.string) -> (s, s, 3) uint8 RGB.
 
     JPEG is decoded with libjpeg's accurate integer IDCT (equal to Pillow's pixels); gray is repeated to
     three channels, alpha is dropped, palette is expanded, CMYK is converted and 16-bit keeps its high
     byte; then a bilinear, antialiased resize to a square. The exported model's serving signature calls
-    this same function, so it is graph-only TensorFlow.
+    this same function, so it is graph-only TensorFlow. With ``scaled`` (``--decode fast``) a JPEG is decoded at
+    a reduced DCT scale first (``FAST_DECODE``).
 
     Raises (when run):
         tf.errors.InvalidArgumentError: not a JPEG or PNG, a broken file, or more than ``max_pixels``
             pixels by its header (checked before decoding).
     """
-    return resize_square(decode_rgb(encoded, max_pixels), image_size)
+    min_side = JPEG_SCALE_MARGIN * image_size if scaled else None
+    return resize_square(decode_rgb(encoded, max_pixels, min_side), image_size)
 
 
 def resize_square(image, image_size: int):
@@ -340,11 +364,12 @@ def resize_square(image, image_size: int):
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def decode_rgb(encoded, max_pixels: int = MAX_PIXELS):
+def decode_rgb(encoded, max_pixels: int = MAX_PIXELS, min_side: int | None = None):
     """Encoded JPEG/PNG bytes (a scalar tf.string) -> (h, w, 3) uint8 RGB at the file's own size.
 
     The pixel count is read from the header and checked against ``max_pixels`` before anything is
-    decoded, so a decompression bomb costs a few bytes of reading, not gigabytes.
+    decoded, so a decompression bomb costs a few bytes of reading, not gigabytes. With ``min_side`` a JPEG
+    is decoded at the smallest DCT scale (``JPEG_RATIOS``) whose shorter side is still ``min_side`` or more.
     """
     import tensorflow as tf
 
@@ -355,9 +380,24 @@ def decode_rgb(encoded, max_pixels: int = MAX_PIXELS):
     with tf.control_dependencies([fits]):
         return tf.cond(
             tf.io.is_jpeg(encoded),
-            lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+            lambda: _decode_jpeg(encoded, tf.minimum(height, width), min_side),
             lambda: tf.io.decode_png(encoded, channels=3, dtype=tf.uint8),
         )
+
+
+def _decode_jpeg(encoded, shorter, min_side: int | None):
+    """libjpeg's accurate IDCT, at full size or (``min_side``) at the largest ratio that keeps ``shorter``/ratio
+    at least ``min_side``: ``ratio`` is a static attribute, so one branch per ratio."""
+    import tensorflow as tf
+
+    def at(ratio):
+        return lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE", ratio=ratio)
+
+    if min_side is None:
+        return at(1)()
+    fits = tf.stack([shorter // ratio >= min_side for ratio in JPEG_RATIOS])
+    index = tf.reduce_max(tf.where(fits, tf.range(len(JPEG_RATIOS)), 0))
+    return tf.switch_case(tf.cast(index, tf.int32), [at(ratio) for ratio in JPEG_RATIOS])
 
 
 def encoded_image_size(encoded):
@@ -390,7 +430,7 @@ def encoded_image_size(encoded):
         return tf.cond(is_jpeg, jpeg_size, png_size)
 
 
-def load_image(path: str | Path, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(path: str | Path, image_size: int, max_pixels: int = MAX_PIXELS, scaled: bool = False) -> np.ndarray:
     """Read and decode one image file to (s, s, 3) uint8.
 
     Raises:
@@ -401,10 +441,11 @@ def load_image(path: str | Path, image_size: int, max_pixels: int = MAX_PIXELS) 
         encoded = Path(path).read_bytes()
     except OSError as exc:
         raise DataError(f"Cannot read {path}: {exc.strerror}") from exc
-    return decode_bytes(encoded, image_size, name=str(path), max_pixels=max_pixels)
+    return decode_bytes(encoded, image_size, name=str(path), max_pixels=max_pixels, scaled=scaled)
 
 
-def decode_bytes(encoded: bytes, image_size: int, name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_bytes(encoded: bytes, image_size: int, name: str = "image", max_pixels: int = MAX_PIXELS,
+                 scaled: bool = False) -> np.ndarray:
     """Decode encoded JPEG/PNG bytes to (s, s, 3) uint8 with ``decode_and_resize``; DICOM bytes (the
     preamble, or a ``.dcm`` name) through ``dicom.dicom_to_gray`` and the same ``resize_square``.
 
@@ -426,7 +467,7 @@ def decode_bytes(encoded: bytes, image_size: int, name: str = "image", max_pixel
             raise ImageTooLargeError(
                 f"{name} is {width} x {height} = {height * width:,} pixels, over the limit of {max_pixels:,} "
                 f"(raise it with --max-pixels)", pixels=height * width)
-        return _compiled_decoder(image_size, max_pixels)(tensor).numpy()
+        return _compiled_decoder(image_size, max_pixels, scaled)(tensor).numpy()
     except tf.errors.InvalidArgumentError as exc:
         raise DataError(f"{name} is not a readable image: {_decoder_message(exc.message)}") from None
 
@@ -463,11 +504,11 @@ def _compiled_resize(image_size: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_decoder(image_size: int, max_pixels: int = MAX_PIXELS):
+def _compiled_decoder(image_size: int, max_pixels: int = MAX_PIXELS, scaled: bool = False):
     """``decode_and_resize`` as a tf.function: a third of the eager per-image cost."""
     import tensorflow as tf
 
     def decode(encoded):
-        return decode_and_resize(encoded, image_size, max_pixels)
+        return decode_and_resize(encoded, image_size, max_pixels, scaled)
 
     return tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)

@@ -24,6 +24,7 @@ from featcache import __version__
 from featcache.assemble import EndToEnd, assemble_model, check_parity, predict_padded
 from featcache.cache import find_cache, list_caches
 from featcache.config import EvaluateConfig
+from featcache.data import scaled_decode
 from featcache.errors import FeatcacheError
 from featcache.integrity import check_plain_name, load_json
 from featcache.calibration import calibration_with_intervals
@@ -108,7 +109,8 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
     test = read_test_rows(cache_path, data_dir)
     assembled = assemble_model(cache_path, record, manifest)
     probe = load_probe(Path(record["run_dir"]), manifest["fingerprint"])
-    scores = score_test_images(test, TestImages(test, data_dir, manifest["image_size"], config.max_pixels),
+    scores = score_test_images(test, TestImages(test, data_dir, manifest["image_size"], config.max_pixels,
+                                                 scaled_decode(manifest.get("resize"))),
                                assembled, probe, config)
     parity = check_parity(scores.probs, scores.cached, manifest["dtype"], scores.paths,
                           manifest.get("precision", "float32"))

@@ -138,7 +138,7 @@ def explain_maps(assembled, data_dir: Path, paths: list[str], labels: np.ndarray
                  maps: np.ndarray) -> tuple[list[Explanation], list[dict]]:
     """Heatmaps of cached maps with the raw images (from ``data_dir``) for the overlays; an unreadable raw file
     keeps its heatmap and is listed (no overlay)."""
-    from featcache.data import load_image
+    from featcache.data import load_image, scaled_decode
 
     manifest, record = assembled.manifest, assembled.record
     heatmaps, probs = gradcam(assembled.head, maps)
@@ -146,7 +146,7 @@ def explain_maps(assembled, data_dir: Path, paths: list[str], labels: np.ndarray
     explanations, skipped = [], []
     for path, label, heatmap, prob in zip(paths, labels, heatmaps, probs):
         try:
-            image = load_image(Path(data_dir) / path, manifest["image_size"])
+            image = load_image(Path(data_dir) / path, manifest["image_size"], scaled=scaled_decode(manifest.get("resize")))
         except DataError as exc:  # the heatmap stands; only the overlay is lost
             skipped.append({"path": path, "error": f"no overlay: {exc}"})
             image = None
@@ -187,7 +187,7 @@ def explain_files(inputs: list[Path], model_dir: Path, max_file_mb: float = 64.0
         FeatcacheError, DamagedFileError: ``model_dir`` is not an untouched export.
         DataError: no input could be read.
     """
-    from featcache.data import decode_bytes
+    from featcache.data import decode_bytes, scaled_decode
     from featcache.integrity import load_keras_checked
     from featcache.modelcard import CARD_FILE, KERAS_FILE, read_card
     from featcache.predict import FIX, find_inputs, read_regular_file
@@ -199,7 +199,7 @@ def explain_files(inputs: list[Path], model_dir: Path, max_file_mb: float = 64.0
     for file in files:
         try:
             images.append(decode_bytes(read_regular_file(file, int(max_file_mb * 2**20)), card["image_size"],
-                                       name=str(file)))
+                                       name=str(file), scaled=scaled_decode(card["preprocessing"].get("decode_and_resize"))))
             kept.append(file)
         except DataError as exc:
             skipped.append({"path": str(file), "error": str(exc)})

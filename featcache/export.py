@@ -19,7 +19,7 @@ from featcache import __version__
 from featcache.assemble import EndToEnd, assemble_model, predict_images
 from featcache.cache import find_cache
 from featcache.cardtext import data_summary, extract_command, render_model_card
-from featcache.data import MAX_PIXELS, decode_and_resize, decode_bytes, hash_file
+from featcache.data import MAX_PIXELS, decode_and_resize, decode_bytes, hash_file, scaled_decode
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.evaluate import REPORT_FILE, read_report, read_selection
 from featcache.config import ExportConfig
@@ -69,7 +69,7 @@ def export_model(config: ExportConfig) -> ExportSummary:
     try:
         assembled.model.save(tmp / KERAS_FILE)
         write_saved_model(assembled.model, tmp / SAVED_MODEL_DIR, manifest["image_size"], float(record["threshold"]),
-                          manifest["class_names"])
+                          manifest["class_names"], scaled=scaled_decode(manifest.get("resize")))
         verification = verify_export(tmp, assembled, _verification_images(report, manifest["image_size"]))
         card = model_card(assembled, cache_path, report, verification, hash_file(tmp / KERAS_FILE))
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
@@ -131,12 +131,14 @@ def _read_report(run_dir: Path, record: dict) -> dict:
     return report
 
 
-def write_saved_model(model, path: Path, image_size: int, threshold: float, class_names: list[str]) -> None:
+def write_saved_model(model, path: Path, image_size: int, threshold: float, class_names: list[str],
+                      scaled: bool = False) -> None:
     """A SavedModel whose ``serving_default`` takes a batch of encoded JPEG/PNG bytes (any size, gray or
     colour) as ``image_bytes`` (shape (None,), tf.string) and returns ``probability`` (None,) float32 of
     ``class_names[1]`` and ``label`` (None,) tf.string at ``threshold``.
 
-    Decoding and resizing are ``data.decode_and_resize``, the very function extraction used.
+    Decoding and resizing are ``data.decode_and_resize``, the very function extraction used (``scaled``: the
+    cache was extracted with ``--decode fast``).
     """
     import keras
     import tensorflow as tf
@@ -146,7 +148,7 @@ def write_saved_model(model, path: Path, image_size: int, threshold: float, clas
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve(image_bytes):
-        images = tf.map_fn(lambda encoded: decode_and_resize(encoded, image_size, MAX_PIXELS), image_bytes,
+        images = tf.map_fn(lambda encoded: decode_and_resize(encoded, image_size, MAX_PIXELS, scaled), image_bytes,
                            fn_output_signature=image_spec)
         probability = model(images, training=False)[:, 0]
         return {"probability": probability, "label": tf.gather(names, tf.cast(probability >= threshold, tf.int32))}
@@ -200,7 +202,8 @@ def verify_export(folder: Path, assembled: EndToEnd, encoded: list[tuple[str, by
     import tensorflow as tf
 
     size = assembled.manifest["image_size"]
-    images = np.stack([decode_bytes(data, size, name=name) for name, data in encoded])
+    scaled = scaled_decode(assembled.manifest.get("resize"))
+    images = np.stack([decode_bytes(data, size, name=name, scaled=scaled) for name, data in encoded])
     expected = predict_images(assembled.model, images)
     reloaded = predict_images(keras.saving.load_model(folder / KERAS_FILE, safe_mode=True), images)
     serving = tf.saved_model.load(str(folder / SAVED_MODEL_DIR)).signatures[SIGNATURE]

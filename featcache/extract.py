@@ -33,7 +33,7 @@ from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, ShardPac
 from featcache.shards import ShardStore, default_shard_rows
 from featcache.config import ExtractConfig
 from featcache.data import (
-    PATIENT_PATTERN, RESIZE, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image,
+    PATIENT_PATTERN, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image, resize_settings,
     read_split_registry, write_split_registry,
 )
 from featcache.dicom import DICOM_CONVERSION
@@ -277,7 +277,7 @@ def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precisio
         "weights_sha256": weights_sha256,
         "image_size": config.image_size,
         "preprocessing": describe_preprocessing(spec),
-        "resize": RESIZE,
+        "resize": resize_settings(config.decode),
         "augment": config.augment.describe(),
         "seed": config.seed,
         "split": {"method": "patients in sha256(seed, id) order, greedy per class to val_fraction; "
@@ -321,7 +321,7 @@ def _prepare_batch(root: Path, rows: list, config: ExtractConfig, pool: cf.Execu
     def load(group):
         f = group[0][0]
         try:
-            image = load_image(root / f.record.path, config.image_size, config.max_pixels)
+            image = load_image(root / f.record.path, config.image_size, config.max_pixels, config.decode == "fast")
         except DataError as exc:
             return f, None, exc
         copies = [k for _, k in group if k > 0]

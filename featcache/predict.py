@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from featcache.assemble import predict_padded
 from featcache.config import check_max_pixels
-from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, decode_bytes
+from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, decode_bytes, scaled_decode
 from featcache.errors import DataError
 from featcache.integrity import load_keras_checked
 from featcache.modelcard import CARD_FILE, KERAS_FILE, read_card
@@ -124,7 +124,8 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
     predictions: list[dict] = []
     with tqdm(total=len(files), unit="img", desc="predict", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(files), width):
-            kept, images = _read_batch(files[start:start + width], card["image_size"], max_pixels, max_file_mb, skipped)
+            kept, images = _read_batch(files[start:start + width], card["image_size"], max_pixels, max_file_mb, skipped,
+                                       scaled_decode(card["preprocessing"].get("decode_and_resize")))
             if images:
                 for file, prob in zip(kept, predict_padded(model, np.stack(images), width)):
                     predictions.append({"path": str(file), "label": names[int(prob >= threshold)],
@@ -144,13 +145,13 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
 
 
 def _read_batch(files: list[Path], size: int, max_pixels: int, max_file_mb: float,
-                skipped: list[dict]) -> tuple[list[Path], list[np.ndarray]]:
+                skipped: list[dict], scaled: bool = False) -> tuple[list[Path], list[np.ndarray]]:
     """Read and decode these files; (files decoded, their (s, s, 3) images); the others go to ``skipped``."""
     kept, images = [], []
     for file in files:
         try:
             images.append(decode_bytes(read_regular_file(file, int(max_file_mb * 2**20)), size, name=str(file),
-                                       max_pixels=max_pixels))
+                                       max_pixels=max_pixels, scaled=scaled))
             kept.append(file)
         except DataError as exc:
             skipped.append({"path": str(file), "error": str(exc)})

@@ -108,6 +108,7 @@ class TestImages:
     data_dir: Path
     image_size: int
     max_pixels: int = MAX_PIXELS
+    scaled: bool = False  # --decode fast: as the cache was extracted
     skipped: list[dict] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
 
@@ -164,7 +165,8 @@ class TestImages:
             if self.changed:  # an error at the end: only count the others
                 continue
             try:
-                images.append(decode_bytes(encoded, self.image_size, name=path, max_pixels=self.max_pixels))
+                images.append(decode_bytes(encoded, self.image_size, name=path, max_pixels=self.max_pixels,
+                                           scaled=self.scaled))
                 kept.append(i)
             except DataError as exc:
                 self.skipped.append({"path": path, "error": str(exc)})

@@ -260,11 +260,12 @@ def _agreement(model, serving: dict, card: dict, folder: Path) -> str:
     import tensorflow as tf
 
     from featcache.assemble import predict_images
-    from featcache.data import decode_bytes
+    from featcache.data import decode_bytes, scaled_decode
     from featcache.export import synthetic_images
 
     encoded = synthetic_images(card["image_size"])
-    images = np.stack([decode_bytes(data, card["image_size"], name=name) for name, data in encoded])
+    scaled = scaled_decode(card["preprocessing"].get("decode_and_resize"))
+    images = np.stack([decode_bytes(data, card["image_size"], name=name, scaled=scaled) for name, data in encoded])
     expected = predict_images(model, images)
     out = serving[SIGNATURE](image_bytes=tf.constant([data for _, data in encoded]))
     served, labels = out["probability"].numpy(), [b.decode() for b in out["label"].numpy()]

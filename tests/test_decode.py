@@ -109,28 +109,32 @@ def test_other_formats_are_a_clear_error(fmt):
 
 
 def test_the_decode_version_is_hashed_into_the_fingerprint(extract_config, small_xrays, monkeypatch):
-    """The real fingerprint builder: a cache of the old decode gets another fingerprint, so another file."""
-    from featcache import extract
+    """The real fingerprint builder: a cache of the old decode (or of --decode fast) gets another fingerprint, so
+    another file."""
+    from dataclasses import replace
+
+    from featcache import data, extract
     from featcache.backbones import get_backbone_spec
     from featcache.cache import compute_fingerprint
 
     config, spec = extract_config(small_xrays), get_backbone_spec("tiny")
     new = compute_fingerprint(extract._feature_settings(config, spec, "0" * 64, "float32"))
-    monkeypatch.setattr(extract, "RESIZE", OLD_RESIZE)
+    fast = compute_fingerprint(extract._feature_settings(replace(config, decode="fast"), spec, "0" * 64, "float32"))
+    monkeypatch.setattr(data, "RESIZE", OLD_RESIZE)
     old = compute_fingerprint(extract._feature_settings(config, spec, "0" * 64, "float32"))
-    monkeypatch.setattr(extract, "RESIZE", {**RESIZE, "decode_version": RESIZE["decode_version"] + 1})
+    monkeypatch.setattr(data, "RESIZE", {**RESIZE, "decode_version": RESIZE["decode_version"] + 1})
     bumped = compute_fingerprint(extract._feature_settings(config, spec, "0" * 64, "float32"))
-    assert len({new, old, bumped}) == 3
+    assert len({new, fast, old, bumped}) == 4
 
 
 def test_an_old_decode_cache_is_not_reused_and_not_assembled(extract_config, small_xrays, monkeypatch):
-    from featcache import extract
+    from featcache import data, extract
     from featcache.assemble import check_decoding
     from featcache.cache import read_manifest
     from featcache.errors import CacheMismatchError
 
     with monkeypatch.context() as patch:
-        patch.setattr(extract, "RESIZE", OLD_RESIZE)
+        patch.setattr(data, "RESIZE", OLD_RESIZE)
         (old,) = extract.extract_features(extract_config(small_xrays, augment_copies=0))
     (new,) = extract.extract_features(extract_config(small_xrays, augment_copies=0))
     assert new.cache_path != old.cache_path and old.cache_path.is_file()
@@ -278,3 +282,65 @@ def test_predict_skips_a_bomb_and_the_saved_model_refuses_it(run, tmp_path):
     serve = tf.saved_model.load(str(run["model"] / "model.export")).signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="over the limit of 89478485 pixels"):
         serve(image_bytes=tf.constant([good.read_bytes(), png_bomb()]))
+
+
+# --- --decode fast: JPEGs decoded at a reduced DCT scale first ------------------------------------------------
+
+
+def _big_jpeg(dev_data, size: tuple[int, int], index: int = 0) -> bytes:
+    source = sorted((dev_data / "train" / "NORMAL").glob("*.jpeg"))[index]
+    return encode(Image.open(source).convert("L").resize(size, Image.BICUBIC), "JPEG", quality=92)
+
+
+def test_fast_decode_picks_the_largest_dct_scale_that_keeps_twice_the_target(dev_data):
+    from featcache.data import resize_square
+
+    encoded = _big_jpeg(dev_data, (1200, 1000))  # shorter side 1000: at 64 px 1/4 keeps 250 >= 128, 1/8 (125) does not
+    direct = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE", ratio=4)
+    expected = resize_square(direct, 64).numpy()
+    fast, exact = decode_bytes(encoded, 64, scaled=True), decode_bytes(encoded, 64)
+    np.testing.assert_array_equal(fast, expected)
+    assert not np.array_equal(fast, exact) and np.abs(fast.astype(int) - exact).max() <= 8  # a few levels
+    assert np.abs(fast.astype(float) - exact).mean() < 0.5
+    small = _big_jpeg(dev_data, (120, 100))  # below twice the target: decoded whole, the exact pixels
+    np.testing.assert_array_equal(decode_bytes(small, 64, scaled=True), decode_bytes(small, 64))
+    png = encode(Image.open(io.BytesIO(encoded)), "PNG")  # PNG has no DCT: always whole
+    np.testing.assert_array_equal(decode_bytes(png, 64, scaled=True), decode_bytes(png, 64))
+
+
+def test_fast_decode_runs_end_to_end_with_parity_and_its_own_fingerprint(dev_data, tmp_path):
+    from tests.pipeline import FAST, run_cli
+
+    data = tmp_path / "big"
+    for split, cls, n in (("train", "NORMAL", 6), ("train", "PNEUMONIA", 10), ("test", "NORMAL", 3),
+                          ("test", "PNEUMONIA", 3)):
+        (data / split / cls).mkdir(parents=True)
+        for i, source in enumerate(sorted((dev_data / split / cls).glob("*.jpeg"))[:n]):
+            image = Image.open(source).convert("L").resize((700, 600), Image.BICUBIC)
+            (data / split / cls / source.name).write_bytes(encode(image, "JPEG", quality=92))
+    caches = {}
+    for decode in ("exact", "fast"):
+        result = run_cli("extract", "--data", data, "--cache-dir", tmp_path / decode, "--decode", decode, *FAST)
+        assert result.exit_code == 0, result.output
+        caches[decode] = next(p for p in (tmp_path / decode).glob("tiny-*.h5") if not p.name.endswith(".weights.h5"))
+    assert caches["exact"].name != caches["fast"].name  # the decode is part of the fingerprint
+    cache_dir = tmp_path / "fast"
+    assert run_cli("train-head", "--cache-dir", cache_dir, "--trials", "1", "--no-progress").exit_code == 0
+    result = run_cli("evaluate", "--cache-dir", cache_dir, "--data", data, "--bootstrap", "50", "--no-progress")
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads((cache_dir / "runs" / caches["fast"].stem / "report.json").read_text())
+    assert report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]  # evaluate decoded as extract did
+    result = run_cli("export", "--cache-dir", cache_dir, "--out", tmp_path / "model")
+    assert result.exit_code == 0, result.output  # its own check: model.keras and the SavedModel agree on files
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert "jpeg_scaling" in card["preprocessing"]["decode_and_resize"]
+    assert "--decode fast" in (tmp_path / "model" / "MODEL_CARD.md").read_text()
+    one = data / "test" / "PNEUMONIA" / sorted(p.name for p in (data / "test" / "PNEUMONIA").iterdir())[0]
+    result = run_cli("predict", "--no-progress", "--model", tmp_path / "model", str(one), "--json")
+    assert result.exit_code == 0, result.output
+    predicted = json.loads(result.stdout)["predictions"][0]["probability"]
+    saved = tf.saved_model.load(str(tmp_path / "model" / "model.export")).signatures["serving_default"]
+    served = float(saved(image_bytes=tf.constant([one.read_bytes()]))["probability"].numpy()[0])
+    assert predicted == pytest.approx(served, abs=1e-5)  # predict's host decode = the SavedModel's in-graph one
