@@ -90,3 +90,71 @@ def test_binary_head_is_unchanged():
     params = HeadParams(units=8)
     models = build_head((2, 2, 4), params, classes=2)
     assert models.maps.output_shape == (None, 1) and models.maps.layers[-1].activation.__name__ == "sigmoid"
+
+
+def three_class_tree(dev_data, target, train: int = 16, test: int = 6):
+    """NORMAL, BACTERIA, VIRUS class folders from the dev X-rays (Kermany's pneumonia file names say which)."""
+    import shutil
+
+    pneumonia = {"BACTERIA": "_bacteria_", "VIRUS": "_virus_"}
+    for split, count in (("train", train), ("test", test)):
+        sources = {"NORMAL": sorted((dev_data / split / "NORMAL").iterdir())[:count]}
+        for name, marker in pneumonia.items():
+            sources[name] = [f for f in sorted((dev_data / split / "PNEUMONIA").iterdir()) if marker in f.name][:count]
+        for name, files in sources.items():
+            (target / split / name).mkdir(parents=True)
+            for file in files:
+                shutil.copyfile(file, target / split / name / file.name)
+    return target
+
+
+def test_three_class_folders_end_to_end(tmp_path, dev_data):
+    """extract -> train-head -> evaluate -> export -> predict on three class folders, each carrying 3 classes."""
+    import json
+
+    import keras
+
+    from tests.pipeline import FAST, run_cli
+
+    data, cache_dir, model = three_class_tree(dev_data, tmp_path / "xrays"), tmp_path / "cache", tmp_path / "model"
+    names = ["BACTERIA", "NORMAL", "VIRUS"]
+    for args in (["extract", "--data", data, "--cache-dir", cache_dir, *FAST],
+                 ["train-head", "--cache-dir", cache_dir, "--trials", "2", "--no-progress"],
+                 ["evaluate", "--no-progress", "--cache-dir", cache_dir, "--bootstrap", "50"],
+                 ["export", "--cache-dir", cache_dir, "--out", model]):
+        result = run_cli(*args)
+        assert result.exit_code == 0, f"{args[0]}: {result.output} {result.exception!r}"
+    run_dir = next((cache_dir / "runs").glob("tiny-*"))
+    record = json.loads((run_dir / "head.json").read_text())
+    assert record["class_names"] == names and record["threshold_method"] == "argmax"
+    head = keras.saving.load_model(run_dir / "head.keras", safe_mode=True)
+    assert head.output_shape == (None, 3)
+    probe = json.loads((run_dir / "probe.json").read_text())
+    assert "multinomial" in probe["kind"] and np.shape(probe["coef"])[0] == 3
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["task"] == "multiclass" and report["class_names"] == names
+    assert set(report["at_threshold"]["per_class"]) == set(names)
+    matrix = np.array(report["at_threshold"]["confusion"]["matrix"])
+    assert matrix.shape == (3, 3) and matrix.sum() == report["test"]["images"] == 18
+    probs = np.array(report["predictions"]["probability"])
+    assert probs.shape == (18, 3)
+    accuracy = np.mean(probs.argmax(1) == np.array(report["predictions"]["label"]))
+    assert report["at_threshold"]["metrics"]["accuracy"]["value"] == pytest.approx(accuracy)
+    assert report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
+    assert (run_dir / "confusion.png").is_file() and "VIRUS" in (run_dir / "report.md").read_text()
+
+    card = json.loads((model / "model.json").read_text())
+    assert card["class_names"] == names and card["task"] == "multiclass" and set(card["test_per_class"]) == set(names)
+    exported = keras.saving.load_model(model / "model.keras", safe_mode=True)
+    assert exported.output_shape == (None, 3)
+    assert all(name in (model / "MODEL_CARD.md").read_text() for name in names)
+    assert card["verification"]["max_abs_diff_saved_model"] <= card["verification"]["tolerance"]
+
+    result = run_cli("predict", "--no-progress", "--model", model, "--json", data / "test" / "VIRUS")
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.stdout)["predictions"]
+    assert len(predictions) == 6
+    for p in predictions:
+        assert set(p["probabilities"]) == set(names) and sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
