@@ -151,6 +151,9 @@ def test_three_class_folders_end_to_end(tmp_path, dev_data):
     assert all(name in (model / "MODEL_CARD.md").read_text() for name in names)
     assert card["verification"]["max_abs_diff_saved_model"] <= card["verification"]["tolerance"]
 
+    result = run_cli("verify", model)
+    assert result.exit_code == 0 and "output (None, 3)" in result.output, result.output
+
     result = run_cli("predict", "--no-progress", "--model", model, "--json", data / "test" / "VIRUS")
     assert result.exit_code == 0, result.output
     predictions = json.loads(result.stdout)["predictions"]
@@ -158,3 +161,27 @@ def test_three_class_folders_end_to_end(tmp_path, dev_data):
     for p in predictions:
         assert set(p["probabilities"]) == set(names) and sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-5)
         assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
+
+
+def test_label_file_with_three_class_names(tmp_path, dev_data):
+    """A single label column of three class names: extract takes it and train-head fits a 3-way softmax head."""
+    import json
+
+    import keras
+
+    from tests.pipeline import FAST, run_cli
+
+    data = three_class_tree(dev_data, tmp_path / "xrays", train=10, test=3)
+    rows = ["path,finding,split"] + [f"{p.relative_to(data).as_posix()},{p.parent.name.lower()},"
+                                     f"{'test' if p.parts[-3] == 'test' else ''}"
+                                     for p in sorted(data.rglob("*.jpeg"))]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cache_dir = tmp_path / "cache"
+    for args in (["extract", "--data", data, "--labels", tmp_path / "labels.csv", "--cache-dir", cache_dir, *FAST],
+                 ["train-head", "--cache-dir", cache_dir, "--trials", "1", "--no-progress"]):
+        result = run_cli(*args)
+        assert result.exit_code == 0, f"{args[0]}: {result.output} {result.exception!r}"
+    run_dir = next((cache_dir / "runs").glob("tiny-*"))
+    record = json.loads((run_dir / "head.json").read_text())
+    assert record["class_names"] == ["bacteria", "normal", "virus"] and record["threshold_method"] == "argmax"
+    assert keras.saving.load_model(run_dir / "head.keras", safe_mode=True).output_shape == (None, 3)
