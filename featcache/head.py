@@ -126,7 +126,7 @@ class FitResult:
 
 
 def build_head(feature_shape: tuple[int, int, int], params: HeadParams, stats: InputStats | None = None,
-               classes: int = 2) -> HeadModels:
+               classes: int = 2, multilabel: bool = False) -> HeadModels:
     """The reference head on (h, w, c) maps and its pooled twin; seed with keras.utils.set_random_seed first.
 
     With ``units=128`` it has 65,793 trainable parameters on VGG16 maps (c=512) and 262,401 on
@@ -140,6 +140,7 @@ def build_head(feature_shape: tuple[int, int, int], params: HeadParams, stats: I
         stats: the training views' channel statistics; required when ``params.standardize``.
         classes: 2 gives the reference Dense(1, sigmoid) output; more give Dense(classes, softmax)
             (``featcache.multiclass``).
+        multilabel: Dense(classes, sigmoid), one independent probability per label (``featcache.multilabel``).
 
     Returns:
         HeadModels whose ``maps`` and ``pooled`` models share the same layers.
@@ -158,8 +159,8 @@ def build_head(feature_shape: tuple[int, int, int], params: HeadParams, stats: I
     regularizer = keras.regularizers.L2(params.l2) if params.l2 > 0 else None
     dense = keras.layers.Dense(params.units, activation="relu", kernel_regularizer=regularizer, name="head_dense")
     dropout = keras.layers.Dropout(params.dropout, name="head_dropout")
-    output = keras.layers.Dense(1 if classes <= 2 else classes, activation="sigmoid" if classes <= 2 else "softmax",
-                                kernel_regularizer=regularizer, name="head_output")
+    units, activation = (classes, "sigmoid") if multilabel else (1, "sigmoid") if classes <= 2 else (classes, "softmax")
+    output = keras.layers.Dense(units, activation=activation, kernel_regularizer=regularizer, name="head_output")
 
     def top(x):
         return output(dropout(dense(standardize(x) if standardize is not None else x)))

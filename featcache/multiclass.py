@@ -143,7 +143,7 @@ def fit_softmax_head(models: HeadModels, train: TrainViews, val_pooled, val_labe
     return FitResult(score_multiclass(val_labels, probs), probs, best_epoch, epoch, stopped, history)
 
 
-def _softmax_logits(weights, x, rate=None, seed=None):
+def _class_logits(weights, x, rate=None, seed=None):
     """Dense(units, relu) -> [Dropout(rate), stateless, as ``head._logits``] -> Dense(k) logits, (n, k)."""
     import tensorflow as tf
 
@@ -160,7 +160,7 @@ def _softmax_predict_graph():
     import tensorflow as tf
 
     vector, matrix = tf.TensorSpec([None], tf.float32), tf.TensorSpec([None, None], tf.float32)
-    return tf.function(lambda weights, x: tf.nn.softmax(_softmax_logits(weights, x)),
+    return tf.function(lambda weights, x: tf.nn.softmax(_class_logits(weights, x)),
                        input_signature=[(matrix, vector, matrix, vector), matrix])
 
 
@@ -181,7 +181,7 @@ class _SoftmaxTrainer(_Trainer):
             weights = [variable.read_value() for variable in self.weights]
             with tf.GradientTape() as tape:
                 tape.watch(weights)
-                z = _softmax_logits(weights, x, rate, tf.stack([seed, t]))
+                z = _class_logits(weights, x, rate, tf.stack([seed, t]))
                 loss = tf.reduce_sum(w * tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=z))
                 loss = loss / tf.cast(tf.size(batch), tf.float32)
                 loss += l2 * (tf.reduce_sum(tf.square(weights[0])) + tf.reduce_sum(tf.square(weights[2])))
