@@ -31,7 +31,8 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.head import (
-    ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON, EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews, _train_streamed, _Trainer, _val_scorer,
+    ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON, EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews,
+    _train_streamed, _Trainer, _val_scorer,
     epoch_windows, input_stats,
 )
 

@@ -225,7 +225,8 @@ def format_multiclass_report(report: dict) -> str:
               f"{format_value(base['metrics']['accuracy'])}, macro ROC-AUC 0.5."]
     if probe:
         lines.append(f"Linear probe (multinomial logistic regression, C={probe['c']:g}): validation macro ROC-AUC "
-                     f"{format_value(probe['validation']['roc_auc'])}, test {format_ci(probe['test']['metrics']['roc_auc'])}"
+                     f"{format_value(probe['validation']['roc_auc'])}, test "
+                     f"{format_ci(probe['test']['metrics']['roc_auc'])}"
                      + (" -- **the tuned head is below it on validation**" if probe["head_below_probe_on_validation"]
                         else "") + ".")
     lines += [f"Parity: end-to-end vs cached-maps probabilities differ by at most "

@@ -188,3 +188,32 @@ def test_label_file_with_three_class_names(tmp_path, dev_data):
     record = json.loads((run_dir / "head.json").read_text())
     assert record["class_names"] == ["bacteria", "normal", "virus"] and record["threshold_method"] == "argmax"
     assert keras.saving.load_model(run_dir / "head.keras", safe_mode=True).output_shape == (None, 3)
+
+
+def test_multiclass_intervals_match_scikit_learn_per_resample():
+    from sklearn.metrics import confusion_matrix, recall_score, roc_auc_score
+
+    from featcache.metrics import bootstrap_indices
+    from featcache.multiclass_eval import bootstrap_samples, score_multiclass_with_intervals
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 80)
+    probs = rng.dirichlet(np.ones(3), size=80)
+    probs[np.arange(80), labels] += 0.4
+    probs /= probs.sum(axis=1, keepdims=True)
+    names = ["a", "b", "c"]
+    scored = score_multiclass_with_intervals(labels, probs, names, n_bootstrap=200, seed=0)
+    for k, name in enumerate(names):
+        entry = scored["per_class"][name]
+        assert entry["roc_auc"]["value"] == pytest.approx(roc_auc_score(labels == k, probs[:, k]))
+        assert entry["roc_auc"]["ci_low"] <= entry["roc_auc"]["value"] <= entry["roc_auc"]["ci_high"]
+        assert entry["images"] == int(np.sum(labels == k))
+    assert scored["metrics"]["sensitivity"]["value"] == pytest.approx(
+        recall_score(labels, probs.argmax(1), average="macro"))
+    assert scored["confusion"]["matrix"] == confusion_matrix(labels, probs.argmax(1)).tolist()
+    indices = bootstrap_indices(80, 3, seed=7)
+    samples = bootstrap_samples(labels, probs, indices)
+    for b, rows in enumerate(indices):
+        expected = roc_auc_score(labels[rows], probs[rows], multi_class="ovr", average="macro")
+        assert samples["roc_auc"][b] == pytest.approx(expected)
+        assert samples["accuracy"][b] == pytest.approx(np.mean(probs[rows].argmax(1) == labels[rows]))
