@@ -217,3 +217,68 @@ def test_multiclass_intervals_match_scikit_learn_per_resample():
         expected = roc_auc_score(labels[rows], probs[rows], multi_class="ovr", average="macro")
         assert samples["roc_auc"][b] == pytest.approx(expected)
         assert samples["accuracy"][b] == pytest.approx(np.mean(probs[rows].argmax(1) == labels[rows]))
+
+
+def write_three_class_cache(cache_dir, n_train: int = 300, n_val: int = 600, n_test: int = 30, copies: int = 2,
+                            channels: int = 16, seed: int = 0):
+    """A complete synthetic cache of classes A, B, C (as ``conftest.write_synthetic_cache``), each class's pooled
+    vectors shifted along its own direction, with (1, 1, c) maps whose mean is the vector."""
+    from featcache.cache import FORMAT_VERSION, CachePaths, CacheWriter, FileTable, compute_fingerprint
+
+    rng = np.random.default_rng(seed)
+    splits = np.repeat([0, 1, 2], [n_train, n_val, n_test]).astype(np.uint8)
+    labels = (np.arange(len(splits)) % 3).astype(np.int16)
+    names = ("A", "B", "C")
+    folder = {0: "train", 1: "train", 2: "test"}
+    paths = [f"{folder[s]}/{names[y]}/img{i:05d}.jpeg" for i, (s, y) in enumerate(zip(splits, labels))]
+    order = np.argsort(paths, kind="stable")
+    table = FileTable(path=[paths[i] for i in order], sha256=[f"{i:064x}" for i in order], label=labels[order],
+                      split=splits[order], patient=[f"p{i}" for i in order])
+    directions = rng.normal(size=(3, channels)).astype(np.float32)
+    base = 1.5 * directions[table.label] + rng.normal(size=(len(table), channels))
+    rows = [(f, k) for f in range(len(table)) for k in range(copies + 1 if table.split[f] == 0 else 1)]
+    pooled = np.stack([base[f] + (0.3 * rng.normal(size=channels) if k else 0) for f, k in rows]).astype(np.float32)
+    settings = {"synthetic": "three classes", "seed": seed, "rows": len(rows), "channels": channels}
+    fingerprint = compute_fingerprint(settings)
+    writer = CacheWriter(CachePaths.for_fingerprint(cache_dir, "tiny", fingerprint).final, table, len(rows),
+                         (1, 1, channels), "float32")
+    index = np.array([f for f, _ in rows])
+    writer.write_rows(0, pooled[:, None, None, :], pooled, labels=table.label[index], split=table.split[index],
+                      source_index=index.astype(np.int32), copy_index=np.array([k for _, k in rows], np.int16))
+    counts = {"train": n_train, "val": n_val, "test": n_test, "train_copies": n_train * copies, "rows": len(rows)}
+    return writer.commit({
+        "fingerprint": fingerprint, "backbone": "tiny", "class_names": list(names), "image_size": 32,
+        "feature_shape": [1, 1, channels], "dtype": "float32", "format_version": FORMAT_VERSION, "counts": counts,
+        "weights": {"source": "random", "sha256": "0" * 64}, "seed": seed,
+    })
+
+
+def test_train_head_on_a_three_class_cache_streamed_equals_in_memory(tmp_path, monkeypatch):
+    """train-head on a 3-class cache: the softmax head and the multinomial probe learn it, and streaming the
+    training views within --memory-budget gives the very trials and head of the in-memory run."""
+    import json
+
+    import keras
+
+    from featcache import views
+    from featcache.config import TrainHeadConfig
+    from featcache.runs import load_head_record, run_dir_for
+    from featcache.tune import train_heads
+    from featcache.views import load_head_data
+
+    monkeypatch.setattr(views, "SHUFFLE_WINDOW_BYTES", 1024 * 64)  # a window per /pooled chunk of 1,024 rows
+    results = {}
+    for name, budget in (("whole", 2**40), ("streamed", 270_000)):
+        path = write_three_class_cache(tmp_path / name)
+        assert load_head_data(path, budget).streamed == (name == "streamed")
+        (summary,) = train_heads(TrainHeadConfig(cache=path, cache_dir=path.parent, trials=2, seed=3,
+                                                 memory_budget=budget, max_epochs=8, patience=3, progress=False))
+        rows = [json.loads(line) for line in (run_dir_for(path) / "trials.jsonl").read_text().splitlines()]
+        head = keras.saving.load_model(load_head_record(path)["head_path"], safe_mode=True)
+        results[name] = (summary, [{k: v for k, v in r.items() if k != "seconds"} for r in rows], head.get_weights())
+    (whole, whole_rows, whole_weights), (streamed, streamed_rows, streamed_weights) = results.values()
+    assert whole.threshold_method == "argmax" and whole.val_metrics["roc_auc"] >= 0.95, whole.val_metrics
+    assert whole.probe.val_scores["roc_auc"] >= 0.95 and whole.probe.coef.shape == (3, 16)
+    assert streamed_rows == whole_rows and streamed.val_metrics == whole.val_metrics
+    for a, b in zip(whole_weights, streamed_weights):
+        np.testing.assert_array_equal(a, b)
