@@ -123,7 +123,8 @@ def predict_features(head, features: np.ndarray, batch_size: int = 256) -> np.nd
 
 
 def predict_padded(model, inputs: np.ndarray, width: int, dtype=None) -> np.ndarray:
-    """(n, ...) -> (n,) float32 probabilities, in batches of exactly ``width`` rows, the last padded with zeros.
+    """(n, ...) -> (n,) float32 probabilities ((n, k) of a k-output model), in batches of exactly ``width``
+    rows, the last padded with zeros.
 
     One input shape, so Keras traces its predict step once per model (a retrace of a ResNet152 costs
     seconds, more than the padding). A caller that streams its inputs passes the same ``width`` on every
@@ -137,7 +138,8 @@ def predict_padded(model, inputs: np.ndarray, width: int, dtype=None) -> np.ndar
         n = len(chunk)
         if n < width:
             chunk = np.concatenate([chunk, np.zeros((width - n, *chunk.shape[1:]), chunk.dtype)])
-        probs.append(np.asarray(model.predict_on_batch(chunk), np.float32)[:n, 0])
+        out = np.asarray(model.predict_on_batch(chunk), np.float32)[:n]
+        probs.append(out[:, 0] if out.shape[1] == 1 else out)  # (n, k) with k > 1 outputs (multi-class)
     return np.concatenate(probs) if probs else np.empty((0,), np.float32)
 
 
@@ -162,6 +164,7 @@ def check_parity(end_to_end: np.ndarray, cached: np.ndarray, dtype: str, names: 
     """
     tolerance = PARITY_TOLERANCE[dtype]
     diff = np.abs(np.asarray(end_to_end, np.float64) - np.asarray(cached, np.float64))
+    diff = diff.max(axis=1) if diff.ndim == 2 else diff  # multi-class: the largest over an image's classes
     worst = int(np.argmax(diff)) if len(diff) else -1
     result = {"images": len(diff), "max_abs_diff": float(diff.max()) if len(diff) else 0.0,
               "mean_abs_diff": float(diff.mean()) if len(diff) else 0.0, "tolerance": tolerance,

@@ -83,6 +83,10 @@ def _augment_text(augment: dict | None) -> str:
 
 def render_model_card(card: dict) -> str:
     """MODEL_CARD.md from a sealed ``model.json`` (see ``export.model_card``)."""
+    if card.get("task") == "multiclass":
+        from featcache.multiclass_card import render_multiclass_card
+
+        return render_multiclass_card(card)
     names, data = card["class_names"], card.get("training_data") or {}
     positive, weights = card["positive_class"], card["weights"]
     lines = [f"# Model card: {card['backbone']} + tuned head, {' vs '.join(names)}", ""]

@@ -72,6 +72,10 @@ def export_model(config: ExportConfig) -> ExportSummary:
                           manifest["class_names"], scaled=scaled_decode(manifest.get("resize")))
         verification = verify_export(tmp, assembled, _verification_images(report, manifest["image_size"]))
         card = model_card(assembled, cache_path, report, verification, hash_file(tmp / KERAS_FILE))
+        if report.get("task") == "multiclass":  # every class, argmax decision, per-class metrics
+            from featcache.multiclass_card import multiclass_card
+
+            card = multiclass_card(card, report)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
         (tmp / MODEL_CARD_FILE).write_text(render_model_card(card))
         _check_out(out, config.force)  # again: the folder may have changed during the minutes of this export
@@ -150,7 +154,10 @@ def write_saved_model(model, path: Path, image_size: int, threshold: float, clas
     def serve(image_bytes):
         images = tf.map_fn(lambda encoded: decode_and_resize(encoded, image_size, MAX_PIXELS, scaled), image_bytes,
                            fn_output_signature=image_spec)
-        probability = model(images, training=False)[:, 0]
+        output = model(images, training=False)
+        if len(class_names) > 2:  # multi-class: (None, k) probabilities and the class of the largest (argmax)
+            return {"probability": output, "label": tf.gather(names, tf.argmax(output, axis=1, output_type=tf.int32))}
+        probability = output[:, 0]
         return {"probability": probability, "label": tf.gather(names, tf.cast(probability >= threshold, tf.int32))}
 
     @tf.function(input_signature=[])

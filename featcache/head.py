@@ -125,7 +125,8 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def build_head(feature_shape: tuple[int, int, int], params: HeadParams, stats: InputStats | None = None) -> HeadModels:
+def build_head(feature_shape: tuple[int, int, int], params: HeadParams, stats: InputStats | None = None,
+               classes: int = 2, multilabel: bool = False) -> HeadModels:
     """The reference head on (h, w, c) maps and its pooled twin; seed with keras.utils.set_random_seed first.
 
     With ``units=128`` it has 65,793 trainable parameters on VGG16 maps (c=512) and 262,401 on
@@ -137,6 +138,9 @@ def build_head(feature_shape: tuple[int, int, int], params: HeadParams, stats: I
         feature_shape: (h, w, c) of the backbone's maps.
         params: units, dropout rate, L2 and standardization of the layers.
         stats: the training views' channel statistics; required when ``params.standardize``.
+        classes: 2 gives the reference Dense(1, sigmoid) output; more give Dense(classes, softmax)
+            (``featcache.multiclass``).
+        multilabel: Dense(classes, sigmoid), one independent probability per label (``featcache.multilabel``).
 
     Returns:
         HeadModels whose ``maps`` and ``pooled`` models share the same layers.
@@ -155,7 +159,8 @@ def build_head(feature_shape: tuple[int, int, int], params: HeadParams, stats: I
     regularizer = keras.regularizers.L2(params.l2) if params.l2 > 0 else None
     dense = keras.layers.Dense(params.units, activation="relu", kernel_regularizer=regularizer, name="head_dense")
     dropout = keras.layers.Dropout(params.dropout, name="head_dropout")
-    output = keras.layers.Dense(1, activation="sigmoid", kernel_regularizer=regularizer, name="head_output")
+    units, activation = (classes, "sigmoid") if multilabel else (1, "sigmoid") if classes <= 2 else (classes, "softmax")
+    output = keras.layers.Dense(units, activation=activation, kernel_regularizer=regularizer, name="head_output")
 
     def top(x):
         return output(dropout(dense(standardize(x) if standardize is not None else x)))
@@ -307,6 +312,11 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
     """
     import tensorflow as tf
 
+    if models.pooled.output_shape[-1] > 1:  # three or more classes: the softmax head
+        from featcache.multiclass import fit_softmax_head
+
+        return fit_softmax_head(models, train, val_pooled, val_labels, params, seed=seed, max_epochs=max_epochs,
+                                patience=patience, on_epoch=on_epoch)
     trainer = _trainer(tuple(tuple(v.shape) for v in models.pooled.trainable_variables))
     trainer.reset([v.numpy() for v in models.pooled.trainable_variables])
     predict = _predict_graph()
@@ -497,6 +507,10 @@ def score_probs(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -
     """
     from sklearn.metrics import roc_auc_score
 
+    if np.ndim(probs) == 2:  # (m, k) probabilities of a multi-class head: argmax, macro one-vs-rest scores
+        from featcache.multiclass import score_multiclass
+
+        return score_multiclass(labels, probs)
     labels = np.asarray(labels).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     if len(np.unique(labels)) < 2:
@@ -524,6 +538,10 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, min_sensitivity: flo
     """
     from sklearn.metrics import roc_curve
 
+    if np.ndim(probs) == 2:  # multi-class: the decision is the argmax, no threshold (featcache.multiclass)
+        from featcache.multiclass import ARGMAX, ARGMAX_THRESHOLD
+
+        return ARGMAX_THRESHOLD, ARGMAX
     fpr, tpr, thresholds = roc_curve(np.asarray(labels).astype(np.int64), probs, drop_intermediate=False)
     if min_sensitivity is None:
         index, method = int(np.argmax(tpr - fpr)), "youden"

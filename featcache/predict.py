@@ -128,8 +128,7 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
                                        scaled_decode(card["preprocessing"].get("decode_and_resize")))
             if images:
                 for file, prob in zip(kept, predict_padded(model, np.stack(images), width)):
-                    predictions.append({"path": str(file), "label": names[int(prob >= threshold)],
-                                        "probability": float(prob)})
+                    predictions.append(_prediction(file, prob, names, threshold))
             bar.update(len(files[start:start + width]))
     calibrated = calibrated_probability(card.get("post_hoc_calibration"), [p["probability"] for p in predictions])
     if calibrated is not None:  # isotonic: a lookup the model does not apply; the label stays on the model's score
@@ -142,6 +141,17 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
         raise DataError(f"No readable image among the inputs{first}; expected JPEG, PNG or DICOM files or folders of "
                         f"them. Received: inputs={[str(i) for i in inputs][:3]}")
     return PredictResult(predictions, skipped, card)
+
+
+def _prediction(file: Path, prob: np.ndarray, names: list[str], threshold: float) -> dict:
+    """``{"path", "label", "probability"}``: at the card's threshold for a binary model (P(class 1)); for a
+    multi-class one (a probability per class) the argmax class, its probability and ``probabilities``
+    {class: P}."""
+    if np.ndim(prob) == 0:
+        return {"path": str(file), "label": names[int(prob >= threshold)], "probability": float(prob)}
+    best = int(np.argmax(prob))
+    return {"path": str(file), "label": names[best], "probability": float(prob[best]),
+            "probabilities": {name: float(p) for name, p in zip(names, prob)}}
 
 
 def _read_batch(files: list[Path], size: int, max_pixels: int, max_file_mb: float,

@@ -63,6 +63,10 @@ class Probe:
 
     @classmethod
     def from_dict(cls, record: dict) -> "Probe":
+        if "multinomial" in str(record.get("kind", "")):  # a multi-class cache's probe
+            from featcache.multiclass import MulticlassProbe
+
+            return MulticlassProbe.from_dict(record)
         return cls(np.asarray(record["mean"], np.float64), np.asarray(record["scale"], np.float64),
                    np.asarray(record["coef"], np.float64), float(record["intercept"]), float(record["c"]),
                    record["val_scores"], int(record.get("train_rows", 0)))
@@ -91,6 +95,11 @@ def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np
     """
     from sklearn.linear_model import LogisticRegression
 
+    if np.max(train_labels) > 1:  # three or more classes: the multinomial probe (featcache.multiclass)
+        from featcache.multiclass import fit_multiclass_probe
+
+        return fit_multiclass_probe(train_pooled, train_labels, val_pooled, val_labels, stats, grid, MAX_ITER,
+                                    overwrite)
     stats = stats if stats is not None else input_stats(train_pooled)
     mean, scale = stats.mean.astype(np.float64), np.sqrt(stats.variance.astype(np.float64))
     if overwrite and isinstance(train_pooled, np.ndarray) and train_pooled.dtype == np.float32:

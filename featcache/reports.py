@@ -179,12 +179,16 @@ def format_summary(reports: list[dict], selection: dict) -> str:
     lines = []
     for r in reports:
         m = r["at_threshold"]["metrics"]
+        multiclass = r.get("task") == "multiclass"  # argmax decision; macro ROC-AUC, sensitivity, specificity
         lines += [
-            f"{r['backbone']}: {r['test']['images']} test images, threshold {r['at_threshold']['threshold']:.3f}: "
+            f"{r['backbone']}: {r['test']['images']} test images, "
+            + (f"{len(r['class_names'])} classes, argmax (macro): " if multiclass else
+               f"threshold {r['at_threshold']['threshold']:.3f}: ") +
             f"accuracy {_ci(m['accuracy'])}, ROC-AUC {_ci(m['roc_auc'])}, sensitivity {_num(m['sensitivity']['value'])}, "
             f"specificity {_num(m['specificity']['value'])}",
-            f"  at 0.5: accuracy {_num(r['at_0.5']['metrics']['accuracy']['value'])}; majority baseline accuracy "
-            f"{_num(r['baseline']['metrics']['accuracy'])}; parity max diff {r['parity']['max_abs_diff']:.2e}",
+            ("  " if multiclass else f"  at 0.5: accuracy {_num(r['at_0.5']['metrics']['accuracy']['value'])}; ")
+            + f"majority baseline accuracy {_num(r['baseline']['metrics']['accuracy'])}; parity max diff "
+            f"{r['parity']['max_abs_diff']:.2e}",
         ]
         probe = r.get("probe")
         if probe:

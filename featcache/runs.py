@@ -266,7 +266,8 @@ def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict
         record = {
             "backbone": manifest["backbone"], "cache_file": Path(cache_path).name,
             "cache_fingerprint": manifest["fingerprint"], "feature_shape": list(manifest["feature_shape"]),
-            "class_names": list(manifest["class_names"]), "positive_class": manifest["class_names"][1],
+            "class_names": list(manifest["class_names"]),
+            "positive_class": manifest["class_names"][1] if len(manifest["class_names"]) == 2 else "(argmax)",
             "params": best["params"], "threshold": threshold, "threshold_method": method,
             "val_metrics": val_metrics, "probe": probe, "trial_number": best["number"], "seed": best["seed"],
             "epochs": best["epochs"], "best_epoch": best["best_epoch"], "study_name": study_name,

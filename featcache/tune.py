@@ -128,7 +128,7 @@ def _raw_references_collapsed(raw_collapsed, standardized_collapsed) -> bool:
 
 def is_collapsed(probs: np.ndarray, roc_auc: float) -> bool:
     """A head that says (nearly) the same for every validation image, or ranks no better than chance."""
-    return bool(np.std(probs) < COLLAPSE_STD or roc_auc <= 0.5)
+    return bool(np.max(np.std(probs, axis=0)) < COLLAPSE_STD or roc_auc <= 0.5)  # per class with k outputs
 
 
 def train_head(cache_path: Path, config: TrainHeadConfig, tracker=None) -> TrainHeadSummary:
@@ -261,7 +261,8 @@ def _fit(params: HeadParams, seed: int, max_epochs: int, patience: int, data: He
 
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)  # initialisers and dropout
-    models = build_head(tuple(data.manifest["feature_shape"]), params, data.stats)
+    models = build_head(tuple(data.manifest["feature_shape"]), params, data.stats,
+                        classes=len(data.manifest["class_names"]))
     result = fit_head(models, train, data.val_pooled, data.val_labels, params, seed=seed, max_epochs=max_epochs,
                       patience=patience, on_epoch=on_epoch if trial is not None else None)
     return result, models, time.perf_counter() - started

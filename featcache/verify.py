@@ -226,11 +226,12 @@ def _check_keras_io(model, card: dict, folder: Path) -> str:
         found = (tuple(model.input_shape), str(model.input.dtype), tuple(model.output_shape))
     except (AttributeError, TypeError, ValueError):  # several inputs or outputs
         found = ("several inputs or outputs", "", "")
-    expected = ((None, size, size, 3), "uint8", (None, 1))
+    outputs = len(card["class_names"]) if card.get("task") == "multiclass" else 1  # a probability per class
+    expected = ((None, size, size, 3), "uint8", (None, outputs))
     if found != expected:
         raise DamagedFileError(f"{folder / KERAS_FILE} takes {found[0]} {found[1]} and returns {found[2]}; model.json "
                                f"promises {expected}. {FIX_EXPORT} Received: model={str(folder)!r}")
-    return f"loads; input {expected[0]} uint8, output (None, 1)"
+    return f"loads; input {expected[0]} uint8, output {expected[2]}"
 
 
 def _load_saved_model(folder: Path):
@@ -270,7 +271,8 @@ def _agreement(model, serving: dict, card: dict, folder: Path) -> str:
     out = serving[SIGNATURE](image_bytes=tf.constant([data for _, data in encoded]))
     served, labels = out["probability"].numpy(), [b.decode() for b in out["label"].numpy()]
     diff = float(np.max(np.abs(served - expected)))
-    wanted = [card["class_names"][int(p >= card["threshold"])] for p in served]
+    wanted = [card["class_names"][int(np.argmax(p)) if np.ndim(p) else int(p >= card["threshold"])]
+              for p in served]  # a multi-class export (a probability per class) labels by argmax
     if diff > AGREEMENT_TOLERANCE or labels != wanted:
         raise DamagedFileError(f"model.keras and the SavedModel in {folder} disagree (max difference {diff:.3g}, "
                                f"labels {labels} vs {wanted}). {FIX_EXPORT} Received: max_abs_diff={diff:.3g}")

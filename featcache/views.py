@@ -67,7 +67,7 @@ def load_head_data(path: str | Path, memory_budget: int | None = None) -> HeadDa
 
     Raises:
         IncompleteCacheError, CacheMismatchError, DamagedFileError: an unfinished, foreign or damaged cache.
-        FeatcacheError: a split without rows or classes other than two; a budget too small to stream.
+        FeatcacheError: a split without rows or without one of the classes; a budget too small to stream.
     """
     path = Path(path)
     with open_cache(path) as handle:
@@ -105,11 +105,12 @@ def load_head_data(path: str | Path, memory_budget: int | None = None) -> HeadDa
 
 
 def _check_classes(path, manifest, labels, is_train, is_val) -> None:
-    if len(manifest["class_names"]) != 2:
-        raise FeatcacheError(f"The head is binary; {path} has classes {manifest['class_names']}. "
+    classes = len(manifest["class_names"])  # 2: the reference head; more: the softmax head (featcache.multiclass)
+    if classes < 2:
+        raise FeatcacheError(f"A head needs at least two classes; {path} has {manifest['class_names']}. "
                              f"Received: class_names={manifest['class_names']}")
     for name, mask in (("train", is_train), ("validation", is_val)):
-        if len(np.unique(labels[mask])) < 2:
+        if len(np.unique(labels[mask])) < classes:
             raise FeatcacheError(f"The {name} split of {path} lacks a class; add images or change the split seed. "
                                  f"Received: {name}_labels={np.unique(labels[mask]).tolist()}")
 

@@ -1,0 +1,277 @@
+"""The multi-class head (three or more classes): Dense(n, softmax) on the same GAP -> [Normalization] ->
+Dense -> Dropout trunk as the reference head, trained with categorical cross-entropy on the cached pooled
+vectors; its validation scores, and the multinomial linear probe.
+
+Two classes never come here: they keep the reference head (Dense(1, sigmoid), ``featcache.head``) bit for
+bit. ``head.build_head(..., classes=n)``, ``head.fit_head``, ``head.score_probs``, ``head.choose_threshold``
+and ``probe.fit_probe`` hand over to this module when there are more than two classes (their probabilities
+are then (m, n) instead of (m,)).
+
+What changes with n classes:
+
+- the decision is the argmax of the n probabilities; a threshold has no meaning (the Youden or
+  ``--min-sensitivity`` rule is a binary rule), so head.json and model.json record ``threshold`` 0 with
+  ``threshold_method`` ``"argmax"``;
+- ``roc_auc`` is the macro average of the one-vs-rest ROC-AUC of each class, the selection criterion;
+  ``sensitivity`` and ``specificity`` are the macro averages of each class's one-vs-rest recall and
+  specificity at the argmax decision; ``loss`` is the mean categorical cross-entropy;
+- ``class_weight`` gives each class ``n / (k n_class)`` (sklearn's ``'balanced'`` for k classes).
+
+The trainer is ``head._Trainer`` (the same fused Adam, batches, dropout seeds and epochs) with the softmax
+cross-entropy in place of the sigmoid one. Pure computation, no file IO.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+from featcache.head import (
+    ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON, EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews,
+    _train_streamed, _Trainer, _val_scorer,
+    epoch_windows, input_stats,
+)
+
+ARGMAX = "argmax"  # threshold_method of a multi-class head
+ARGMAX_THRESHOLD = 0.0  # what head.json / model.json record as ``threshold`` for it (unused)
+
+
+def is_multiclass(class_names) -> bool:
+    return len(class_names) > 2
+
+
+def class_weights(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Balanced weights ``n / (k n_class)`` of classes 0..k-1, as sklearn's ``class_weight='balanced'``."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=classes)[:classes]
+    return (len(labels) / (classes * np.maximum(counts, 1))).astype(np.float32)
+
+
+def categorical_cross_entropy(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean categorical cross-entropy of (m, k) probabilities clipped to [EPSILON, 1 - EPSILON]; with
+    ``weights``, the weighted mean."""
+    labels = np.asarray(labels, np.int64)
+    picked = np.clip(np.asarray(probs, np.float64)[np.arange(len(labels)), labels], EPSILON, 1 - EPSILON)
+    return float(np.average(-np.log(picked), weights=weights))
+
+
+def one_vs_rest_auc(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(k,) ROC-AUC of each class against the rest; NaN for a class absent (or alone) in ``labels``."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, probs = np.asarray(labels, np.int64), np.asarray(probs, np.float64)
+    out = np.full(probs.shape[1], np.nan)
+    for k in range(probs.shape[1]):
+        positive = labels == k
+        if 0 < positive.sum() < len(labels):
+            out[k] = roc_auc_score(positive, probs[:, k])
+    return out
+
+
+def score_multiclass(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Validation scores of (m, k) probabilities: ``loss`` (categorical cross-entropy), ``roc_auc`` (macro
+    one-vs-rest), ``accuracy``, ``sensitivity`` and ``specificity`` (macro one-vs-rest) at the argmax.
+
+    Raises:
+        FeatcacheError: ``labels`` lacks one of the k classes (its ROC-AUC is undefined).
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    classes = probs.shape[1]
+    missing = sorted(set(range(classes)) - set(np.unique(labels).tolist()))
+    if missing:
+        raise FeatcacheError(f"Validation needs every one of the {classes} classes to score a head. "
+                             f"Received: missing_classes={missing}")
+    predicted = probs.argmax(axis=1)
+    recall = np.array([np.mean(predicted[labels == k] == k) for k in range(classes)])
+    specificity = np.array([np.mean(predicted[labels != k] != k) for k in range(classes)])
+    return {
+        "loss": categorical_cross_entropy(labels, probs),
+        "roc_auc": float(np.mean(one_vs_rest_auc(labels, probs))),
+        "accuracy": float(np.mean(predicted == labels)),
+        "sensitivity": float(recall.mean()),
+        "specificity": float(specificity.mean()),
+    }
+
+
+def fit_softmax_head(models: HeadModels, train: TrainViews, val_pooled, val_labels: np.ndarray, params: HeadParams,
+                     *, seed: int, max_epochs: int = 30, patience: int = 5,
+                     on_epoch: Callable[[int, dict], bool] | None = None) -> FitResult:
+    """``head.fit_head`` for a softmax head of k outputs: the same epochs, batches, Adam and early stopping on
+    the (class-weighted) validation loss, with categorical cross-entropy. ``FitResult.probs`` is (m, k)."""
+    import tensorflow as tf
+
+    classes = int(models.pooled.output_shape[-1])
+    trainer = _softmax_trainer(tuple(tuple(v.shape) for v in models.pooled.trainable_variables))
+    trainer.reset([v.numpy() for v in models.pooled.trainable_variables])
+    predict = _softmax_predict_graph()
+    weight_of = class_weights(train.labels, classes) if params.class_weight else np.ones(classes, np.float32)
+    labels = np.asarray(train.labels, np.int64)
+    y_all, w_all = labels.astype(np.float32), weight_of[labels]  # class index as float: the trainer's signature
+    hyper = [tf.constant(v, dtype) for v, dtype in ((params.batch_size, tf.int32), (params.learning_rate, tf.float32),
+                                                    (params.l2, tf.float32), (params.dropout, tf.float32),
+                                                    (seed, tf.int64))]
+    standardize = models.standardize or (lambda x: x)
+    x_all = None if train.pooled is None else standardize(tf.convert_to_tensor(train.pooled, tf.float32))
+    score = _val_scorer(val_pooled, standardize, predict)
+    rng = np.random.default_rng(seed)
+    val_weights = weight_of[np.asarray(val_labels, np.int64)]
+    best_loss, best_epoch, best, history, stopped = np.inf, 0, trainer.weights_now(), [], False
+    for epoch in range(1, max_epochs + 1):
+        windows = epoch_windows(train.source_index, params.batch_size, rng, train.layout)
+        if x_all is not None:
+            rows = np.concatenate([rows for _, rows in windows])
+            trainer.epoch(x_all, tf.constant(y_all), tf.constant(w_all), tf.constant(rows), *hyper)
+        else:
+            _train_streamed(trainer.epoch, train.stream(windows), windows, y_all, w_all, standardize, hyper)
+        weights = trainer.weights_now()
+        probs = score(weights)
+        scores = score_multiclass(val_labels, probs)
+        stop_loss = (categorical_cross_entropy(val_labels, probs, val_weights) if params.class_weight
+                     else scores["loss"])
+        history.append({"epoch": epoch, **scores, "stop_loss": stop_loss})
+        if stop_loss < best_loss:
+            best_loss, best_epoch, best = stop_loss, epoch, weights
+        stopped = bool(on_epoch(epoch, scores)) if on_epoch else False
+        if stopped or epoch - best_epoch >= patience:
+            break
+    for variable, value in zip(models.pooled.trainable_variables, best):
+        variable.assign(value)
+    probs = score(best)
+    return FitResult(score_multiclass(val_labels, probs), probs, best_epoch, epoch, stopped, history)
+
+
+def _class_logits(weights, x, rate=None, seed=None):
+    """Dense(units, relu) -> [Dropout(rate), stateless, as ``head._logits``] -> Dense(k) logits, (n, k)."""
+    import tensorflow as tf
+
+    kernel, bias, out_kernel, out_bias = weights
+    hidden = tf.nn.relu(tf.matmul(x, kernel) + bias)
+    if rate is not None:
+        keep = tf.random.stateless_uniform(tf.shape(hidden), seed=seed) >= rate
+        hidden = tf.where(keep, hidden / (1.0 - rate), tf.zeros_like(hidden))
+    return tf.matmul(hidden, out_kernel) + out_bias
+
+
+@functools.cache
+def _softmax_predict_graph():
+    import tensorflow as tf
+
+    vector, matrix = tf.TensorSpec([None], tf.float32), tf.TensorSpec([None, None], tf.float32)
+    return tf.function(lambda weights, x: tf.nn.softmax(_class_logits(weights, x)),
+                       input_signature=[(matrix, vector, matrix, vector), matrix])
+
+
+class _SoftmaxTrainer(_Trainer):
+    """``head._Trainer`` whose loss is the softmax cross-entropy of k logits (labels come as float class
+    indices, so the traced signature and the streamed epochs are the binary trainer's)."""
+
+    def _epoch(self, x_all, y_all, w_all, rows, batch_size, learning_rate, l2, rate, seed):
+        import tensorflow as tf
+
+        n_batches = (tf.size(rows) + batch_size - 1) // batch_size
+
+        def step(i):
+            batch = rows[i * batch_size:(i + 1) * batch_size]
+            x, w = tf.gather(x_all, batch), tf.gather(w_all, batch)
+            y = tf.cast(tf.gather(y_all, batch), tf.int32)
+            t = self.steps.read_value()
+            weights = [variable.read_value() for variable in self.weights]
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                z = _class_logits(weights, x, rate, tf.stack([seed, t]))
+                loss = tf.reduce_sum(w * tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=z))
+                loss = loss / tf.cast(tf.size(batch), tf.float32)
+                loss += l2 * (tf.reduce_sum(tf.square(weights[0])) + tf.reduce_sum(tf.square(weights[2])))
+            grads = tape.gradient(loss, weights)
+            t = t + 1
+            updates = [tf.raw_ops.ResourceApplyAdam(
+                var=variable.handle, m=m.handle, v=v.handle, beta1_power=ADAM_BETA_1 ** tf.cast(t, tf.float32),
+                beta2_power=ADAM_BETA_2 ** tf.cast(t, tf.float32), lr=learning_rate, beta1=ADAM_BETA_1,
+                beta2=ADAM_BETA_2, epsilon=ADAM_EPSILON, grad=grad)
+                for variable, (m, v), grad in zip(self.weights, self.moments, grads)]
+            with tf.control_dependencies(updates + [self.steps.assign(t)]):
+                return (tf.identity(i + 1),)
+
+        tf.while_loop(lambda i: i < n_batches, step, (tf.constant(0),))
+        return self.steps.read_value()
+
+
+@functools.cache
+def _softmax_trainer(shapes: tuple[tuple[int, ...], ...]) -> _SoftmaxTrainer:
+    return _SoftmaxTrainer(shapes)
+
+
+# --- the multinomial linear probe ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MulticlassProbe:
+    """A fitted multinomial probe: ``softmax(((x - mean) / scale) @ coef.T + intercept)``; ``coef`` (k, c),
+    ``intercept`` (k,); otherwise as ``probe.Probe``."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+    c: float
+    val_scores: dict
+    train_rows: int = 0
+
+    KIND = "StandardScaler + LogisticRegression(multinomial, l2, lbfgs)"
+
+    def predict(self, pooled: np.ndarray) -> np.ndarray:
+        """(n, c) pooled vectors -> (n, k) float64 class probabilities, each row on its own (einsum)."""
+        z = np.einsum("ij,kj->ik", (np.asarray(pooled, np.float64) - self.mean) / self.scale, self.coef)
+        z = z + self.intercept - (z + self.intercept).max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.KIND, "c": self.c, "intercept": self.intercept.tolist(), "mean": self.mean.tolist(),
+                "scale": self.scale.tolist(), "coef": self.coef.tolist(), "val_scores": self.val_scores,
+                "train_rows": self.train_rows}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "MulticlassProbe":
+        return cls(np.asarray(record["mean"], np.float64), np.asarray(record["scale"], np.float64),
+                   np.asarray(record["coef"], np.float64), np.asarray(record["intercept"], np.float64),
+                   float(record["c"]), record["val_scores"], int(record.get("train_rows", 0)))
+
+
+def fit_multiclass_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled, val_labels: np.ndarray,
+                         stats: InputStats | None, grid: tuple[float, ...], max_iter: int,
+                         overwrite: bool = False) -> MulticlassProbe:
+    """``probe.fit_probe`` with k classes: a multinomial logistic regression (lbfgs) per C of ``grid``, the C
+    with the best validation macro one-vs-rest ROC-AUC kept (ties to the smaller C)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from featcache.probe import PREDICT_ROWS
+
+    stats = stats if stats is not None else input_stats(train_pooled)
+    mean, scale = stats.mean.astype(np.float64), np.sqrt(stats.variance.astype(np.float64))
+    if overwrite and isinstance(train_pooled, np.ndarray) and train_pooled.dtype == np.float32:
+        x_train = np.subtract(train_pooled, stats.mean, out=train_pooled)
+    else:
+        x_train = np.subtract(train_pooled, stats.mean, dtype=np.float32)
+    x_train /= np.sqrt(stats.variance)
+    model = LogisticRegression(max_iter=max_iter, warm_start=True)  # lbfgs: multinomial for k > 2
+    best, scores = None, {}
+    for c in sorted(grid):
+        model.set_params(C=c)
+        model.fit(x_train, np.asarray(train_labels, np.int64))
+        coef = np.array(model.coef_, np.float64, order="C")  # as from_dict rebuilds it: the same einsum sums
+        probe = MulticlassProbe(mean, scale, coef, model.intercept_.astype(np.float64), float(c), {})
+        if hasattr(val_pooled, "batches"):
+            probs = np.concatenate([probe.predict(batch) for batch in val_pooled.batches()])
+        else:
+            probs = np.concatenate([probe.predict(val_pooled[s:s + PREDICT_ROWS])
+                                    for s in range(0, len(val_pooled), PREDICT_ROWS)])
+        scores[c] = score_multiclass(val_labels, probs)
+        if best is None or scores[c]["roc_auc"] > scores[best.c]["roc_auc"]:
+            best = probe
+    val_scores = {**scores[best.c], "grid": {f"{c:g}": scores[c]["roc_auc"] for c in sorted(grid)}}
+    return MulticlassProbe(best.mean, best.scale, best.coef, best.intercept, best.c, val_scores, len(x_train))

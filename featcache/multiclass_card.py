@@ -1,0 +1,89 @@
+"""The model card of a multi-class export: model.json carries every class name, the argmax decision, the
+per-class test metrics and the confusion matrix; MODEL_CARD.md renders them.
+
+model.json keeps the binary card's required fields so ``predict``, ``verify`` and ``export --force`` read it
+as any card: ``threshold`` 0 with ``threshold_method`` ``"argmax"`` (unused) and ``positive_class``
+``"(argmax)"`` (there is none). ``task`` ``"multiclass"`` is what readers dispatch on.
+"""
+
+from __future__ import annotations
+
+from featcache.cardtext import DATASET_NOTE, _augment_text, _reproduce_lines
+from featcache.modelcard import CARD_DIGEST, seal_card
+from featcache.multiclass import ARGMAX, ARGMAX_THRESHOLD
+from featcache.reports import format_ci, format_value
+
+NO_POSITIVE_CLASS = "(argmax)"
+
+
+def multiclass_card(card: dict, report: dict) -> dict:
+    """The sealed binary card of ``export.model_card`` made a multi-class one, sealed again."""
+    names = card["class_names"]
+    scored = report["at_threshold"]
+    card = {key: value for key, value in card.items() if key != CARD_DIGEST}
+    card.update({
+        "task": "multiclass", "decision": ARGMAX, "positive_class": NO_POSITIVE_CLASS,
+        "threshold": ARGMAX_THRESHOLD, "threshold_method": ARGMAX,
+        # the binary card's keys (read by the CLI summary and verify), both holding the argmax results
+        "test_metrics": {key: {name: m["value"] for name, m in scored["metrics"].items()}
+                         for key in ("at_threshold", "at_0.5")},
+        "test_metrics_ci": {key: scored["metrics"] for key in ("at_threshold", "at_0.5")},
+        "test_per_class": scored["per_class"],
+        "test_confusion": scored["confusion"],
+    })
+    card["files"] = {**card["files"], "outputs": {
+        "probability": f"(None, {len(names)}) float32, P(class) in the order of class_names {names}",
+        "label": "(None,) tf.string, the class of highest probability (argmax)"}}
+    return seal_card(card)
+
+
+def render_multiclass_card(card: dict) -> str:
+    """MODEL_CARD.md of a multi-class ``model.json``."""
+    names, data, weights = card["class_names"], card.get("training_data") or {}, card["weights"]
+    lines = [f"# Model card: {card['backbone']} + tuned head, {len(names)} classes ({', '.join(names)})", ""]
+    if weights["source"] == "random":
+        lines += ["> **This model's backbone has random (seeded) weights, not ImageNet weights.** Its figures only "
+                  "show that the pipeline works; it is not a classifier to use.", ""]
+    lines += [
+        "## Intended use", "",
+        f"Research and teaching: a transfer-learning baseline that gives a chest X-ray image a probability for each "
+        f"of {', '.join(names)} and labels it with the most probable. **Not a medical device**; not for diagnosis, "
+        "triage or any decision about a patient.", "",
+        "## Model", "",
+        f"- Backbone: {card['backbone']} (frozen), weights {weights['source']} (SHA-256 `{weights['sha256'][:16]}`), "
+        f"input {card['image_size']}×{card['image_size']} RGB; decoding, resizing and preprocessing are inside the "
+        "model (`model.keras`, and `model.export/` taking encoded JPEG/PNG bytes).",
+        f"- Head: softmax over {len(names)} classes, trial {card['head']['trial_number']} of study "
+        f"`{card['head']['study_name']}`, parameters `{card['head']['params']}`.",
+        "- Decision: the class of highest probability (argmax). A decision threshold has no multi-class meaning; "
+        "`threshold` in model.json is 0 and unused.", "",
+        "## Training data", "",
+    ]
+    if data:
+        lines += [f"From `{data.get('data_dir', 'n/a')}`; cache fingerprint `{card['cache_fingerprint'][:12]}`.", "",
+                  f"| split | {' | '.join(names)} | patients |", "| --- |" + " ---: |" * (len(names) + 1)]
+        for split in ("train", "val", "test"):
+            counts = data["images"][split]
+            lines.append(f"| {split} | {' | '.join(str(counts.get(n, 0)) for n in names)} | "
+                         f"{data['patients'][split]} |")
+        lines += ["", f"Training images were also seen as {data.get('augmented_copies')} augmented copies "
+                  f"({_augment_text(data.get('augment'))}).", ""]
+    ci = card["test_metrics_ci"]["at_threshold"]  # the argmax decision
+    lines += [f"## Test metrics ({card['test_images']} test images; 95 % bootstrap intervals)", "",
+              "| metric (macro over classes) | test |", "| --- | --- |"]
+    lines += [f"| {name} | {format_ci(ci.get(name))} |" for name in ("accuracy", "roc_auc", "sensitivity",
+                                                                     "specificity")]
+    lines += ["", "| class | images | ROC-AUC (one vs rest) | sensitivity | specificity |",
+              "| --- | ---: | --- | --- | --- |"]
+    for name in names:
+        c = card["test_per_class"][name]
+        lines.append(f"| {name} | {c['images']} | {format_ci(c['roc_auc'])} | {format_ci(c['sensitivity'])} | "
+                     f"{format_ci(c['specificity'])} |")
+    lines += ["", "Confusion matrix (rows: true, columns: predicted):", "",
+              "| true \\ predicted | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |"
+              for name, row in zip(names, card["test_confusion"]["matrix"])]
+    lines += ["", f"Validation macro ROC-AUC {format_value(card['validation_metrics'].get('roc_auc'))} (the split "
+              "the head was chosen on).", "", "## Known limitations", "", f"- {DATASET_NOTE}",
+              "- Probabilities were not calibrated (calibration is reported for binary heads only).", ""]
+    return "\n".join(lines + _reproduce_lines(card))

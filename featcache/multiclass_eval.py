@@ -1,0 +1,235 @@
+"""Test-set evaluation of a multi-class head (three or more classes): the decision is the argmax of the class
+probabilities; per-class and macro metrics with percentile bootstrap intervals, the k x k confusion matrix,
+one-vs-rest ROC curves, and the report files ``evaluate`` writes for a binary head (report.json, report.md,
+roc.png, confusion.png, trials.png).
+
+Metrics (each ``{"value", "ci_low", "ci_high"}``): ``accuracy``; ``roc_auc``, ``sensitivity`` and
+``specificity``, the macro (unweighted) means over classes of each class's one-vs-rest ROC-AUC, recall and
+specificity; and the same three per class. A threshold, Youden's J and ``--min-sensitivity`` have no
+multi-class meaning: report.json keeps the binary keys ``at_threshold`` and ``at_0.5`` (what the selection,
+export and the summaries read) and both hold the argmax results, with ``"decision": "argmax"``. Calibration
+and the HTML report (its false-positive gallery) are binary-only and are not written for a multi-class head.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from featcache import __version__
+from featcache.metrics import LEVEL, bootstrap_index_blocks, _ranking_samples
+from featcache.multiclass import ARGMAX, one_vs_rest_auc
+from featcache.reports import format_ci, format_value
+
+log = logging.getLogger(__name__)
+
+MACRO = ("accuracy", "roc_auc", "sensitivity", "specificity")
+PER_CLASS = ("roc_auc", "sensitivity", "specificity")
+
+
+def point_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """``{"accuracy", "roc_auc", "sensitivity", "specificity"}`` (macro) and ``per_class`` {metric: (k,)};
+    NaN where a class is absent from ``labels``."""
+    labels, probs = np.asarray(labels, np.int64), np.asarray(probs, np.float64)
+    predicted = probs.argmax(axis=1)
+    classes = probs.shape[1]
+    with np.errstate(invalid="ignore"):
+        recall = np.array([np.mean(predicted[labels == k] == k) if (labels == k).any() else np.nan
+                           for k in range(classes)])
+        specificity = np.array([np.mean(predicted[labels != k] != k) if (labels != k).any() else np.nan
+                                for k in range(classes)])
+    auc = one_vs_rest_auc(labels, probs)
+    per_class = {"roc_auc": auc, "sensitivity": recall, "specificity": specificity}
+    return {"accuracy": float(np.mean(predicted == labels)), "roc_auc": float(np.mean(auc)),
+            "sensitivity": float(np.mean(recall)), "specificity": float(np.mean(specificity)), "per_class": per_class}
+
+
+def bootstrap_samples(labels: np.ndarray, probs: np.ndarray, indices: np.ndarray) -> dict:
+    """Each metric on each resample (rows of ``indices``): macro ``{name: (B,)}`` and ``per_class``
+    ``{name: (B, k)}``; NaN where a class is absent from a resample (its macro mean is then NaN too)."""
+    y = labels[indices]
+    called = probs.argmax(axis=1)[indices]
+    classes = probs.shape[1]
+    per = {name: np.empty((len(indices), classes)) for name in PER_CLASS}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for k in range(classes):
+            positive, yes = y == k, called == k
+            n_pos = positive.sum(1)
+            per["sensitivity"][:, k] = np.where(n_pos > 0, (positive & yes).sum(1) / n_pos, np.nan)
+            n_neg = (~positive).sum(1)
+            per["specificity"][:, k] = np.where(n_neg > 0, (~positive & ~yes).sum(1) / n_neg, np.nan)
+            per["roc_auc"][:, k] = _ranking_samples(positive, probs[:, k][indices])["roc_auc"]
+    macro = {name: per[name].mean(axis=1) for name in PER_CLASS}
+    return {"accuracy": (y == called).mean(1), **macro, "per_class": per}
+
+
+def _interval(point: float, samples: np.ndarray, level: float) -> dict:
+    finite = samples[np.isfinite(samples)]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(finite, [tail, 100 - tail]) if len(finite) else (np.nan, np.nan)
+    return {"value": float(point), "ci_low": float(low), "ci_high": float(high)}
+
+
+def score_multiclass_with_intervals(labels: np.ndarray, probs: np.ndarray, class_names: list[str], *,
+                                    n_bootstrap: int, seed: int, level: float = LEVEL) -> dict:
+    """Argmax metrics of (n, k) probabilities with percentile bootstrap intervals (the resamples of
+    ``metrics.bootstrap_index_blocks``, as the binary report), the confusion matrix and the class counts.
+
+    Returns:
+        ``{"threshold", "decision", "metrics": {macro name: interval}, "per_class": {class: {name: interval}},
+        "confusion": {"labels", "matrix"}, "bootstrap"}``.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    labels, probs = np.asarray(labels, np.int64), np.asarray(probs, np.float64)
+    point = point_metrics(labels, probs)
+    blocks = [bootstrap_samples(labels, probs, indices)
+              for indices in bootstrap_index_blocks(len(labels), n_bootstrap, seed)]
+    metrics = {name: _interval(point[name], np.concatenate([b[name] for b in blocks]), level) for name in MACRO}
+    per_class = {}
+    for k, name in enumerate(class_names):
+        per_class[name] = {metric: _interval(point["per_class"][metric][k],
+                                             np.concatenate([b["per_class"][metric][:, k] for b in blocks]), level)
+                           for metric in PER_CLASS}
+        per_class[name]["images"] = int(np.sum(labels == k))
+    matrix = confusion_matrix(labels, probs.argmax(axis=1), labels=list(range(len(class_names))))
+    return {"threshold": 0.0, "decision": ARGMAX, "metrics": metrics, "per_class": per_class,
+            "confusion": {"labels": list(class_names), "matrix": matrix.tolist()},
+            "bootstrap": {"resamples": n_bootstrap, "level": level, "seed": seed, "method": "percentile"}}
+
+
+def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray, classes: int) -> dict:
+    """Always the training split's majority class: its test accuracy; macro recall 1/k, specificity (k-1)/k
+    (on a test set holding every class) and ROC-AUC 0.5 of a constant score."""
+    majority = int(np.bincount(np.asarray(train_labels, np.int64), minlength=classes).argmax())
+    constant = np.zeros((len(test_labels), classes))
+    constant[:, majority] = 1.0
+    point = point_metrics(test_labels, constant)
+    return {"class_index": majority, "metrics": {name: point[name] for name in MACRO}}
+
+
+def evaluate_multiclass(cache_path: Path, record: dict, manifest: dict, data_dir: Path, test, scores, parity: dict,
+                        probe, weights_sha256: str, config) -> dict:
+    """The report of a multi-class head from ``evaluate.evaluate_cache``'s test scores; writes its files."""
+    import keras
+    import tensorflow as tf
+
+    from featcache.evaluate import write_atomic, _finite, REPORT_FILE
+
+    names = list(manifest["class_names"])
+    scored = score_multiclass_with_intervals(scores.labels, scores.probs, names, n_bootstrap=config.n_bootstrap,
+                                             seed=config.seed)
+    report = {
+        "task": "multiclass", "decision": ARGMAX,
+        "backbone": manifest["backbone"], "cache_file": Path(cache_path).name,
+        "cache_fingerprint": manifest["fingerprint"], "run_dir": record["run_dir"],
+        "image_size": manifest["image_size"], "dtype": manifest["dtype"], "class_names": names,
+        "weights": {**manifest["weights"], "verified_sha256": weights_sha256},
+        "head": {key: record[key] for key in ("head_sha256", "trial_number", "params", "threshold",
+                                              "threshold_method", "study_name")},
+        "validation": record["val_metrics"], "data_dir": str(Path(data_dir).resolve()),
+        "test": {"images": len(scores.paths), "per_class": {n: int(np.sum(scores.labels == k))
+                                                            for k, n in enumerate(names)},
+                 "skipped": scores.skipped,
+                 "skipped_at_extraction": [s for s in manifest.get("skipped", []) if s.get("split") == "test"
+                                           or "split" not in s and s["path"].startswith("test/")]},
+        "at_threshold": scored, "at_0.5": scored,  # both the argmax decision: no threshold with k classes
+        "baseline": majority_baseline(test.train_labels, scores.labels, len(names)),
+        "parity": parity,
+        "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "probe": _probe(probe, record, scores, names, config),
+        "predictions": {"path": scores.paths, "label": scores.labels.tolist(), "probability": scores.probs.tolist(),
+                        "cached_probability": scores.cached.tolist()},
+    }
+    run_dir = Path(record["run_dir"])
+    _write_plots(run_dir, report, scores.labels, scores.probs)
+    write_atomic(run_dir / "report.md", format_multiclass_report(report))
+    write_atomic(run_dir / REPORT_FILE, json.dumps(_finite(report), indent=1, sort_keys=True) + "\n")
+    log.info("%s: multi-class report (argmax decision); calibration and report.html are binary-only, not written",
+             manifest["backbone"])
+    return report
+
+
+def _probe(probe, record: dict, scores, names: list[str], config) -> dict | None:
+    if probe is None or scores.probe is None:
+        return None
+    below = record["val_metrics"]["roc_auc"] < probe.val_scores["roc_auc"]
+    test_scores = score_multiclass_with_intervals(scores.labels, scores.probe, names,
+                                                  n_bootstrap=config.n_bootstrap, seed=config.seed)
+    return {"c": probe.c, "validation": probe.val_scores, "test": test_scores, "head_below_probe_on_validation": below}
+
+
+def _write_plots(run_dir: Path, report: dict, labels: np.ndarray, probs: np.ndarray) -> None:
+    from featcache.plots import plot_roc, plot_trials
+
+    names = report["class_names"]
+    present = [k for k in range(len(names)) if 0 < np.sum(labels == k) < len(labels)]
+    plot_roc([(f"{names[k]} vs rest", labels == k, probs[:, k]) for k in present], run_dir / "roc.png",
+             f"Test one-vs-rest ROC, {report['backbone']}")
+    plot_confusion_matrix(report["at_threshold"]["confusion"]["matrix"], names, run_dir / "confusion.png",
+                          f"Test, argmax, {report['backbone']}")
+    trials = run_dir / "trials.jsonl"
+    if trials.is_file():
+        rows = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
+        plot_trials(rows, run_dir / "trials.png", f"Head search, {report['backbone']}")
+
+
+def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str) -> Path:
+    """A k x k confusion matrix (rows: true class, columns: predicted), counts annotated."""
+    from matplotlib.figure import Figure
+
+    from featcache.plots import _save
+
+    counts = np.asarray(matrix)
+    k = len(class_names)
+    figure = Figure(figsize=(1.2 * k + 2, 1.2 * k + 1.5))
+    axes = figure.add_subplot()
+    axes.imshow(counts, cmap="Blues")
+    axes.set(xticks=range(k), yticks=range(k), xticklabels=class_names, yticklabels=class_names,
+             xlabel="predicted", ylabel="true", title=title)
+    for i in range(k):
+        for j in range(k):
+            axes.text(j, i, str(counts[i, j]), ha="center", va="center",
+                      color="white" if counts[i, j] > counts.max() / 2 else "black")
+    return _save(figure, path)
+
+
+def format_multiclass_report(report: dict) -> str:
+    """report.md of a multi-class head."""
+    names, scored = report["class_names"], report["at_threshold"]
+    m, test = scored["metrics"], report["test"]
+    counts = ", ".join(f"{name} {test['per_class'][name]}" for name in names)
+    lines = [f"# {report['backbone']}: {len(names)} classes ({', '.join(names)})", "",
+             f"{test['images']} test images ({counts}). "
+             "Decision: the class of highest probability (argmax); a decision threshold has no multi-class meaning.",
+             "", "| metric (macro over classes) | test [95 % bootstrap CI] | validation |", "| --- | --- | ---: |"]
+    for name in MACRO:
+        lines.append(f"| {name} | {format_ci(m[name])} | {format_value(report['validation'].get(name))} |")
+    lines += ["", "| class | images | ROC-AUC (one vs rest) | sensitivity (recall) | specificity |",
+              "| --- | ---: | --- | --- | --- |"]
+    for name in names:
+        c = scored["per_class"][name]
+        lines.append(f"| {name} | {c['images']} | {format_ci(c['roc_auc'])} | {format_ci(c['sensitivity'])} | "
+                     f"{format_ci(c['specificity'])} |")
+    lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
+              "| true \\ predicted | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for name, row in zip(names, scored["confusion"]["matrix"]):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    base, probe = report["baseline"], report.get("probe")
+    lines += ["", f"Majority-class baseline (always {names[base['class_index']]}): test accuracy "
+              f"{format_value(base['metrics']['accuracy'])}, macro ROC-AUC 0.5."]
+    if probe:
+        lines.append(f"Linear probe (multinomial logistic regression, C={probe['c']:g}): validation macro ROC-AUC "
+                     f"{format_value(probe['validation']['roc_auc'])}, test "
+                     f"{format_ci(probe['test']['metrics']['roc_auc'])}"
+                     + (" -- **the tuned head is below it on validation**" if probe["head_below_probe_on_validation"]
+                        else "") + ".")
+    lines += [f"Parity: end-to-end vs cached-maps probabilities differ by at most "
+              f"{report['parity']['max_abs_diff']:.2e} (tolerance {report['parity']['tolerance']:g}).", "",
+              "Plots: [roc.png](roc.png) (one vs rest), [confusion.png](confusion.png), [trials.png](trials.png).", ""]
+    return "\n".join(lines)

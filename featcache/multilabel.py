@@ -1,0 +1,210 @@
+"""The multi-label head (several 0/1 label columns, e.g. CheXpert's findings): Dense(k, sigmoid) on the
+reference trunk, trained on cached pooled vectors with a masked binary cross-entropy, its validation scores
+and per-label decision thresholds.
+
+Targets are (n, k) float 0/1 with NaN where a label is masked (``--uncertain ignore``: CheXpert's -1 and
+blanks, ``labels.LabelFile.targets``); a masked entry adds nothing to the loss, the metrics or the
+thresholds. ``class_weight`` weighs, label by label, the positives by ``n / (2 n_pos)`` and the negatives by
+``n / (2 n_neg)`` (counted over the label's unmasked rows). Selection: validation macro ROC-AUC (the mean
+over labels of each label's ROC-AUC on its unmasked rows); thresholds: Youden's J per label on validation.
+
+Library only: the cache does not store (n, k) targets yet, so ``extract`` still refuses a multi-label label
+file with one line, and train-head/evaluate/export do not reach this module. Pure computation, no file IO.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+from featcache.head import (
+    ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON, EPSILON, FitResult, HeadModels, HeadParams, _Trainer, _val_scorer,
+    choose_threshold, epoch_windows,
+)
+
+
+def label_weights(targets: np.ndarray, balanced: bool) -> np.ndarray:
+    """(n, k) float32 loss weights: 0 where masked (NaN), else 1, or with ``balanced`` ``n / (2 n_pos)`` for a
+    positive and ``n / (2 n_neg)`` for a negative of that label (n, n_pos, n_neg over its unmasked rows)."""
+    targets = np.asarray(targets, np.float64)
+    known = np.isfinite(targets)
+    if not balanced:
+        return known.astype(np.float32)
+    positive = known & (np.nan_to_num(targets) == 1)
+    n, n_pos = known.sum(0), positive.sum(0)
+    w_pos, w_neg = n / (2.0 * np.maximum(n_pos, 1)), n / (2.0 * np.maximum(n - n_pos, 1))
+    return np.where(known, np.where(positive, w_pos, w_neg), 0.0).astype(np.float32)
+
+
+def masked_binary_cross_entropy(targets: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean BCE over the unmasked entries of (m, k) targets, probabilities clipped as Keras clips them."""
+    targets = np.asarray(targets, np.float64)
+    known = np.isfinite(targets)
+    y = np.nan_to_num(targets)
+    p = np.clip(np.asarray(probs, np.float64), EPSILON, 1 - EPSILON)
+    losses = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    w = known.astype(np.float64) if weights is None else np.asarray(weights, np.float64) * known
+    return float((losses * w).sum() / max(w.sum(), 1e-12))
+
+
+def per_label_auc(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(k,) ROC-AUC of each label on its unmasked rows; NaN for a label with one value there."""
+    from sklearn.metrics import roc_auc_score
+
+    targets, probs = np.asarray(targets, np.float64), np.asarray(probs, np.float64)
+    out = np.full(targets.shape[1], np.nan)
+    for j in range(targets.shape[1]):
+        known = np.isfinite(targets[:, j])
+        if len(np.unique(targets[known, j])) == 2:
+            out[j] = roc_auc_score(targets[known, j], probs[known, j])
+    return out
+
+
+def score_multilabel(targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
+    """Validation scores: masked BCE ``loss``, macro ``roc_auc``, and, at ``thresholds`` (default 0.5 each),
+    macro ``accuracy``, ``sensitivity`` and ``specificity`` over each label's unmasked rows.
+
+    Raises:
+        FeatcacheError: a label without both values among its unmasked rows (its ROC-AUC is undefined).
+    """
+    targets, probs = np.asarray(targets, np.float64), np.asarray(probs, np.float64)
+    auc = per_label_auc(targets, probs)
+    if np.isnan(auc).any():
+        raise FeatcacheError(f"Validation needs both values of every label to score a head. "
+                             f"Received: labels_without_both={np.flatnonzero(np.isnan(auc)).tolist()}")
+    thresholds = np.full(targets.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, np.float64)
+    accuracy, sensitivity, specificity = [], [], []
+    for j in range(targets.shape[1]):
+        known = np.isfinite(targets[:, j])
+        y, called = targets[known, j] == 1, probs[known, j] >= thresholds[j]
+        accuracy.append(np.mean(y == called))
+        sensitivity.append(np.mean(called[y]))
+        specificity.append(np.mean(~called[~y]))
+    return {"loss": masked_binary_cross_entropy(targets, probs), "roc_auc": float(auc.mean()),
+            "accuracy": float(np.mean(accuracy)), "sensitivity": float(np.mean(sensitivity)),
+            "specificity": float(np.mean(specificity)), "per_label_roc_auc": auc.tolist()}
+
+
+def choose_thresholds(targets: np.ndarray, probs: np.ndarray, min_sensitivity: float | None = None) -> list[float]:
+    """Per-label decision thresholds on validation (``head.choose_threshold`` on each label's unmasked rows)."""
+    targets = np.asarray(targets, np.float64)
+    out = []
+    for j in range(targets.shape[1]):
+        known = np.isfinite(targets[:, j])
+        out.append(choose_threshold(targets[known, j], np.asarray(probs)[known, j], min_sensitivity)[0])
+    return out
+
+
+def build_multilabel_head(feature_shape: tuple[int, int, int], params: HeadParams, labels: int,
+                          stats=None) -> HeadModels:
+    """The reference trunk with Dense(labels, sigmoid): one independent probability per label."""
+    from featcache.head import build_head
+
+    return build_head(feature_shape, params, stats, classes=labels, multilabel=True)
+
+
+def fit_multilabel_head(models: HeadModels, pooled: np.ndarray, targets: np.ndarray, source_index: np.ndarray,
+                        val_pooled: np.ndarray, val_targets: np.ndarray, params: HeadParams, *, seed: int,
+                        max_epochs: int = 30, patience: int = 5,
+                        on_epoch: Callable[[int, dict], bool] | None = None) -> FitResult:
+    """``head.fit_head`` for k sigmoid outputs on (n, k) targets with NaN masks: the same epochs (one view per
+    image), batches, Adam and early stopping on the validation (label-weighted) masked BCE."""
+    import tensorflow as tf
+
+    trainer = _multilabel_trainer(tuple(tuple(v.shape) for v in models.pooled.trainable_variables))
+    trainer.reset([v.numpy() for v in models.pooled.trainable_variables])
+    predict = _multilabel_predict_graph()
+    targets = np.asarray(targets, np.float32)
+    w_all = label_weights(targets, params.class_weight)
+    y_all = np.nan_to_num(targets).astype(np.float32)
+    val_weights = label_weights(val_targets, params.class_weight)
+    hyper = [tf.constant(v, dtype) for v, dtype in ((params.batch_size, tf.int32), (params.learning_rate, tf.float32),
+                                                    (params.l2, tf.float32), (params.dropout, tf.float32),
+                                                    (seed, tf.int64))]
+    standardize = models.standardize or (lambda x: x)
+    x_all = standardize(tf.convert_to_tensor(pooled, tf.float32))
+    score = _val_scorer(val_pooled, standardize, predict)
+    rng = np.random.default_rng(seed)
+    best_loss, best_epoch, best, history, stopped = np.inf, 0, trainer.weights_now(), [], False
+    for epoch in range(1, max_epochs + 1):
+        rows = np.concatenate([rows for _, rows in epoch_windows(source_index, params.batch_size, rng)])
+        trainer.epoch(x_all, tf.constant(y_all), tf.constant(w_all), tf.constant(rows), *hyper)
+        weights = trainer.weights_now()
+        probs = score(weights)
+        scores = score_multilabel(val_targets, probs)
+        stop_loss = (masked_binary_cross_entropy(val_targets, probs, val_weights) if params.class_weight
+                     else scores["loss"])
+        history.append({"epoch": epoch, **scores, "stop_loss": stop_loss})
+        if stop_loss < best_loss:
+            best_loss, best_epoch, best = stop_loss, epoch, weights
+        stopped = bool(on_epoch(epoch, scores)) if on_epoch else False
+        if stopped or epoch - best_epoch >= patience:
+            break
+    for variable, value in zip(models.pooled.trainable_variables, best):
+        variable.assign(value)
+    probs = score(best)
+    return FitResult(score_multilabel(val_targets, probs), probs, best_epoch, epoch, stopped, history)
+
+
+@functools.cache
+def _multilabel_predict_graph():
+    import tensorflow as tf
+
+    from featcache.multiclass import _class_logits  # the k-output logits
+
+    vector, matrix = tf.TensorSpec([None], tf.float32), tf.TensorSpec([None, None], tf.float32)
+    return tf.function(lambda weights, x: tf.sigmoid(_class_logits(weights, x)),
+                       input_signature=[(matrix, vector, matrix, vector), matrix])
+
+
+class _MultilabelTrainer(_Trainer):
+    """``head._Trainer`` on (n, k) targets and (n, k) loss weights (0 where masked): the masked, weighted
+    sigmoid cross-entropy, summed and divided by the batch's unmasked entries."""
+
+    def __init__(self, shapes):
+        import tensorflow as tf
+
+        super().__init__(shapes)
+        scalar, matrix = tf.TensorSpec([], tf.float32), tf.TensorSpec([None, None], tf.float32)
+        self.epoch = tf.function(self._epoch, input_signature=[
+            matrix, matrix, matrix, tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
+            scalar, scalar, scalar, tf.TensorSpec([], tf.int64)])
+
+    def _epoch(self, x_all, y_all, w_all, rows, batch_size, learning_rate, l2, rate, seed):
+        import tensorflow as tf
+
+        from featcache.multiclass import _class_logits
+
+        n_batches = (tf.size(rows) + batch_size - 1) // batch_size
+
+        def step(i):
+            batch = rows[i * batch_size:(i + 1) * batch_size]
+            x, y, w = tf.gather(x_all, batch), tf.gather(y_all, batch), tf.gather(w_all, batch)
+            t = self.steps.read_value()
+            weights = [variable.read_value() for variable in self.weights]
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                z = _class_logits(weights, x, rate, tf.stack([seed, t]))
+                loss = tf.reduce_sum(w * tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z))
+                loss = loss / tf.maximum(tf.reduce_sum(tf.cast(w > 0, tf.float32)), 1.0)
+                loss += l2 * (tf.reduce_sum(tf.square(weights[0])) + tf.reduce_sum(tf.square(weights[2])))
+            grads = tape.gradient(loss, weights)
+            t = t + 1
+            updates = [tf.raw_ops.ResourceApplyAdam(
+                var=variable.handle, m=m.handle, v=v.handle, beta1_power=ADAM_BETA_1 ** tf.cast(t, tf.float32),
+                beta2_power=ADAM_BETA_2 ** tf.cast(t, tf.float32), lr=learning_rate, beta1=ADAM_BETA_1,
+                beta2=ADAM_BETA_2, epsilon=ADAM_EPSILON, grad=grad)
+                for variable, (m, v), grad in zip(self.weights, self.moments, grads)]
+            with tf.control_dependencies(updates + [self.steps.assign(t)]):
+                return (tf.identity(i + 1),)
+
+        tf.while_loop(lambda i: i < n_batches, step, (tf.constant(0),))
+        return self.steps.read_value()
+
+
+@functools.cache
+def _multilabel_trainer(shapes: tuple[tuple[int, ...], ...]) -> _MultilabelTrainer:
+    return _MultilabelTrainer(shapes)
