@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import hashlib
-import io
 import os
 import tempfile
 import time
