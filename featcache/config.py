@@ -15,6 +15,7 @@ from featcache.patients import check_patient_pattern
 from featcache.metrics import N_BOOTSTRAP
 
 DTYPES = ("float16", "float32")
+ENGINES = ("local", "ray")  # --engine: this process, or a Ray cluster (featcache.ray_engine)
 COMPRESSIONS = (None, "lzf", "gzip")
 PRECISIONS = ("auto", "float32", "mixed")
 # copy_index is int16 in the cache and in the work files: copies 1..K must fit.
@@ -53,6 +54,10 @@ class ExtractConfig:
         patient_pattern: a regular expression searched in each relative path; its first group is the patient.
         shard_rows: rows per shard file, or None for about 64 MiB of maps (``shards.default_shard_rows``);
             not a feature setting: any value gives the same cache.
+        engine: ``local`` (this process) or ``ray`` (a Ray Data actor pool, ``featcache.ray_engine``); not a
+            feature setting: either gives the same cache.
+        ray_address: the Ray cluster to join (``auto``: the one ``ray start`` began here; None: start a local one).
+        ray_actors: backbone actors (default: one per GPU, or one per two CPUs where the cluster has no GPU).
     """
 
     data_dir: Path
@@ -75,6 +80,9 @@ class ExtractConfig:
     uncertain: str = "ignore"
     patient_pattern: str | None = None
     shard_rows: int | None = None
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_actors: int | None = None
 
     def __post_init__(self) -> None:
         if self.uncertain not in UNCERTAIN_POLICIES:
@@ -85,6 +93,12 @@ class ExtractConfig:
             check_patient_pattern(self.patient_pattern)
         if self.shard_rows is not None and self.shard_rows < 1:
             raise FeatcacheError(f"--shard-rows must be >= 1. Received: shard_rows={self.shard_rows}")
+        if self.engine not in ENGINES:
+            raise FeatcacheError(f"--engine must be one of {ENGINES}. Received: engine={self.engine!r}")
+        if self.engine != "ray" and (self.ray_address is not None or self.ray_actors is not None):
+            raise FeatcacheError(f"--ray-address and --ray-actors need --engine ray. Received: engine={self.engine!r}")
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise FeatcacheError(f"--ray-actors must be >= 1. Received: ray_actors={self.ray_actors}")
         if not self.backbones:
             raise FeatcacheError("Pass at least one --backbone. Received: backbones=()")
         _check_unique(self.backbones)
