@@ -152,7 +152,7 @@ def compute_shards(config, root: Path, spec, backbone, precision: str, missing: 
     dataset = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(_decode, batch_size=1, fn_kwargs={"root": str(root), "config": config}, num_cpus=pool["decode_cpus"])
-        .map_batches(ShardWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
+        .map_batches(ShardWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(pool["actors"], len(items))),
                      **pool["actor"],
                      fn_constructor_kwargs={
                          "backbone": spec.name, "image_size": config.image_size, "seed": config.seed,

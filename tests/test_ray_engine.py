@@ -118,3 +118,62 @@ def test_engine_ray_without_ray_is_one_line_naming_the_extra(small_xrays, tmp_pa
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and 'pip install "featcache[ray]"' in lines[0], result.output
     assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+DRIVER = """
+import sys, time
+import featcache.ray_engine as ray_engine
+from featcache.config import ExtractConfig
+from featcache.extract import extract_features
+
+
+class SlowWriter(ray_engine.ShardWriter):  # sent to the actors by value: every shard after the first waits
+    calls = 0
+
+    def __call__(self, batch):
+        SlowWriter.calls += 1
+        if SlowWriter.calls > 1:
+            time.sleep(3)
+        return super().__call__(batch)
+
+
+ray_engine.ShardWriter = SlowWriter
+data, cache, address = sys.argv[1:]
+extract_features(ExtractConfig(data_dir=data, cache_dir=cache, engine="ray", ray_actors=2, ray_address=address,
+                               **{SETTINGS}))
+"""
+
+
+def test_sigkill_of_the_ray_driver_then_a_rerun_computes_only_the_missing_shards(builds, local_ray):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    root, config, local = builds["root"], builds["config"], builds["local"]
+    cache_dir = root / "killed"
+    shards = cache_dir / f"{local.cache_path.stem}.shards"
+    address = local_ray.get_runtime_context().gcs_address  # the driver joins the module's cluster
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER.replace("{SETTINGS}", repr({**SETTINGS, "shard_rows": 4})),
+         str(config(root).data_dir), str(cache_dir), address],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(shards.glob("*.h5")) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert driver.poll() is None, f"the driver ended before its first shard: {driver.stderr.read()[-2000:]}"
+        assert list(shards.glob("*.h5")), "no shard within 300 s"
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert not (cache_dir / local.cache_path.name).exists()  # killed before its master file
+    done = sum(len(read_keys(p)) for p in shards.glob("*.h5"))
+    assert 0 < done < 22
+    (resumed,) = extract_features(config(cache_dir, engine="ray", ray_actors=2, shard_rows=4))
+    assert (resumed.computed_rows, resumed.reused_rows) == (22 - done, done)
+    assert_same_datasets(local.cache_path, resumed.cache_path)
+    assert _manifest(resumed.cache_path) == {**_manifest(local.cache_path), "shards": _manifest(resumed.cache_path)["shards"]}
+    assert not list(shards.glob("*.incomplete"))
