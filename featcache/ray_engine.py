@@ -5,7 +5,8 @@ in the same canonical order, cut into the same fixed batches (``extract._plan_ba
 groups those batches into shards the way ``ShardPacker`` does (whole batches until ``shard_rows`` rows)
 and turns the shard plan into a Ray Dataset, one row per shard:
 
-    plan rows --map_batches(_decode, CPU tasks)--> decoded uint8 images and augmented copies
+    plan rows --map_batches(_decode)--> decoded uint8 images and augmented copies (CPU tasks next to
+                GPU actors; on a cluster without GPUs fused into the CPU actors, see ``pool_resources``)
               --map_batches(ShardWriter, actor pool)--> backbone per planned batch (padded like the local
                 engine), then the whole shard written by the actor (``shards.write_shard``: atomic, sealed)
               --> the driver records each finished shard; ``extract`` writes the master file.
