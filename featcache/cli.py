@@ -56,6 +56,9 @@ def extract(
     patient_pattern: Annotated[Optional[str], typer.Option("--patient-pattern", help="Regular expression searched in each relative path; its first group is the patient id.")] = None,
     shard_rows: Annotated[Optional[int], typer.Option("--shard-rows", help="Rows per shard file (default: about 64 MiB of maps); any value gives the same cache.")] = None,
     decode: Annotated[str, typer.Option("--decode", help="exact (the reference's pixels) or fast (large JPEGs decoded at 1/2-1/8 scale in the IDCT first; evaluate, export and predict follow the cache).")] = "exact",
+    engine: Annotated[str, typer.Option("--engine", help="local (this process) or ray (a Ray Data actor pool; pip install \"featcache[ray]\"); either gives the same cache.")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join with --engine ray: auto (the one 'ray start' began), HOST:PORT; default: start a local one.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", help="Backbone actors with --engine ray (default: one per GPU, or one per two CPUs).")] = None,
 ) -> None:
     """Run the frozen backbones once over every image and K augmented copies; cache the maps in HDF5."""
     from featcache.config import ExtractConfig
@@ -69,6 +72,7 @@ def extract(
             precision=precision, progress=progress, max_pixels=max_pixels, feature_layer=feature_layer, labels=labels,
             label_columns=tuple(c.strip() for c in label_columns.split(",") if c.strip()) if label_columns else None,
             uncertain=uncertain, patient_pattern=patient_pattern, shard_rows=shard_rows, decode=decode,
+            engine=engine, ray_address=ray_address, ray_actors=ray_actors,
         )
         summaries = extract_features(config)
     except FeatcacheError as error:

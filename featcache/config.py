@@ -15,6 +15,7 @@ from featcache.patients import check_patient_pattern
 from featcache.metrics import N_BOOTSTRAP
 
 DTYPES = ("float16", "float32")
+ENGINES = ("local", "ray")  # --engine: this process, or a Ray cluster (featcache.ray_engine)
 COMPRESSIONS = (None, "lzf", "gzip")
 PRECISIONS = ("auto", "float32", "mixed")
 CALIBRATE_METHODS = ("none", "temperature", "isotonic")  # train-head --calibrate (featcache.posthoc)
@@ -56,6 +57,10 @@ class ExtractConfig:
             not a feature setting: any value gives the same cache.
         decode: ``exact`` (the reference's pixels) or ``fast`` (JPEGs decoded at a reduced DCT scale first,
             ``data.FAST_DECODE``); recorded in the manifest, so evaluate, export and predict decode the same way.
+        engine: ``local`` (this process) or ``ray`` (a Ray Data actor pool, ``featcache.ray_engine``); not a
+            feature setting: either gives the same cache.
+        ray_address: the Ray cluster to join (``auto``: the one ``ray start`` began here; None: start a local one).
+        ray_actors: backbone actors (default: one per GPU, or one per two CPUs where the cluster has no GPU).
     """
 
     data_dir: Path
@@ -79,6 +84,9 @@ class ExtractConfig:
     patient_pattern: str | None = None
     shard_rows: int | None = None
     decode: str = "exact"
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_actors: int | None = None
 
     def __post_init__(self) -> None:
         if self.decode not in DECODES:
@@ -91,6 +99,12 @@ class ExtractConfig:
             check_patient_pattern(self.patient_pattern)
         if self.shard_rows is not None and self.shard_rows < 1:
             raise FeatcacheError(f"--shard-rows must be >= 1. Received: shard_rows={self.shard_rows}")
+        if self.engine not in ENGINES:
+            raise FeatcacheError(f"--engine must be one of {ENGINES}. Received: engine={self.engine!r}")
+        if self.engine != "ray" and (self.ray_address is not None or self.ray_actors is not None):
+            raise FeatcacheError(f"--ray-address and --ray-actors need --engine ray. Received: engine={self.engine!r}")
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise FeatcacheError(f"--ray-actors must be >= 1. Received: ray_actors={self.ray_actors}")
         if not self.backbones:
             raise FeatcacheError("Pass at least one --backbone. Received: backbones=()")
         _check_unique(self.backbones)

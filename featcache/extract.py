@@ -91,6 +91,10 @@ def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
     if cache_dir.exists() and not cache_dir.is_dir():
         raise FeatcacheError(f"--cache-dir {cache_dir} is a file, not a folder; pass a folder (it is created if "
                              f"missing). Received: cache_dir={str(cache_dir)!r}")
+    if config.engine == "ray":  # Ray only here: the local engine never imports it
+        from featcache.ray_engine import prepare
+
+        config = prepare(config)
     try:
         return _extract_all(config)
     except OSError as exc:
@@ -232,7 +236,12 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         shard_rows = config.shard_rows or default_shard_rows(feature_shape, config.dtype, config.batch_size)
         rank = {(f.record.path, f.sha256, k): i for i, (f, k) in enumerate(wanted)}
         packer = ShardPacker(store, shards, rank, shard_rows, config.compression)
-        timing, bad = _compute_batches(config, folder.root, extractor, missing, packer)
+        if config.engine == "ray":
+            from featcache.ray_engine import compute_shards
+
+            timing, bad = compute_shards(config, folder.root, spec, backbone, precision, missing, packer)
+        else:
+            timing, bad = _compute_batches(config, folder.root, extractor, missing, packer)
         skipped += bad
         bad_paths = {s["path"] for s in bad}
         rows = [(f, k) for f, k in wanted if f.record.path not in bad_paths]
