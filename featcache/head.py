@@ -402,8 +402,8 @@ def binary_cross_entropy(labels: np.ndarray, probs: np.ndarray, weights: np.ndar
     return float(np.average(losses, weights=weights))
 
 
-def _logits(weights, x, rate=None, seed=None):
-    """The head on pooled vectors: Dense(units, relu) -> [Dropout(rate), stateless] -> Dense(1) logits."""
+def _class_logits(weights, x, rate=None, seed=None):
+    """The head on pooled vectors: Dense(units, relu) -> [Dropout(rate), stateless] -> Dense(k) logits, (n, k)."""
     import tensorflow as tf
 
     kernel, bias, out_kernel, out_bias = weights
@@ -411,7 +411,12 @@ def _logits(weights, x, rate=None, seed=None):
     if rate is not None:  # inverted dropout, as keras.layers.Dropout
         keep = tf.random.stateless_uniform(tf.shape(hidden), seed=seed) >= rate
         hidden = tf.where(keep, hidden / (1.0 - rate), tf.zeros_like(hidden))
-    return tf.matmul(hidden, out_kernel)[:, 0] + out_bias[0]
+    return tf.matmul(hidden, out_kernel) + out_bias
+
+
+def _logits(weights, x, rate=None, seed=None):
+    """``_class_logits`` of the binary head's one output, (n,)."""
+    return _class_logits(weights, x, rate, seed)[:, 0]
 
 
 @functools.cache
@@ -432,7 +437,10 @@ class _Trainer:
     step size, ``m += (g - m)(1 - beta_1)``, ``v += (g^2 - v)(1 - beta_2)``, ``w -= lr_t m / (sqrt(v) + eps)``) in
     one pass over each weight instead of a dozen elementwise ops, which made up about a third of an epoch.
     One trainer per head size per process (``_trainer``), traced once and reset by each fit; not re-entrant.
+    Subclasses change the loss alone (``_batch_loss``; ``TARGET_RANK`` 2 for (n, k) targets and loss weights).
     """
+
+    TARGET_RANK = 1
 
     def __init__(self, shapes: tuple[tuple[int, ...], ...]):
         import tensorflow as tf
@@ -441,11 +449,10 @@ class _Trainer:
         self.moments = [(tf.Variable(tf.zeros(shape), trainable=False), tf.Variable(tf.zeros(shape), trainable=False))
                         for shape in shapes]
         self.steps = tf.Variable(0, dtype=tf.int64, trainable=False)
-        scalar = tf.TensorSpec([], tf.float32)
+        scalar, target = tf.TensorSpec([], tf.float32), tf.TensorSpec([None] * self.TARGET_RANK, tf.float32)
         self.epoch = tf.function(self._epoch, input_signature=[
-            tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.float32),
-            tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
-            scalar, scalar, scalar, tf.TensorSpec([], tf.int64)])
+            tf.TensorSpec([None, None], tf.float32), target, target, tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([], tf.int32), scalar, scalar, scalar, tf.TensorSpec([], tf.int64)])
 
     def reset(self, weights: list[np.ndarray]) -> None:
         """Start from these weights with fresh Adam moments and step count."""
@@ -461,6 +468,14 @@ class _Trainer:
 
         return tuple(tf.identity(variable.read_value()) for variable in self.weights)
 
+    def _batch_loss(self, weights, x, y, w, rate, seed):
+        """BinaryCrossentropy (on the sigmoid's logits, as Keras does) with sample weights, mean over the batch."""
+        import tensorflow as tf
+
+        z = _logits(weights, x, rate, seed)
+        loss = tf.reduce_sum(w * tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z))
+        return loss / tf.cast(tf.size(y), tf.float32)
+
     def _epoch(self, x_all, y_all, w_all, rows, batch_size, learning_rate, l2, rate, seed):
         import tensorflow as tf
 
@@ -473,11 +488,7 @@ class _Trainer:
             weights = [variable.read_value() for variable in self.weights]
             with tf.GradientTape() as tape:
                 tape.watch(weights)
-                z = _logits(weights, x, rate, tf.stack([seed, t]))
-                # BinaryCrossentropy (on the sigmoid's logits, as Keras does) with sample weights, mean
-                # over the batch, plus L2 of both kernels.
-                loss = tf.reduce_sum(w * tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z))
-                loss = loss / tf.cast(tf.size(batch), tf.float32)
+                loss = self._batch_loss(weights, x, y, w, rate, tf.stack([seed, t]))
                 loss += l2 * (tf.reduce_sum(tf.square(weights[0])) + tf.reduce_sum(tf.square(weights[2])))
             grads = tape.gradient(loss, weights)
             t = t + 1  # keras.optimizers.Adam defaults: beta_1 0.9, beta_2 0.999, epsilon 1e-7

@@ -31,8 +31,8 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.head import (
-    ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON, EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews,
-    _train_streamed, _Trainer, _val_scorer,
+    EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews,
+    _class_logits, _train_streamed, _Trainer, _val_scorer,
     epoch_windows, input_stats,
 )
 
@@ -144,18 +144,6 @@ def fit_softmax_head(models: HeadModels, train: TrainViews, val_pooled, val_labe
     return FitResult(score_multiclass(val_labels, probs), probs, best_epoch, epoch, stopped, history)
 
 
-def _class_logits(weights, x, rate=None, seed=None):
-    """Dense(units, relu) -> [Dropout(rate), stateless, as ``head._logits``] -> Dense(k) logits, (n, k)."""
-    import tensorflow as tf
-
-    kernel, bias, out_kernel, out_bias = weights
-    hidden = tf.nn.relu(tf.matmul(x, kernel) + bias)
-    if rate is not None:
-        keep = tf.random.stateless_uniform(tf.shape(hidden), seed=seed) >= rate
-        hidden = tf.where(keep, hidden / (1.0 - rate), tf.zeros_like(hidden))
-    return tf.matmul(hidden, out_kernel) + out_bias
-
-
 @functools.cache
 def _softmax_predict_graph():
     import tensorflow as tf
@@ -169,35 +157,12 @@ class _SoftmaxTrainer(_Trainer):
     """``head._Trainer`` whose loss is the softmax cross-entropy of k logits (labels come as float class
     indices, so the traced signature and the streamed epochs are the binary trainer's)."""
 
-    def _epoch(self, x_all, y_all, w_all, rows, batch_size, learning_rate, l2, rate, seed):
+    def _batch_loss(self, weights, x, y, w, rate, seed):
         import tensorflow as tf
 
-        n_batches = (tf.size(rows) + batch_size - 1) // batch_size
-
-        def step(i):
-            batch = rows[i * batch_size:(i + 1) * batch_size]
-            x, w = tf.gather(x_all, batch), tf.gather(w_all, batch)
-            y = tf.cast(tf.gather(y_all, batch), tf.int32)
-            t = self.steps.read_value()
-            weights = [variable.read_value() for variable in self.weights]
-            with tf.GradientTape() as tape:
-                tape.watch(weights)
-                z = _class_logits(weights, x, rate, tf.stack([seed, t]))
-                loss = tf.reduce_sum(w * tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=z))
-                loss = loss / tf.cast(tf.size(batch), tf.float32)
-                loss += l2 * (tf.reduce_sum(tf.square(weights[0])) + tf.reduce_sum(tf.square(weights[2])))
-            grads = tape.gradient(loss, weights)
-            t = t + 1
-            updates = [tf.raw_ops.ResourceApplyAdam(
-                var=variable.handle, m=m.handle, v=v.handle, beta1_power=ADAM_BETA_1 ** tf.cast(t, tf.float32),
-                beta2_power=ADAM_BETA_2 ** tf.cast(t, tf.float32), lr=learning_rate, beta1=ADAM_BETA_1,
-                beta2=ADAM_BETA_2, epsilon=ADAM_EPSILON, grad=grad)
-                for variable, (m, v), grad in zip(self.weights, self.moments, grads)]
-            with tf.control_dependencies(updates + [self.steps.assign(t)]):
-                return (tf.identity(i + 1),)
-
-        tf.while_loop(lambda i: i < n_batches, step, (tf.constant(0),))
-        return self.steps.read_value()
+        z = _class_logits(weights, x, rate, seed)
+        loss = tf.reduce_sum(w * tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32), logits=z))
+        return loss / tf.cast(tf.size(y), tf.float32)
 
 
 @functools.cache

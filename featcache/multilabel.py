@@ -21,7 +21,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.head import (
-    ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON, EPSILON, FitResult, HeadModels, HeadParams, _Trainer, _val_scorer,
+    EPSILON, FitResult, HeadModels, HeadParams, _class_logits, _Trainer, _val_scorer,
     choose_threshold, epoch_windows,
 )
 
@@ -153,7 +153,6 @@ def fit_multilabel_head(models: HeadModels, pooled: np.ndarray, targets: np.ndar
 def _multilabel_predict_graph():
     import tensorflow as tf
 
-    from featcache.multiclass import _class_logits  # the k-output logits
 
     vector, matrix = tf.TensorSpec([None], tf.float32), tf.TensorSpec([None, None], tf.float32)
     return tf.function(lambda weights, x: tf.sigmoid(_class_logits(weights, x)),
@@ -164,45 +163,14 @@ class _MultilabelTrainer(_Trainer):
     """``head._Trainer`` on (n, k) targets and (n, k) loss weights (0 where masked): the masked, weighted
     sigmoid cross-entropy, summed and divided by the batch's unmasked entries."""
 
-    def __init__(self, shapes):
+    TARGET_RANK = 2
+
+    def _batch_loss(self, weights, x, y, w, rate, seed):
         import tensorflow as tf
 
-        super().__init__(shapes)
-        scalar, matrix = tf.TensorSpec([], tf.float32), tf.TensorSpec([None, None], tf.float32)
-        self.epoch = tf.function(self._epoch, input_signature=[
-            matrix, matrix, matrix, tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
-            scalar, scalar, scalar, tf.TensorSpec([], tf.int64)])
-
-    def _epoch(self, x_all, y_all, w_all, rows, batch_size, learning_rate, l2, rate, seed):
-        import tensorflow as tf
-
-        from featcache.multiclass import _class_logits
-
-        n_batches = (tf.size(rows) + batch_size - 1) // batch_size
-
-        def step(i):
-            batch = rows[i * batch_size:(i + 1) * batch_size]
-            x, y, w = tf.gather(x_all, batch), tf.gather(y_all, batch), tf.gather(w_all, batch)
-            t = self.steps.read_value()
-            weights = [variable.read_value() for variable in self.weights]
-            with tf.GradientTape() as tape:
-                tape.watch(weights)
-                z = _class_logits(weights, x, rate, tf.stack([seed, t]))
-                loss = tf.reduce_sum(w * tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z))
-                loss = loss / tf.maximum(tf.reduce_sum(tf.cast(w > 0, tf.float32)), 1.0)
-                loss += l2 * (tf.reduce_sum(tf.square(weights[0])) + tf.reduce_sum(tf.square(weights[2])))
-            grads = tape.gradient(loss, weights)
-            t = t + 1
-            updates = [tf.raw_ops.ResourceApplyAdam(
-                var=variable.handle, m=m.handle, v=v.handle, beta1_power=ADAM_BETA_1 ** tf.cast(t, tf.float32),
-                beta2_power=ADAM_BETA_2 ** tf.cast(t, tf.float32), lr=learning_rate, beta1=ADAM_BETA_1,
-                beta2=ADAM_BETA_2, epsilon=ADAM_EPSILON, grad=grad)
-                for variable, (m, v), grad in zip(self.weights, self.moments, grads)]
-            with tf.control_dependencies(updates + [self.steps.assign(t)]):
-                return (tf.identity(i + 1),)
-
-        tf.while_loop(lambda i: i < n_batches, step, (tf.constant(0),))
-        return self.steps.read_value()
+        z = _class_logits(weights, x, rate, seed)
+        loss = tf.reduce_sum(w * tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z))
+        return loss / tf.maximum(tf.reduce_sum(tf.cast(w > 0, tf.float32)), 1.0)
 
 
 @functools.cache
