@@ -4,12 +4,11 @@ cached pooled vectors, and the validation scores that drive early stopping, prun
 Global average pooling has no parameters, so ``dense(mean(maps))`` trained on the cached pooled
 vectors is the very function ``head(maps)``: the two models here share their layers. The optional
 standardization is a per-channel affine map, which commutes with the average, so it too can sit
-after the pooling and be applied to the cached pooled vectors.
+after the pooling and be applied to the cached pooled vectors. The training loop itself is ``trainer``'s.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -310,87 +309,19 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
     Returns:
         FitResult with validation scores of the restored weights.
     """
-    import tensorflow as tf
-
     if models.pooled.output_shape[-1] > 1:  # three or more classes: the softmax head
         from featcache.multiclass import fit_softmax_head
 
         return fit_softmax_head(models, train, val_pooled, val_labels, params, seed=seed, max_epochs=max_epochs,
                                 patience=patience, on_epoch=on_epoch)
-    trainer = _trainer(tuple(tuple(v.shape) for v in models.pooled.trainable_variables))
-    trainer.reset([v.numpy() for v in models.pooled.trainable_variables])
-    predict = _predict_graph()
     class_weight = class_weights(train.labels) if params.class_weight else np.ones(2, np.float32)
     labels = np.asarray(train.labels, np.int64)
-    y_all, w_all = labels.astype(np.float32), class_weight[labels]
-    hyper = [tf.constant(v, dtype) for v, dtype in ((params.batch_size, tf.int32), (params.learning_rate, tf.float32),
-                                                    (params.l2, tf.float32), (params.dropout, tf.float32),
-                                                    (seed, tf.int64))]
-    standardize = models.standardize or (lambda x: x)  # the layer itself: training sees what the saved head computes
-    x_all = None if train.pooled is None else standardize(tf.convert_to_tensor(train.pooled, tf.float32))
-    score = _val_scorer(val_pooled, standardize, predict)
-    rng = np.random.default_rng(seed)
-    val_weights = class_weight[np.asarray(val_labels, np.int64)]
-    best_loss, best_epoch, best, history, stopped = np.inf, 0, trainer.weights_now(), [], False
-    for epoch in range(1, max_epochs + 1):
-        windows = epoch_windows(train.source_index, params.batch_size, rng, train.layout)
-        if x_all is not None:  # one graph call for the whole epoch
-            rows = np.concatenate([rows for _, rows in windows])
-            trainer.epoch(x_all, tf.constant(y_all), tf.constant(w_all), tf.constant(rows), *hyper)
-        else:
-            _train_streamed(trainer.epoch, train.stream(windows), windows, y_all, w_all, standardize, hyper)
-        weights = trainer.weights_now()
-        probs = score(weights)
-        scores = score_probs(val_labels, probs)
-        stop_loss = binary_cross_entropy(val_labels, probs, val_weights) if params.class_weight else scores["loss"]
-        history.append({"epoch": epoch, **scores, "stop_loss": stop_loss})
-        if stop_loss < best_loss:
-            best_loss, best_epoch, best = stop_loss, epoch, weights
-        stopped = bool(on_epoch(epoch, scores)) if on_epoch else False
-        if stopped or epoch - best_epoch >= patience:
-            break
-    for variable, value in zip(models.pooled.trainable_variables, best):
-        variable.assign(value)
-    probs = score(best)
-    return FitResult(score_probs(val_labels, probs), probs, best_epoch, epoch, stopped, history)
+    from featcache.trainer import BINARY_TASK, fit_epochs
 
-
-def _train_streamed(train_epoch, views, windows, y_all, w_all, standardize, hyper) -> None:
-    """One epoch on views that arrive a window at a time: the rows left over from a window's last full batch
-    open the next window's first, so the batches are exactly those of the epoch trained in one call."""
-    import tensorflow as tf
-
-    batch_size = int(hyper[0].numpy())
-    carry_x, carry_rows = None, np.empty(0, np.int32)
-    for x, (_, rows) in zip(views, windows, strict=True):  # views first: its generator runs to its end (closes)
-        x = standardize(tf.convert_to_tensor(x, tf.float32))
-        if len(carry_rows):
-            x, rows = tf.concat([carry_x, x], 0), np.concatenate([carry_rows, rows])
-        full = len(rows) // batch_size * batch_size
-        if full:
-            train_epoch(x, tf.constant(y_all[rows]), tf.constant(w_all[rows]), tf.range(full, dtype=tf.int32), *hyper)
-        carry_x, carry_rows = x[full:], rows[full:]
-    if len(carry_rows):
-        train_epoch(carry_x, tf.constant(y_all[carry_rows]), tf.constant(w_all[carry_rows]),
-                    tf.range(len(carry_rows), dtype=tf.int32), *hyper)
-
-
-def _val_scorer(val_pooled, standardize, predict) -> Callable:
-    """``score(weights) -> (m,) probabilities`` of the validation rows, ``VAL_BATCH_ROWS`` at a time.
-
-    ``val_pooled`` is an (m, c) array, standardized once here, or an object whose ``batches()`` yields the rows
-    in batches of ``VAL_BATCH_ROWS`` (read from the cache on every call). Either way each batch is the same,
-    so the probabilities are too.
-    """
-    import tensorflow as tf
-
-    if hasattr(val_pooled, "batches"):
-        return lambda weights: np.concatenate([
-            predict(weights, standardize(tf.convert_to_tensor(batch, tf.float32))).numpy()
-            for batch in val_pooled.batches()])
-    held = [standardize(tf.convert_to_tensor(val_pooled[start:start + VAL_BATCH_ROWS], tf.float32))
-            for start in range(0, len(val_pooled), VAL_BATCH_ROWS)]
-    return lambda weights: np.concatenate([predict(weights, batch).numpy() for batch in held])
+    loss = binary_cross_entropy if params.class_weight else None
+    return fit_epochs(models, BINARY_TASK, train, labels.astype(np.float32), class_weight[labels], val_pooled,
+                      val_labels, class_weight[np.asarray(val_labels, np.int64)], loss, params, seed=seed,
+                      max_epochs=max_epochs, patience=patience, on_epoch=on_epoch)
 
 
 def binary_cross_entropy(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None) -> float:
@@ -400,113 +331,6 @@ def binary_cross_entropy(labels: np.ndarray, probs: np.ndarray, weights: np.ndar
     clipped = np.clip(np.asarray(probs, np.float64), EPSILON, 1 - EPSILON)
     losses = -(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
     return float(np.average(losses, weights=weights))
-
-
-def _class_logits(weights, x, rate=None, seed=None):
-    """The head on pooled vectors: Dense(units, relu) -> [Dropout(rate), stateless] -> Dense(k) logits, (n, k)."""
-    import tensorflow as tf
-
-    kernel, bias, out_kernel, out_bias = weights
-    hidden = tf.nn.relu(tf.matmul(x, kernel) + bias)
-    if rate is not None:  # inverted dropout, as keras.layers.Dropout
-        keep = tf.random.stateless_uniform(tf.shape(hidden), seed=seed) >= rate
-        hidden = tf.where(keep, hidden / (1.0 - rate), tf.zeros_like(hidden))
-    return tf.matmul(hidden, out_kernel) + out_bias
-
-
-def _logits(weights, x, rate=None, seed=None):
-    """``_class_logits`` of the binary head's one output, (n,)."""
-    return _class_logits(weights, x, rate, seed)[:, 0]
-
-
-@functools.cache
-def _predict_graph():
-    """``predict(weights, x) -> probabilities`` as a tf.function with a fixed signature: traced once."""
-    import tensorflow as tf
-
-    vector, matrix = tf.TensorSpec([None], tf.float32), tf.TensorSpec([None, None], tf.float32)
-    return tf.function(lambda weights, x: tf.sigmoid(_logits(weights, x)),
-                       input_signature=[(matrix, vector, matrix, vector), matrix])
-
-
-class _Trainer:
-    """The weights and Adam moments of one head size as tf.Variables, and ``epoch``: a traced graph that runs
-    an epoch's optimizer steps in one call.
-
-    The update is TensorFlow's fused Adam kernel (``ResourceApplyAdam``): Keras's Adam arithmetic (bias-corrected
-    step size, ``m += (g - m)(1 - beta_1)``, ``v += (g^2 - v)(1 - beta_2)``, ``w -= lr_t m / (sqrt(v) + eps)``) in
-    one pass over each weight instead of a dozen elementwise ops, which made up about a third of an epoch.
-    One trainer per head size per process (``_trainer``), traced once and reset by each fit; not re-entrant.
-    Subclasses change the loss alone (``_batch_loss``; ``TARGET_RANK`` 2 for (n, k) targets and loss weights).
-    """
-
-    TARGET_RANK = 1
-
-    def __init__(self, shapes: tuple[tuple[int, ...], ...]):
-        import tensorflow as tf
-
-        self.weights = [tf.Variable(tf.zeros(shape), trainable=False) for shape in shapes]
-        self.moments = [(tf.Variable(tf.zeros(shape), trainable=False), tf.Variable(tf.zeros(shape), trainable=False))
-                        for shape in shapes]
-        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False)
-        scalar, target = tf.TensorSpec([], tf.float32), tf.TensorSpec([None] * self.TARGET_RANK, tf.float32)
-        self.epoch = tf.function(self._epoch, input_signature=[
-            tf.TensorSpec([None, None], tf.float32), target, target, tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([], tf.int32), scalar, scalar, scalar, tf.TensorSpec([], tf.int64)])
-
-    def reset(self, weights: list[np.ndarray]) -> None:
-        """Start from these weights with fresh Adam moments and step count."""
-        for variable, value, (m, v) in zip(self.weights, weights, self.moments):
-            variable.assign(value)
-            m.assign(np.zeros_like(value))
-            v.assign(np.zeros_like(value))
-        self.steps.assign(0)
-
-    def weights_now(self) -> tuple:
-        """A snapshot of the weights (tensors that later updates do not change)."""
-        import tensorflow as tf
-
-        return tuple(tf.identity(variable.read_value()) for variable in self.weights)
-
-    def _batch_loss(self, weights, x, y, w, rate, seed):
-        """BinaryCrossentropy (on the sigmoid's logits, as Keras does) with sample weights, mean over the batch."""
-        import tensorflow as tf
-
-        z = _logits(weights, x, rate, seed)
-        loss = tf.reduce_sum(w * tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z))
-        return loss / tf.cast(tf.size(y), tf.float32)
-
-    def _epoch(self, x_all, y_all, w_all, rows, batch_size, learning_rate, l2, rate, seed):
-        import tensorflow as tf
-
-        n_batches = (tf.size(rows) + batch_size - 1) // batch_size
-
-        def step(i):
-            batch = rows[i * batch_size:(i + 1) * batch_size]
-            x, y, w = tf.gather(x_all, batch), tf.gather(y_all, batch), tf.gather(w_all, batch)
-            t = self.steps.read_value()
-            weights = [variable.read_value() for variable in self.weights]
-            with tf.GradientTape() as tape:
-                tape.watch(weights)
-                loss = self._batch_loss(weights, x, y, w, rate, tf.stack([seed, t]))
-                loss += l2 * (tf.reduce_sum(tf.square(weights[0])) + tf.reduce_sum(tf.square(weights[2])))
-            grads = tape.gradient(loss, weights)
-            t = t + 1  # keras.optimizers.Adam defaults: beta_1 0.9, beta_2 0.999, epsilon 1e-7
-            updates = [tf.raw_ops.ResourceApplyAdam(
-                var=variable.handle, m=m.handle, v=v.handle, beta1_power=ADAM_BETA_1 ** tf.cast(t, tf.float32),
-                beta2_power=ADAM_BETA_2 ** tf.cast(t, tf.float32), lr=learning_rate, beta1=ADAM_BETA_1,
-                beta2=ADAM_BETA_2, epsilon=ADAM_EPSILON, grad=grad)
-                for variable, (m, v), grad in zip(self.weights, self.moments, grads)]
-            with tf.control_dependencies(updates + [self.steps.assign(t)]):
-                return (tf.identity(i + 1),)  # the next step starts after this one's updates
-
-        tf.while_loop(lambda i: i < n_batches, step, (tf.constant(0),))
-        return self.steps.read_value()
-
-
-@functools.cache
-def _trainer(shapes: tuple[tuple[int, ...], ...]) -> _Trainer:
-    return _Trainer(shapes)
 
 
 def score_probs(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
@@ -559,3 +383,4 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, min_sensitivity: flo
     else:
         index, method = int(np.flatnonzero(tpr >= min_sensitivity)[0]), f"min_sensitivity={min_sensitivity:g}"
     return float(min(thresholds[index], 1.0)), method
+

@@ -17,7 +17,7 @@ What changes with n classes:
   specificity at the argmax decision; ``loss`` is the mean categorical cross-entropy;
 - ``class_weight`` gives each class ``n / (k n_class)`` (sklearn's ``'balanced'`` for k classes).
 
-The trainer is ``head._Trainer`` (the same fused Adam, batches, dropout seeds and epochs) with the softmax
+The trainer is ``trainer._Trainer`` (the same fused Adam, batches, dropout seeds and epochs) with the softmax
 cross-entropy in place of the sigmoid one. Pure computation, no file IO.
 """
 
@@ -30,11 +30,8 @@ from typing import Callable
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.head import (
-    EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews,
-    _class_logits, _train_streamed, _Trainer, _val_scorer,
-    epoch_windows, input_stats,
-)
+from featcache.head import EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews, input_stats
+from featcache.trainer import HeadTask, _class_logits, _Trainer, fit_epochs
 
 ARGMAX = "argmax"  # threshold_method of a multi-class head
 ARGMAX_THRESHOLD = 0.0  # what head.json / model.json record as ``threshold`` for it (unused)
@@ -102,46 +99,13 @@ def fit_softmax_head(models: HeadModels, train: TrainViews, val_pooled, val_labe
                      on_epoch: Callable[[int, dict], bool] | None = None) -> FitResult:
     """``head.fit_head`` for a softmax head of k outputs: the same epochs, batches, Adam and early stopping on
     the (class-weighted) validation loss, with categorical cross-entropy. ``FitResult.probs`` is (m, k)."""
-    import tensorflow as tf
-
     classes = int(models.pooled.output_shape[-1])
-    trainer = _softmax_trainer(tuple(tuple(v.shape) for v in models.pooled.trainable_variables))
-    trainer.reset([v.numpy() for v in models.pooled.trainable_variables])
-    predict = _softmax_predict_graph()
     weight_of = class_weights(train.labels, classes) if params.class_weight else np.ones(classes, np.float32)
-    labels = np.asarray(train.labels, np.int64)
-    y_all, w_all = labels.astype(np.float32), weight_of[labels]  # class index as float: the trainer's signature
-    hyper = [tf.constant(v, dtype) for v, dtype in ((params.batch_size, tf.int32), (params.learning_rate, tf.float32),
-                                                    (params.l2, tf.float32), (params.dropout, tf.float32),
-                                                    (seed, tf.int64))]
-    standardize = models.standardize or (lambda x: x)
-    x_all = None if train.pooled is None else standardize(tf.convert_to_tensor(train.pooled, tf.float32))
-    score = _val_scorer(val_pooled, standardize, predict)
-    rng = np.random.default_rng(seed)
-    val_weights = weight_of[np.asarray(val_labels, np.int64)]
-    best_loss, best_epoch, best, history, stopped = np.inf, 0, trainer.weights_now(), [], False
-    for epoch in range(1, max_epochs + 1):
-        windows = epoch_windows(train.source_index, params.batch_size, rng, train.layout)
-        if x_all is not None:
-            rows = np.concatenate([rows for _, rows in windows])
-            trainer.epoch(x_all, tf.constant(y_all), tf.constant(w_all), tf.constant(rows), *hyper)
-        else:
-            _train_streamed(trainer.epoch, train.stream(windows), windows, y_all, w_all, standardize, hyper)
-        weights = trainer.weights_now()
-        probs = score(weights)
-        scores = score_multiclass(val_labels, probs)
-        stop_loss = (categorical_cross_entropy(val_labels, probs, val_weights) if params.class_weight
-                     else scores["loss"])
-        history.append({"epoch": epoch, **scores, "stop_loss": stop_loss})
-        if stop_loss < best_loss:
-            best_loss, best_epoch, best = stop_loss, epoch, weights
-        stopped = bool(on_epoch(epoch, scores)) if on_epoch else False
-        if stopped or epoch - best_epoch >= patience:
-            break
-    for variable, value in zip(models.pooled.trainable_variables, best):
-        variable.assign(value)
-    probs = score(best)
-    return FitResult(score_multiclass(val_labels, probs), probs, best_epoch, epoch, stopped, history)
+    labels = np.asarray(train.labels, np.int64)  # class index as float: the trainer's signature
+    loss = categorical_cross_entropy if params.class_weight else None
+    return fit_epochs(models, SOFTMAX_TASK, train, labels.astype(np.float32), weight_of[labels], val_pooled,
+                      val_labels, weight_of[np.asarray(val_labels, np.int64)], loss, params, seed=seed,
+                      max_epochs=max_epochs, patience=patience, on_epoch=on_epoch)
 
 
 @functools.cache
@@ -154,7 +118,7 @@ def _softmax_predict_graph():
 
 
 class _SoftmaxTrainer(_Trainer):
-    """``head._Trainer`` whose loss is the softmax cross-entropy of k logits (labels come as float class
+    """``trainer._Trainer`` whose loss is the softmax cross-entropy of k logits (labels come as float class
     indices, so the traced signature and the streamed epochs are the binary trainer's)."""
 
     def _batch_loss(self, weights, x, y, w, rate, seed):
@@ -168,6 +132,10 @@ class _SoftmaxTrainer(_Trainer):
 @functools.cache
 def _softmax_trainer(shapes: tuple[tuple[int, ...], ...]) -> _SoftmaxTrainer:
     return _SoftmaxTrainer(shapes)
+
+
+SOFTMAX_TASK = HeadTask(trainer=_softmax_trainer, predict=lambda: _softmax_predict_graph(),
+                        score=lambda labels, probs: score_multiclass(labels, probs))
 
 
 # --- the multinomial linear probe ----------------------------------------------------------------------------

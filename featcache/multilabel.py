@@ -20,10 +20,8 @@ from typing import Callable
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.head import (
-    EPSILON, FitResult, HeadModels, HeadParams, _class_logits, _Trainer, _val_scorer,
-    choose_threshold, epoch_windows,
-)
+from featcache.head import EPSILON, FitResult, HeadModels, HeadParams, TrainViews, choose_threshold
+from featcache.trainer import HeadTask, _class_logits, _Trainer, fit_epochs
 
 
 def label_weights(targets: np.ndarray, balanced: bool) -> np.ndarray:
@@ -112,41 +110,13 @@ def fit_multilabel_head(models: HeadModels, pooled: np.ndarray, targets: np.ndar
                         on_epoch: Callable[[int, dict], bool] | None = None) -> FitResult:
     """``head.fit_head`` for k sigmoid outputs on (n, k) targets with NaN masks: the same epochs (one view per
     image), batches, Adam and early stopping on the validation (label-weighted) masked BCE."""
-    import tensorflow as tf
-
-    trainer = _multilabel_trainer(tuple(tuple(v.shape) for v in models.pooled.trainable_variables))
-    trainer.reset([v.numpy() for v in models.pooled.trainable_variables])
-    predict = _multilabel_predict_graph()
     targets = np.asarray(targets, np.float32)
-    w_all = label_weights(targets, params.class_weight)
-    y_all = np.nan_to_num(targets).astype(np.float32)
-    val_weights = label_weights(val_targets, params.class_weight)
-    hyper = [tf.constant(v, dtype) for v, dtype in ((params.batch_size, tf.int32), (params.learning_rate, tf.float32),
-                                                    (params.l2, tf.float32), (params.dropout, tf.float32),
-                                                    (seed, tf.int64))]
-    standardize = models.standardize or (lambda x: x)
-    x_all = standardize(tf.convert_to_tensor(pooled, tf.float32))
-    score = _val_scorer(val_pooled, standardize, predict)
-    rng = np.random.default_rng(seed)
-    best_loss, best_epoch, best, history, stopped = np.inf, 0, trainer.weights_now(), [], False
-    for epoch in range(1, max_epochs + 1):
-        rows = np.concatenate([rows for _, rows in epoch_windows(source_index, params.batch_size, rng)])
-        trainer.epoch(x_all, tf.constant(y_all), tf.constant(w_all), tf.constant(rows), *hyper)
-        weights = trainer.weights_now()
-        probs = score(weights)
-        scores = score_multilabel(val_targets, probs)
-        stop_loss = (masked_binary_cross_entropy(val_targets, probs, val_weights) if params.class_weight
-                     else scores["loss"])
-        history.append({"epoch": epoch, **scores, "stop_loss": stop_loss})
-        if stop_loss < best_loss:
-            best_loss, best_epoch, best = stop_loss, epoch, weights
-        stopped = bool(on_epoch(epoch, scores)) if on_epoch else False
-        if stopped or epoch - best_epoch >= patience:
-            break
-    for variable, value in zip(models.pooled.trainable_variables, best):
-        variable.assign(value)
-    probs = score(best)
-    return FitResult(score_multilabel(val_targets, probs), probs, best_epoch, epoch, stopped, history)
+    train = TrainViews(pooled, targets, source_index)
+    loss = masked_binary_cross_entropy if params.class_weight else None
+    return fit_epochs(models, MULTILABEL_TASK, train, np.nan_to_num(targets).astype(np.float32),
+                      label_weights(targets, params.class_weight), val_pooled, val_targets,
+                      label_weights(val_targets, params.class_weight), loss, params, seed=seed, max_epochs=max_epochs,
+                      patience=patience, on_epoch=on_epoch)
 
 
 @functools.cache
@@ -160,7 +130,7 @@ def _multilabel_predict_graph():
 
 
 class _MultilabelTrainer(_Trainer):
-    """``head._Trainer`` on (n, k) targets and (n, k) loss weights (0 where masked): the masked, weighted
+    """``trainer._Trainer`` on (n, k) targets and (n, k) loss weights (0 where masked): the masked, weighted
     sigmoid cross-entropy, summed and divided by the batch's unmasked entries."""
 
     TARGET_RANK = 2
@@ -176,3 +146,7 @@ class _MultilabelTrainer(_Trainer):
 @functools.cache
 def _multilabel_trainer(shapes: tuple[tuple[int, ...], ...]) -> _MultilabelTrainer:
     return _MultilabelTrainer(shapes)
+
+
+MULTILABEL_TASK = HeadTask(trainer=_multilabel_trainer, predict=lambda: _multilabel_predict_graph(),
+                           score=lambda targets, probs: score_multilabel(targets, probs))
