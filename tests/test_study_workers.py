@@ -229,7 +229,8 @@ def test_a_worker_killed_mid_trial_neither_counts_nor_blocks_and_its_trial_is_ru
     (stale,) = [t for t in _trials(path, reader) if t.state == running]
     assert stale.number == 0  # killed in the reference trial
 
-    monkeypatch.setattr(runs, "GRACE_SECONDS", 0)  # the rerun comes after the grace period
+    monkeypatch.setattr(runs, "GRACE_SECONDS", 1)  # the rerun comes after the grace period (RDB: whole seconds)
+    time.sleep(2)
     trials = 4
     train_heads(TrainHeadConfig(cache_dir=path.parent, storage=storage, trials=trials, progress=False))
     every = _trials(path, reader)
