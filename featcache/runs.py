@@ -267,7 +267,8 @@ def _open_storage(url: str | None, run_dir: Path):
             raise FeatcacheError(f"Cannot open the study journal {path} ({type(exc).__name__}: "
                                  f"{_first_line(exc)}). Received: storage=None") from exc
     try:
-        with _schema_lock(url):
+        with _schema_lock(url), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: since Optuna 2.9
             return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                                               heartbeat_stale_trial_callback=_retry_callback())
     except Exception as exc:  # noqa: BLE001 - bad scheme, missing driver, unreachable server, ...
