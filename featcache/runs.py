@@ -173,7 +173,7 @@ class ReferencesFirst:  # duck-typed optuna.samplers.BaseSampler: this module im
         keeps every reference run, once, whatever the numbers retries took."""
         attrs = trial.system_attrs
         if "failed_trial" in attrs or REFERENCE_ATTR in attrs:
-            index = attrs.get(REFERENCE_ATTR)
+            index = reference_index(trial, len(self.references))
         else:
             retries = sum(1 for t in study.get_trials(deepcopy=False)
                           if t.number < trial.number and "failed_trial" in t.system_attrs)
@@ -195,11 +195,13 @@ REFERENCE_ATTR = "featcache:reference"  # system attribute: the index of the ref
 
 def reference_index(trial, references: int) -> int | None:
     """Which reference ``trial`` runs (``ReferencesFirst.before_trial`` records it; a retry inherits it), None
-    for a searched trial. Trials of studies from before the record: trial n < ``references`` runs reference n."""
+    for a searched trial. Trials of studies from before the record: trial n < ``references`` runs reference n
+    (and so does a retry of it)."""
     attrs = trial.system_attrs
     if REFERENCE_ATTR in attrs:
         return attrs[REFERENCE_ATTR]
-    return trial.number if trial.number < references and "failed_trial" not in attrs else None
+    number = attrs.get("failed_trial", trial.number)
+    return number if isinstance(number, int) and number < references else None
 
 
 def _fail_stale_trials(study) -> None:
