@@ -29,11 +29,13 @@ from featcache.backbones import (
     resolve_image_size,
 )
 from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, cache_bytes, compute_fingerprint
-from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, ShardPacker, assemble_cache, save_weights
+from featcache.partial import (
+    SAVED_WEIGHTS, BatchStore, CacheRows, ReusableCache, ShardPacker, assemble_cache, save_weights,
+)
 from featcache.shards import ShardStore, default_shard_rows
 from featcache.config import ExtractConfig
 from featcache.data import (
-    PATIENT_PATTERN, SPLIT_CODES, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image, resize_settings,
+    PATIENT_PATTERN, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image, resize_settings,
     read_split_registry, write_split_registry,
 )
 from featcache.dicom import DICOM_CONVERSION
@@ -220,22 +222,22 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
             save_weights(backbone, store.folder / SAVED_WEIGHTS)
         known_bad = {key: s for key, s in (old.skipped if old else {}).items()
                      if s.get("pixels", 0) <= 0 or s["pixels"] > config.max_pixels}  # retry what a raised limit admits
-        good = [f for f in files if (f.record.path, f.sha256) not in known_bad]
-        wanted = [(f, k) for f in good for k in range(config.augment_copies + 1 if f.record.split == "train" else 1)]
+        good = [f for f in files if (f.record.path, f.sha256) not in known_bad] if known_bad else files
+        wanted = CacheRows.plan(good, config.augment_copies)  # per-row state in arrays (issue 10)
         in_shards = shards.index(trusted=old.shard_names if old else set())
         store.index()
         store.discard_packed(in_shards)  # batches killed between their shard's rename and their deletion
-        plain = {key: None for key in old.row_keys()} if old is not None and not old.sharded else {}
-        available = {**plain, **store.index(), **in_shards}
-        missing = [(f, k) for f, k in wanted if (f.record.path, f.sha256, k) not in available]
+        plain = old is not None and not old.sharded
+        available = np.concatenate([in_shards.digests, store.digests(), *([old.row_digests()] if plain else [])])
+        todo = ~np.isin(wanted.digests, available)
+        missing = wanted.select(todo).pairs()
         reused = len(wanted) - len(missing)
-        present = {(f.record.path, f.sha256) for f in files}
+        present = {(f.record.path, f.sha256) for f in files} if known_bad else set()
         skipped = [s for key, s in known_bad.items() if key in present]
         skipped += unreadable
         feature_shape = tuple(int(d) for d in extractor.output_shape[1:])
         shard_rows = config.shard_rows or default_shard_rows(feature_shape, config.dtype, config.batch_size)
-        rank = {(f.record.path, f.sha256, k): i for i, (f, k) in enumerate(wanted)}
-        packer = ShardPacker(store, shards, rank, shard_rows, config.compression)
+        packer = ShardPacker(store, shards, wanted.digests, shard_rows, config.compression)
         if config.engine == "ray":
             from featcache.ray_engine import compute_shards
 
@@ -244,7 +246,8 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
             timing, bad = _compute_batches(config, folder.root, extractor, missing, packer)
         skipped += bad
         bad_paths = {s["path"] for s in bad}
-        rows = [(f, k) for f, k in wanted if f.record.path not in bad_paths]
+        rows = wanted.select(~np.isin(wanted.file, [i for i, f in enumerate(good) if f.record.path in bad_paths])
+                             ) if bad_paths else wanted
         manifest = _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision, feature_shape)
         if old is None or missing or len(rows) != old.n_rows or old.skipped_paths != {s["path"] for s in skipped}:
             packer.pack()
@@ -484,9 +487,7 @@ def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precis
     import keras
     import tensorflow as tf
 
-    originals = {f.record.path: f.record.split for f, k in rows if k == 0}
-    counts = {split: sum(1 for s in originals.values() if s == split) for split in SPLIT_CODES}
-    counts.update(train_copies=sum(1 for _, k in rows if k > 0), rows=len(rows), skipped=len(skipped))
+    counts = {**rows.counts(), "skipped": len(skipped)}
     weights = {"source": config.weights if config.weights in ("imagenet", "random") else "file",
                "sha256": settings["weights_sha256"],
                "path": None if config.weights in ("imagenet", "random") else str(Path(config.weights).resolve())}

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from featcache.checksums import check_dataset, read_checked
 from featcache.data import SPLIT_CODES
 from featcache.errors import FeatcacheError, storage_error
 from featcache.master import write_master
-from featcache.shards import ShardStore, write_shard
+from featcache.shards import RowIndex, ShardStore, row_digests, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,13 @@ class BatchStore:
             with contextlib.suppress(FileNotFoundError):
                 batch.unlink()
 
-    def discard_packed(self, in_shards: dict) -> None:
+    def discard_packed(self, in_shards: RowIndex) -> None:
         """Delete batches whose every row is already in a shard (a kill after the shard's rename)."""
-        self.discard([b for b, keys in self._checked.items() if all(key in in_shards for key in keys)])
+        self.discard([b for b, keys in self._checked.items() if in_shards.contains(row_digests(keys)).all()])
+
+    def digests(self) -> np.ndarray:
+        """``row_digests`` of every row of the finished batches (those written or indexed)."""
+        return row_digests([key for keys in self._checked.values() for key in keys])
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -179,6 +184,10 @@ class ReusableCache:
         copy = read_checked(self.handle, "copy_index", self._split)
         return [(paths[s], shas[s], int(k)) for s, k in zip(source, copy)]
 
+    def row_digests(self) -> np.ndarray:
+        """``shards.row_digests`` of every row, in row order."""
+        return row_digests(self.row_keys())
+
     def unpack(self, shards: ShardStore, shard_rows: int, compression: str | None) -> None:
         """Copy the rows of a plain (compacted or format-2) cache into shards, once, so a new master can map them."""
         keys = self.row_keys()
@@ -214,10 +223,21 @@ class ShardPacker:
     of master rows. Used from one thread at a time (extract's writer thread, then the main thread).
     """
 
-    def __init__(self, store: BatchStore, shards: ShardStore, rank: dict, shard_rows: int,
+    def __init__(self, store: BatchStore, shards: ShardStore, rank: np.ndarray, shard_rows: int,
                  compression: str | None = None):
-        self.store, self.shards, self.rank = store, shards, rank
+        """``rank``: the ``row_digests`` of the cache's rows, in cache order (a row's rank is its position)."""
+        self.store, self.shards = store, shards
+        self._order = np.argsort(rank, kind="stable")
+        self._sorted = rank[self._order]
         self.shard_rows, self.compression = shard_rows, compression
+
+    def _ranks(self, keys: list) -> list[int]:
+        """Each key's position in the cache (``len(rank)`` for a row that is not in it)."""
+        digests, last = row_digests(keys), len(self._sorted)
+        if not last:
+            return [0] * len(keys)
+        pos = np.minimum(np.searchsorted(self._sorted, digests), last - 1)
+        return np.where(self._sorted[pos] == digests, self._order[pos], last).tolist()
 
     def write(self, batch_id: str, features: np.ndarray, pooled: np.ndarray, paths: list[str],
               sha256: list[str], copy_index: np.ndarray) -> None:
@@ -237,8 +257,8 @@ class ShardPacker:
                 features.append(data["features"])
                 pooled.append(data["pooled"])
             keys += self.store.keys(batch)
-        last = len(self.rank)
-        order = sorted(range(len(keys)), key=lambda i: (self.rank.get(keys[i], last), keys[i]))
+        ranks = self._ranks(keys)
+        order = sorted(range(len(keys)), key=lambda i: (ranks[i], keys[i]))
         keys = [keys[i] for i in order]
         shard = write_shard(self.shards.folder, self.shards.fingerprint, np.concatenate(features)[order],
                             np.concatenate(pooled)[order], keys, self.compression)
@@ -246,32 +266,68 @@ class ShardPacker:
         self.store.discard(batches)
 
 
-def assemble_cache(paths: CachePaths, rows: list, shards: ShardStore, manifest: dict, weights_from: Path) -> None:
+@dataclass
+class CacheRows:
+    """The rows of a cache, as arrays over its files: row ``i`` is copy ``copy[i]`` (0 the original, 1..K
+    augmented) of ``files[file[i]]`` (a ``SourceFile``); ``digests[i]`` is its ``row_digests`` key. The rows
+    of one file are adjacent, files in the order given. A million rows hold 22 MB here, not a list of tuples."""
+
+    files: list
+    file: np.ndarray  # (n,) int32
+    copy: np.ndarray  # (n,) int16
+    digests: np.ndarray  # (n,) S16
+
+    @classmethod
+    def plan(cls, files: list, train_copies: int) -> "CacheRows":
+        """Every file's original, and ``train_copies`` augmented copies of each train file."""
+        counts = np.array([train_copies + 1 if f.record.split == "train" else 1 for f in files], np.int64)
+        file = np.repeat(np.arange(len(files), dtype=np.int32), counts)
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        copy = (np.arange(len(file)) - starts).astype(np.int16)
+        digests = row_digests((files[i].record.path, files[i].sha256, k) for i, k in zip(file.tolist(), copy.tolist()))
+        return cls(list(files), file, copy, digests)
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def select(self, mask: np.ndarray) -> "CacheRows":
+        return CacheRows(self.files, self.file[mask], self.copy[mask], self.digests[mask])
+
+    def pairs(self) -> list[tuple]:
+        """``(SourceFile, copy_index)`` per row: for the rows to compute only."""
+        return [(self.files[i], k) for i, k in zip(self.file.tolist(), self.copy.tolist())]
+
+    def counts(self) -> dict[str, int]:
+        """Original files per split, augmented copies, rows."""
+        originals = self.file[self.copy == 0]
+        splits = np.array([self.files[i].record.split for i in originals.tolist()], dtype=object)
+        return {**{split: int((splits == split).sum()) for split in SPLIT_CODES},
+                "train_copies": int((self.copy > 0).sum()), "rows": len(self)}
+
+
+def assemble_cache(paths: CachePaths, rows: CacheRows, shards: ShardStore, manifest: dict, weights_from: Path
+                   ) -> None:
     """Write the master file over the shards that hold ``rows``, then rename it into place.
 
     Args:
         paths: where the cache goes.
-        rows: ``(SourceFile, copy_index)`` in final row order; every row is in a shard.
+        rows: the rows in final row order; every row is in a shard.
         shards: the shard store (already indexed).
         manifest: embedded in the file.
         weights_from: saved random weights to move beside the cache first, if that file exists.
     """
-    files = list({f.record.path: f for f, _ in rows}.values())
-    position = {f.record.path: i for i, f in enumerate(files)}
+    used = np.unique(rows.file)  # the files with rows, in the given order
+    files = [rows.files[i] for i in used.tolist()]
+    position = np.searchsorted(used, rows.file)
     table = FileTable(
         path=[f.record.path for f in files], sha256=[f.sha256 for f in files],
         label=np.array([f.record.label for f in files], np.int16),
         split=np.array([SPLIT_CODES[f.record.split] for f in files], np.uint8),
         patient=[f.record.patient for f in files],
     )
-    index = shards.index()
-    located = [index[(f.record.path, f.sha256, k)] for f, k in rows]
-    shard_files = sorted({shard for shard, _ in located})
-    number = {shard: i for i, shard in enumerate(shard_files)}
-    columns = {"labels": np.array([f.record.label for f, _ in rows]),
-               "split": np.array([SPLIT_CODES[f.record.split] for f, _ in rows]),
-               "source_index": np.array([position[f.record.path] for f, _ in rows]),
-               "copy_index": np.array([k for _, k in rows])}
+    shard_files, number, offset = shards.index().locate(rows.digests)
+    columns = {"labels": table.label[position], "split": table.split[position],
+               "source_index": position, "copy_index": rows.copy}
     if weights_from.exists():
         os.replace(weights_from, paths.weights)  # before the cache: a whole cache always has its weights
-    write_master(paths.final, shard_files, [(number[s], o) for s, o in located], table, columns, manifest)
+    write_master(paths.final, shard_files, list(zip(number.tolist(), offset.tolist())), table, columns, manifest)

@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import re
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,13 @@ METRICS = ("loss", "accuracy", "roc_auc", "sensitivity", "specificity")
 PROBE_FILE = "probe.json"
 STARTUP_TRIALS = 5
 SCHEMA_LOCK_KEY = 0x66656174636163  # PostgreSQL advisory lock taken while Optuna sets up its tables ("featcac")
+# A worker records a heartbeat every HEARTBEAT_SECONDS while it runs a trial; a RUNNING trial whose last
+# heartbeat is older than GRACE_SECONDS belonged to a worker that was killed (SIGKILL, OOM killer, a lost
+# machine): the next worker to open the study or start a trial marks it FAIL and queues its parameters again,
+# at most MAX_RETRIES times (a trial that kills every worker that runs it is not retried forever).
+HEARTBEAT_SECONDS = 30
+GRACE_SECONDS = 120
+MAX_RETRIES = 2
 PARAMS = ("units", "dropout", "learning_rate", "batch_size", "l2", "class_weight", "standardize")
 # What later stages read from head.json; a record without them was not written by featcache (or was edited).
 HEAD_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "feature_shape": list,
@@ -90,6 +99,7 @@ def open_study(config, cache_path: Path, fingerprint: str, run_dir: Path, refere
     # (Optuna's default of 10 random trials would spend half of a 20-trial budget blind).
     study.sampler = ReferencesFirst(optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=STARTUP_TRIALS),
                                     references, settle)
+    _fail_stale_trials(study)  # before the trials are counted: a killed worker's trial is neither done nor waited for
     recorded = study.user_attrs.get("cache_fingerprint")
     if recorded is not None and recorded != fingerprint:
         raise CacheMismatchError(f"Study {name} was run on a cache with fingerprint {recorded[:12]}; {cache_path} "
@@ -117,6 +127,7 @@ class ReferencesFirst:  # duck-typed optuna.samplers.BaseSampler: this module im
     def __init__(self, base, references: list[dict], settle=None):
         self.base, self.references = base, [dict(params) for params in references]
         self.settle, self._held = settle, None  # ``_held``: what ``settle`` returned, once the references finished
+        self._index: dict[int, int | None] = {}  # trial id -> the reference it runs (None: a searched trial)
 
     def held(self, study) -> dict:
         """The parameters held for trials after the references ({} until every reference trial has finished)."""
@@ -126,15 +137,16 @@ class ReferencesFirst:  # duck-typed optuna.samplers.BaseSampler: this module im
             import optuna
 
             finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            done = sorted((t for t in study.get_trials(deepcopy=False, states=finished)
-                           if t.number < len(self.references)), key=lambda t: t.number)
-            if len(done) < len(self.references):
+            done = {reference_index(t, len(self.references)): t
+                    for t in study.get_trials(deepcopy=False, states=finished)}
+            if any(index not in done for index in range(len(self.references))):
                 return {}
-            self._held = dict(self.settle(done))
+            self._held = dict(self.settle([done[index] for index in range(len(self.references))]))
         return self._held
 
     def _reference(self, trial) -> dict | None:
-        return self.references[trial.number] if trial.number < len(self.references) else None
+        index = self._index.get(trial._trial_id, reference_index(trial, len(self.references)))
+        return None if index is None else self.references[index]
 
     def infer_relative_search_space(self, study, trial):
         return self.base.infer_relative_search_space(study, trial)
@@ -155,6 +167,20 @@ class ReferencesFirst:  # duck-typed optuna.samplers.BaseSampler: this module im
         return self.base.sample_independent(study, trial, name, distribution)
 
     def before_trial(self, study, trial) -> None:
+        """Bind a new trial to its reference, if it is one: the n-th trial that is not a retry runs
+        ``references[n]``. A retry of a killed trial (queued by Optuna's retry callback, with its number) takes
+        a trial number of its own and carries the reference of the trial it repeats; counting retries out
+        keeps every reference run, once, whatever the numbers retries took."""
+        attrs = trial.system_attrs
+        if "failed_trial" in attrs or REFERENCE_ATTR in attrs:
+            index = reference_index(trial, len(self.references))
+        else:
+            retries = sum(1 for t in study.get_trials(deepcopy=False)
+                          if t.number < trial.number and "failed_trial" in t.system_attrs)
+            index = trial.number - retries if trial.number - retries < len(self.references) else None
+            if index is not None:
+                study._storage.set_trial_system_attr(trial._trial_id, REFERENCE_ATTR, index)
+        self._index[trial._trial_id] = index
         self.base.before_trial(study, trial)
 
     def after_trial(self, study, trial, state, values) -> None:
@@ -162,6 +188,72 @@ class ReferencesFirst:  # duck-typed optuna.samplers.BaseSampler: this module im
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
+
+
+REFERENCE_ATTR = "featcache:reference"  # system attribute: the index of the reference a trial runs
+
+
+def reference_index(trial, references: int) -> int | None:
+    """Which reference ``trial`` runs (``ReferencesFirst.before_trial`` records it; a retry inherits it), None
+    for a searched trial. Trials of studies from before the record: trial n < ``references`` runs reference n
+    (and so does a retry of it)."""
+    attrs = trial.system_attrs
+    if REFERENCE_ATTR in attrs:
+        return attrs[REFERENCE_ATTR]
+    number = attrs.get("failed_trial", trial.number)
+    return number if isinstance(number, int) and number < references else None
+
+
+def _fail_stale_trials(study) -> None:
+    """Mark FAIL (and queue again) the RUNNING trials whose worker stopped sending heartbeats."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _retry_callback():
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+
+
+def _heartbeat_journal(backend):
+    """A journal storage with Optuna's heartbeat, which only its RDB storage has: each heartbeat is a system
+    attribute of the trial (the time, in seconds since the epoch) appended to the journal."""
+    import optuna
+    from optuna.storages._heartbeat import BaseHeartbeat
+
+    class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+        def __init__(self, backend, callback):
+            super().__init__(backend)
+            self._stale_callback = callback
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            now, running = time.time(), (optuna.trial.TrialState.RUNNING,)
+            return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=running)
+                    if now - t.system_attrs.get(HEARTBEAT_ATTR, _started(t, now)) > GRACE_SECONDS]
+
+        def get_heartbeat_interval(self) -> int:
+            return HEARTBEAT_SECONDS
+
+        def get_heartbeat_stale_trial_callback(self):
+            return self._stale_callback
+
+    return HeartbeatJournalStorage(backend, _retry_callback())
+
+
+HEARTBEAT_ATTR = "featcache:heartbeat"
+
+
+def _started(trial, now: float) -> float:
+    return trial.datetime_start.timestamp() if trial.datetime_start is not None else now
 
 
 def _open_storage(url: str | None, run_dir: Path):
@@ -172,13 +264,15 @@ def _open_storage(url: str | None, run_dir: Path):
         path = run_dir / JOURNAL_FILE
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+            return _heartbeat_journal(JournalFileBackend(str(path)))
         except Exception as exc:  # noqa: BLE001
             raise FeatcacheError(f"Cannot open the study journal {path} ({type(exc).__name__}: "
                                  f"{_first_line(exc)}). Received: storage=None") from exc
     try:
-        with _schema_lock(url):
-            return optuna.storages.RDBStorage(url)
+        with _schema_lock(url), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: since Optuna 2.9
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                              heartbeat_stale_trial_callback=_retry_callback())
     except Exception as exc:  # noqa: BLE001 - bad scheme, missing driver, unreachable server, ...
         fix = ("install the PostgreSQL driver: pip install 'featcache[postgres]'" if isinstance(exc, ImportError)
                and url.startswith("postgresql") else "pass an Optuna RDB URL such as sqlite:///cache/study.db or "

@@ -41,6 +41,7 @@ SHARD_BYTES = 64 * 2**20  # default shard size: large enough for few files, smal
 MAX_SHARD_ROWS = 2**17
 
 RowKey = tuple  # (path, sha256, copy_index)
+DIGEST = "S16"  # a row key's BLAKE2b-128: how extract matches a million rows in arrays, not in dictionaries
 
 
 def default_shard_rows(feature_shape: tuple[int, ...], dtype: str, batch_size: int) -> int:
@@ -52,6 +53,56 @@ def default_shard_rows(feature_shape: tuple[int, ...], dtype: str, batch_size: i
 def shard_id(keys: list[RowKey]) -> str:
     text = "\n".join(f"{p}|{s}|{k}" for p, s, k in keys)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def row_digests(keys) -> np.ndarray:
+    """(n,) S16: the 16-byte BLAKE2b of each ``(path, sha256, copy_index)`` key, in order. Fixed-width bytes sort
+    and compare by memcmp, so sets of row keys become sorted arrays (``RowIndex``, ``np.isin``)."""
+    return np.array([hashlib.blake2b(f"{p}|{s}|{int(k)}".encode(), digest_size=16).digest() for p, s, k in keys],
+                    DIGEST).reshape(-1)
+
+
+class RowIndex:
+    """Where each row lives: sorted row digests -> (file number, row in that file), as arrays.
+
+    ``files`` are the shard files; a digest in several files keeps the first (by the order given).
+    """
+
+    def __init__(self, files: list[Path], parts: list[np.ndarray]):
+        self.files = list(files)
+        digests = np.concatenate(parts) if parts else np.empty(0, DIGEST)
+        shard = np.repeat(np.arange(len(parts), dtype=np.int32), [len(d) for d in parts])
+        offset = np.concatenate([np.arange(len(d), dtype=np.int32) for d in parts]) if parts else shard
+        order = np.argsort(digests, kind="stable")
+        digests, shard, offset = digests[order], shard[order], offset[order]
+        first = np.ones(len(digests), bool)
+        first[1:] = digests[1:] != digests[:-1]
+        self.digests, self.shard, self.offset = digests[first], shard[first], offset[first]
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def find(self, digests: np.ndarray) -> np.ndarray:
+        """Positions in this index of ``digests`` (-1 where absent)."""
+        if len(self.digests) == 0:
+            return np.full(len(digests), -1)
+        pos = np.minimum(np.searchsorted(self.digests, digests), len(self.digests) - 1)
+        return np.where(self.digests[pos] == digests, pos, -1)
+
+    def contains(self, digests: np.ndarray) -> np.ndarray:
+        return self.find(digests) >= 0
+
+    def locate(self, digests: np.ndarray) -> tuple[list[Path], np.ndarray, np.ndarray]:
+        """(the shard files used, per row its number among them, its row in that file).
+
+        Raises:
+            KeyError: a row is in no shard.
+        """
+        pos = self.find(digests)
+        if (pos < 0).any():
+            raise KeyError(f"{int((pos < 0).sum())} rows are in no shard")
+        used, number = np.unique(self.shard[pos], return_inverse=True)
+        return [self.files[i] for i in used], number.reshape(-1), self.offset[pos]
 
 
 def write_shard(folder: Path, fingerprint: str, features: np.ndarray, pooled: np.ndarray, keys: list[RowKey],
@@ -155,39 +206,38 @@ class ShardStore:
     def __init__(self, folder: Path, fingerprint: str):
         self.folder = Path(folder)
         self.fingerprint = fingerprint
-        self._keys: dict[Path, list[RowKey]] = {}
+        self._keys: dict[Path, np.ndarray] = {}  # shard -> its rows' digests (row_digests), in row order
 
     def files(self) -> list[Path]:
         return sorted(self.folder.glob(f"*{SHARD_SUFFIX}")) if self.folder.is_dir() else []
 
-    def index(self, trusted: set[Path] = frozenset()) -> dict[RowKey, tuple[Path, int]]:
-        """(path, sha256, copy_index) -> (shard file, row in it) for every usable shard.
+    def index(self, trusted: set[str] = frozenset()) -> RowIndex:
+        """Where every row of every usable shard is (``RowIndex``); each shard's keys are read once per process.
 
-        ``trusted`` shards (those a complete master maps, whose rows its checksums cover) are only
+        ``trusted`` shards (the file names a complete master maps, whose rows its checksums cover) are only
         opened for their keys; any other shard is read whole and checked against its own SHA-256s
         first, and one that fails (damaged, cut short, other settings) is deleted with a warning, so its
         rows are computed again. A row in several shards is taken from the first by name.
         """
-        found: dict[RowKey, tuple[Path, int]] = {}
+        usable = []
         for shard in self.files():
             if shard not in self._keys:
                 try:
-                    if shard not in trusted:
+                    if shard.name not in trusted:
                         check_shard(shard, self.fingerprint)
-                    self._keys[shard] = read_keys(shard)
+                    self._keys[shard] = row_digests(read_keys(shard))
                 except (DamagedFileError, *H5_ERRORS) as exc:
                     log.warning("Ignoring unusable shard %s; its rows are computed again (%s)", shard.name,
                                 first_line(exc))
                     with contextlib.suppress(OSError):
                         shard.unlink()
                     continue
-            for offset, key in enumerate(self._keys[shard]):
-                found.setdefault(key, (shard, offset))
-        return found
+            usable.append(shard)
+        return RowIndex(usable, [self._keys[shard] for shard in usable])
 
     def add(self, path: Path, keys: list[RowKey]) -> None:
         """Record a shard this process has just written (its keys are known)."""
-        self._keys[path] = list(keys)
+        self._keys[path] = row_digests(keys)
 
     def remove_leftovers(self) -> None:
         """Temporary files of writers that were killed (the caller holds the cache's lock)."""

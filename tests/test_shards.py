@@ -298,3 +298,38 @@ def test_train_head_gives_the_same_trials_on_a_sharded_and_a_compacted_cache(sma
         return [(r["params"], r["val_roc_auc"], r["epochs"]) for r in result.rows]
 
     assert trials(sharded) == trials(plain)
+
+
+def test_a_rerun_reads_only_the_keys_of_the_shards_its_master_maps(small_xrays, extract_config, monkeypatch):
+    """The master's checksums cover the shards it maps: a rerun checks those through the master once and opens
+    each shard for its keys only; a shard no master maps (a killed run's) is read whole and checked."""
+    import featcache.shards
+
+    config = extract_config(small_xrays, shard_rows=16)
+    (first,) = extract_features(config)
+    checked, real = [], featcache.shards.check_shard
+    monkeypatch.setattr(featcache.shards, "check_shard", lambda path, *a: checked.append(path.name) or real(path, *a))
+    stray = featcache.shards.write_shard(_shards(first.cache_path)[0].parent, read_manifest(first.cache_path)
+                                         ["fingerprint"], np.zeros((1, 1, 1, 16), np.float16), np.zeros((1, 16)),
+                                         [("train/NORMAL/gone.png", "0" * 64, 0)])
+    (again,) = extract_features(config)
+    assert again.computed_rows == 0 and again.reused_rows == first.counts["rows"]
+    assert checked == [stray.name]
+
+
+def test_row_index_finds_each_key_in_the_first_shard_by_name_and_nothing_else(tmp_path):
+    from featcache.shards import RowIndex, row_digests
+
+    keys = [("a.png", "1" * 64, 0), ("a.png", "1" * 64, 1), ("b.png", "2" * 64, 0)]
+    digests = row_digests(keys)
+    assert digests.dtype == np.dtype("S16") and len(set(digests.tolist())) == 3
+    assert (row_digests([("a.png", "1" * 64, np.int16(1))]) == digests[1]).all()  # numpy ints key alike
+    index = RowIndex([tmp_path / "x.h5", tmp_path / "y.h5"], [digests[[2, 0]], digests[[0, 1]]])
+    assert len(index) == 3
+    files, number, offset = index.locate(digests)
+    assert [files[n].name for n in number] == ["x.h5", "y.h5", "x.h5"] and offset.tolist() == [1, 1, 0]
+    other = row_digests([("a.png", "1" * 64, 2)])
+    assert index.find(other).tolist() == [-1] and not index.contains(other).any()
+    with pytest.raises(KeyError, match="1 rows are in no shard"):
+        index.locate(np.concatenate([digests, other]))
+    assert RowIndex([], []).find(digests).tolist() == [-1, -1, -1]

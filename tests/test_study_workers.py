@@ -144,3 +144,109 @@ def test_standardization_is_held_on_only_after_the_raw_reference_collapsed(synth
     later = [trial.params["standardize"] for trial in study.trials[2:]]
     assert [trial.params["standardize"] for trial in study.trials[:2]] == [False, True]
     assert all(later) if held else set(later) == {False, True}
+
+
+def test_a_stale_reference_trial_is_failed_and_run_again_once_and_the_next_reference_keeps_its_turn(
+        synthetic_cache, monkeypatch):
+    """A worker killed in the reference trial leaves it RUNNING; the next worker to open the study (after the
+    grace period) marks it FAIL and queues its parameters again; the retry takes a trial number, and the second
+    reference still runs, each reference finishing exactly once, and ``settle`` sees both."""
+    import optuna
+
+    from featcache import runs
+    from featcache.tune import settle_standardize
+
+    path = synthetic_cache()
+    killed = _open(path).ask()  # trial 0, the reference; its worker dies before telling
+    assert suggest_params(killed).to_dict() == REFERENCES[0]
+    study = _open(path)  # within the grace period: still running, neither done nor failed
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.RUNNING]
+    monkeypatch.setattr(runs, "GRACE_SECONDS", 0)
+    config = TrainHeadConfig(cache_dir=path.parent, seed=0)
+    study = open_study(config, path, read_manifest(path)["fingerprint"], run_dir_for(path), REFERENCES,
+                       settle=settle_standardize)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.trials[1].system_attrs["failed_trial"] == 0
+
+    def objective(trial):  # the raw reference collapses, the standardized one learns: standardize is held on
+        params = suggest_params(trial).to_dict()
+        trial.set_user_attr("collapsed", params == REFERENCES[0])
+        return 0.5 if params == REFERENCES[0] else 0.9
+
+    study.optimize(objective, n_trials=8)
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    params = [{key: t.params[key] for key in REFERENCES[0]} for t in finished]
+    assert len(finished) == 8 and params[:2] == REFERENCES
+    assert params.count(REFERENCES[0]) == params.count(REFERENCES[1]) == 1
+    assert all(t.params["standardize"] for t in finished[2:])  # settle saw both references
+
+
+def _reader(cache, storage):
+    """An Optuna storage that reads the study as it is now, at every call (one connection pool for all)."""
+    import optuna
+    import sqlalchemy
+    from optuna.storages.journal import JournalFileBackend
+
+    if storage is None:
+        run_dir_for(cache).mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(run_dir_for(cache) / "study.journal")))
+    from featcache.runs import _schema_lock
+
+    with _schema_lock(storage):  # as the workers do: one of them may be creating the tables
+        return optuna.storages.RDBStorage(storage, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
+
+
+def _trials(cache, reader):
+    import optuna
+
+    return optuna.load_study(study_name=cache.stem, storage=reader).get_trials(deepcopy=False)
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgresql"])
+def test_a_worker_killed_mid_trial_neither_counts_nor_blocks_and_its_trial_is_run_again(
+        backend, synthetic_cache, request, monkeypatch):
+    """SIGKILL a train-head worker in the middle of the reference trial: a rerun marks that trial FAIL once its
+    heartbeat is stale, runs it again, and the finished trials add up to the requested count."""
+    import signal
+    import time
+
+    import optuna
+
+    from featcache import runs
+    from featcache.tune import train_heads
+
+    path = synthetic_cache(n_train=1500, n_val=300, separation=0.7)  # a trial long enough to be killed in
+    storage = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    worker = _start_worker(path, 0, storage)
+    reader = _reader(path, storage)
+    deadline, running = time.monotonic() + 600, optuna.trial.TrialState.RUNNING
+    while not any(t.number == 0 and t.state == running and set(REFERENCES[0]) <= set(t.params)  # fitting
+                  for t in _safe_trials(path, reader)):
+        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()[0][-2000:]
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.communicate()
+    (stale,) = [t for t in _trials(path, reader) if t.state == running]
+    assert stale.number == 0  # killed in the reference trial
+
+    monkeypatch.setattr(runs, "GRACE_SECONDS", 1)  # the rerun comes after the grace period (RDB: whole seconds)
+    time.sleep(2)
+    trials = 4
+    train_heads(TrainHeadConfig(cache_dir=path.parent, storage=storage, trials=trials, progress=False))
+    every = _trials(path, reader)
+    assert every[0].state == optuna.trial.TrialState.FAIL
+    assert not [t for t in every if t.state in (running, optuna.trial.TrialState.WAITING)]
+    rows = study_rows(_open(path, storage))
+    params = [row["params"] for row in rows]
+    assert len(rows) == trials and params.count(REFERENCES[0]) == params.count(REFERENCES[1]) == 1
+    (retry,) = [t for t in every if t.system_attrs.get("failed_trial") == 0]
+    assert retry.number in [row["number"] for row in rows] and retry.params == stale.params
+    assert load_head_record(path)["trial_number"] in [row["number"] for row in rows]
+
+
+def _safe_trials(cache, reader):
+    """The study's trials, or none while the worker has not created the study yet."""
+    try:
+        return _trials(cache, reader)
+    except (KeyError, ValueError, FileNotFoundError):
+        return []
