@@ -132,3 +132,42 @@ def test_bad_explain_arguments_are_one_line(run, tmp_path, args, message):
     result = run_cli("explain", *args, "--cache-dir", run["cache_dir"], "--out", tmp_path / "x")
     assert result.exit_code == 1 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_heatmap_peaks_where_the_class_signal_is(tmp_path):
+    """Synthetic X-rays whose positive class is bright blobs in the top-right quadrant, through the tiny backbone
+    at 224 px (7 x 7 maps) and a head trained on the pooled vectors: Grad-CAM must put the peak there."""
+    import keras
+
+    from featcache.backbones import build_extractor, get_backbone_spec, load_backbone
+    from featcache.head import HeadParams, TrainViews, build_head, fit_head, input_stats
+
+    rng = np.random.default_rng(0)
+    n, size = 96, 224
+    labels = np.tile([0, 1], n // 2)
+    images = rng.normal(110, 12, size=(n, size, size, 1))
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in np.flatnonzero(labels):
+        for _ in range(3):  # blobs centred inside the top-right quadrant (rows < 112, columns >= 112)
+            cy, cx = rng.integers(16, 96), rng.integers(128, 208)
+            images[i, :, :, 0] += 90 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 10.0 ** 2))
+    images = np.repeat(np.clip(images, 0, 255).astype(np.uint8), 3, axis=-1)
+    spec = get_backbone_spec("tiny")
+    extractor = build_extractor(spec, load_backbone(spec, size, "random", 0), size)
+    maps = extractor.predict(images, verbose=0).astype(np.float32)
+    assert maps.shape[1:3] == (7, 7)
+    pooled = maps.mean(axis=(1, 2))
+    train, test = np.arange(n) < 64, np.arange(n) >= 64
+    params = HeadParams(standardize=True, dropout=0.0)
+    keras.utils.set_random_seed(0)
+    models = build_head(maps.shape[1:], params, input_stats(pooled[train]))
+    views = TrainViews(pooled[train], labels[train], np.arange(train.sum()))
+    result = fit_head(models, views, pooled[test], labels[test], params, seed=0, max_epochs=40, patience=40)
+    assert result.scores["roc_auc"] >= 0.95  # the head found the blobs
+    heatmaps, _ = gradcam(models.maps, maps[test & (labels == 1)])
+    rows, cols = np.unravel_index(heatmaps.reshape(len(heatmaps), -1).argmax(axis=1), (7, 7))
+    in_quadrant = (rows <= 3) & (cols >= 3)  # the 7 x 7 cells over the top-right quadrant (the middle row/column shared)
+    assert in_quadrant.mean() >= 0.9, list(zip(rows.tolist(), cols.tolist()))
+    top_right = heatmaps[:, :3, 4:].sum(axis=(1, 2))
+    bottom_left = heatmaps[:, 4:, :3].sum(axis=(1, 2))
+    assert np.all(top_right > bottom_left)
