@@ -195,8 +195,9 @@ def export(
     except FeatcacheError as error:
         _fail(error)
     card = summary.card
-    typer.echo(f"{card['backbone']}: {summary.out} (model.keras, model.export/, model.json); threshold "
-               f"{card['threshold']:.4f}, test accuracy {card['test_metrics']['at_threshold']['accuracy']:.3f}")
+    decision = ("argmax" if card.get("threshold_method") == "argmax" else f"threshold {card['threshold']:.4f}")
+    typer.echo(f"{card['backbone']}: {summary.out} (model.keras, model.export/, model.json); {decision}, "
+               f"test accuracy {card['test_metrics']['at_threshold']['accuracy']:.3f}")
 
 
 @app.command()

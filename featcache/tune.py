@@ -312,8 +312,10 @@ def format_summary(summary: TrainHeadSummary, top: int = 5) -> str:
     lines = [
         f"{summary.backbone}: {len(summary.rows)} trials ({summary.new_trials} new, {pruned} pruned, {collapsed} "
         f"collapsed) on {summary.cache_path.name} in {summary.seconds:.1f} s; best trial {summary.best['number']}",
-        f"  threshold {summary.threshold:.4f} ({summary.threshold_method}): val ROC-AUC {m['roc_auc']:.4f}, "
-        f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, accuracy {m['accuracy']:.3f}",
+        (f"  decision argmax: val macro ROC-AUC {m['roc_auc']:.4f}, macro sensitivity {m['sensitivity']:.3f}, "
+         f"macro specificity {m['specificity']:.3f}, accuracy {m['accuracy']:.3f}" if summary.threshold_method == "argmax"
+         else f"  threshold {summary.threshold:.4f} ({summary.threshold_method}): val ROC-AUC {m['roc_auc']:.4f}, "
+              f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, accuracy {m['accuracy']:.3f}"),
         f"  floor: linear probe (standardized logistic regression, C={probe.c:g}) val ROC-AUC "
         f"{probe.val_scores['roc_auc']:.4f}" + ("  <- the chosen head is BELOW the probe"
                                                if summary.best["val_roc_auc"] < probe.val_scores["roc_auc"] else ""),

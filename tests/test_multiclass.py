@@ -124,6 +124,8 @@ def test_three_class_folders_end_to_end(tmp_path, dev_data):
                  ["export", "--cache-dir", cache_dir, "--out", model]):
         result = run_cli(*args)
         assert result.exit_code == 0, f"{args[0]}: {result.output} {result.exception!r}"
+        if args[0] in ("train-head", "export"):  # no meaningless "threshold 0.0000" line
+            assert "argmax" in result.output and "threshold 0.0000" not in result.output, result.output
     run_dir = next((cache_dir / "runs").glob("tiny-*"))
     record = json.loads((run_dir / "head.json").read_text())
     assert record["class_names"] == names and record["threshold_method"] == "argmax"
