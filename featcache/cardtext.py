@@ -81,6 +81,14 @@ def _augment_text(augment: dict | None) -> str:
     return ", ".join(f"{key} {value}" for key, value in sorted(augment.items()) if key not in ("copies", "version"))
 
 
+def random_weights_lines(weights: dict) -> list[str]:
+    """The card's warning when the backbone's weights are random (seeded), or nothing."""
+    if weights["source"] != "random":
+        return []
+    return ["> **This model's backbone has random (seeded) weights, not ImageNet weights.** Its figures only "
+            "show that the pipeline works; it is not a classifier to use.", ""]
+
+
 def render_model_card(card: dict) -> str:
     """MODEL_CARD.md from a sealed ``model.json`` (see ``export.model_card``)."""
     if card.get("task") == "multiclass":
@@ -89,10 +97,7 @@ def render_model_card(card: dict) -> str:
         return render_multiclass_card(card)
     names, data = card["class_names"], card.get("training_data") or {}
     positive, weights = card["positive_class"], card["weights"]
-    lines = [f"# Model card: {card['backbone']} + tuned head, {' vs '.join(names)}", ""]
-    if weights["source"] == "random":
-        lines += ["> **This model's backbone has random (seeded) weights, not ImageNet weights.** Its figures only "
-                  "show that the pipeline works; it is not a classifier to use.", ""]
+    lines = [f"# Model card: {card['backbone']} + tuned head, {' vs '.join(names)}", "", *random_weights_lines(weights)]
     lines += [
         "## Intended use", "",
         f"Research and teaching: a transfer-learning baseline that labels a frontal chest X-ray image "

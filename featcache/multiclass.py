@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.head import EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews, input_stats
+from featcache.head import EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews
 from featcache.trainer import HeadTask, _class_logits, _Trainer, fit_epochs
 
 ARGMAX = "argmax"  # threshold_method of a multi-class head
@@ -182,15 +182,9 @@ def fit_multiclass_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val
     with the best validation macro one-vs-rest ROC-AUC kept (ties to the smaller C)."""
     from sklearn.linear_model import LogisticRegression
 
-    from featcache.probe import PREDICT_ROWS
+    from featcache.probe import PREDICT_ROWS, standardized_rows
 
-    stats = stats if stats is not None else input_stats(train_pooled)
-    mean, scale = stats.mean.astype(np.float64), np.sqrt(stats.variance.astype(np.float64))
-    if overwrite and isinstance(train_pooled, np.ndarray) and train_pooled.dtype == np.float32:
-        x_train = np.subtract(train_pooled, stats.mean, out=train_pooled)
-    else:
-        x_train = np.subtract(train_pooled, stats.mean, dtype=np.float32)
-    x_train /= np.sqrt(stats.variance)
+    x_train, mean, scale = standardized_rows(train_pooled, stats, overwrite)
     model = LogisticRegression(max_iter=max_iter, warm_start=True)  # lbfgs: multinomial for k > 2
     best, scores = None, {}
     for c in sorted(grid):

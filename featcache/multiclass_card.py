@@ -8,7 +8,7 @@ as any card: ``threshold`` 0 with ``threshold_method`` ``"argmax"`` (unused) and
 
 from __future__ import annotations
 
-from featcache.cardtext import DATASET_NOTE, _augment_text, _reproduce_lines
+from featcache.cardtext import DATASET_NOTE, _augment_text, _reproduce_lines, random_weights_lines
 from featcache.modelcard import CARD_DIGEST, seal_card
 from featcache.multiclass import ARGMAX, ARGMAX_THRESHOLD
 from featcache.reports import format_ci, format_value
@@ -40,10 +40,8 @@ def multiclass_card(card: dict, report: dict) -> dict:
 def render_multiclass_card(card: dict) -> str:
     """MODEL_CARD.md of a multi-class ``model.json``."""
     names, data, weights = card["class_names"], card.get("training_data") or {}, card["weights"]
-    lines = [f"# Model card: {card['backbone']} + tuned head, {len(names)} classes ({', '.join(names)})", ""]
-    if weights["source"] == "random":
-        lines += ["> **This model's backbone has random (seeded) weights, not ImageNet weights.** Its figures only "
-                  "show that the pipeline works; it is not a classifier to use.", ""]
+    lines = [f"# Model card: {card['backbone']} + tuned head, {len(names)} classes ({', '.join(names)})", "",
+             *random_weights_lines(weights)]
     lines += [
         "## Intended use", "",
         f"Research and teaching: a transfer-learning baseline that gives a chest X-ray image a probability for each "

@@ -100,13 +100,7 @@ def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np
 
         return fit_multiclass_probe(train_pooled, train_labels, val_pooled, val_labels, stats, grid, MAX_ITER,
                                     overwrite)
-    stats = stats if stats is not None else input_stats(train_pooled)
-    mean, scale = stats.mean.astype(np.float64), np.sqrt(stats.variance.astype(np.float64))
-    if overwrite and isinstance(train_pooled, np.ndarray) and train_pooled.dtype == np.float32:
-        x_train = np.subtract(train_pooled, stats.mean, out=train_pooled)
-    else:
-        x_train = np.subtract(train_pooled, stats.mean, dtype=np.float32)
-    x_train /= np.sqrt(stats.variance)
+    x_train, mean, scale = standardized_rows(train_pooled, stats, overwrite)
     model = LogisticRegression(max_iter=MAX_ITER, warm_start=True)
     best, scores = None, {}
     for c in sorted(grid):
@@ -118,6 +112,20 @@ def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np
             best = probe
     val_scores = {**scores[best.c], "grid": {f"{c:g}": scores[c]["roc_auc"] for c in sorted(grid)}}
     return Probe(best.mean, best.scale, best.coef, best.intercept, best.c, val_scores, len(x_train))
+
+
+def standardized_rows(train_pooled: np.ndarray, stats: InputStats | None, overwrite: bool
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float32 standardized training rows, float64 mean, float64 scale) for a probe: the head's statistics
+    (``input_stats`` when ``stats`` is None), in one copy, or in place with ``overwrite`` on float32 rows."""
+    stats = stats if stats is not None else input_stats(train_pooled)
+    mean, scale = stats.mean.astype(np.float64), np.sqrt(stats.variance.astype(np.float64))
+    if overwrite and isinstance(train_pooled, np.ndarray) and train_pooled.dtype == np.float32:
+        x_train = np.subtract(train_pooled, stats.mean, out=train_pooled)
+    else:
+        x_train = np.subtract(train_pooled, stats.mean, dtype=np.float32)
+    x_train /= np.sqrt(stats.variance)
+    return x_train, mean, scale
 
 
 def _predict(probe: Probe, val_pooled) -> np.ndarray:
