@@ -169,7 +169,8 @@ def read_seal(path: Path) -> tuple[dict, str]:
 
 
 def content_digests(handle: h5py.File, name: str, record: dict) -> np.ndarray:
-    """(rows,) S16: the ``row_content_digests`` of a shard's /features or /pooled, as written with the shard.
+    """(rows,) S16: the ``row_content_digests`` of a shard's /features or /pooled, as written with the shard (and
+    checked against its seal).
 
     A shard written before they were stored has its rows read instead, and checked against the SHA-256 its seal
     (``record``) holds, so a master never seals rows that changed since their shard was written.
@@ -179,7 +180,11 @@ def content_digests(handle: h5py.File, name: str, record: dict) -> np.ndarray:
     """
     stored = DIGEST_DATASETS.get(name)
     if stored is not None and stored in handle:
-        return handle[stored][...]
+        digests = handle[stored][...]
+        if _sha256(digests) != record["datasets"].get(stored):  # 16 bytes a row: always checked
+            raise DamagedFileError(f"Shard file {handle.filename}: /{stored} does not match the SHA-256 recorded when "
+                                   f"it was written. Received: shard={str(handle.filename)!r}")
+        return digests
     dataset, whole = handle[name], hashlib.sha256()
     block = max(1, SHARD_BYTES // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))))
     digests = []

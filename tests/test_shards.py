@@ -137,6 +137,20 @@ def test_shards_written_before_row_digests_are_checked_when_a_master_is_sealed_o
         extract_features(extract_config(small_xrays, shard_rows=16))
 
 
+def test_edited_row_digests_of_a_shard_are_refused_when_a_master_is_sealed(small_xrays, extract_config, dev_data):
+    """The stored row digests are what a new master's checksums are made of: they are checked against the shard's
+    seal each time, so editing them (to match edited maps) cannot launder rows either."""
+    (first,) = extract_features(extract_config(small_xrays, shard_rows=16))
+    with h5py.File(_shards(first.cache_path)[0], "r+") as handle:
+        handle["pooled_digest"][0] = b"\x00" * 16
+    extra = sorted((dev_data / "train" / "NORMAL").iterdir())[40]
+    shutil.copyfile(extra, small_xrays / "train" / "NORMAL" / extra.name)
+    before = first.cache_path.read_bytes()
+    with pytest.raises(DamagedFileError, match="/pooled_digest does not match the SHA-256 recorded when it was"):
+        extract_features(extract_config(small_xrays, shard_rows=16))
+    assert first.cache_path.read_bytes() == before
+
+
 def test_a_cache_checksummed_as_one_stream_still_reads_and_refuses_edits(synthetic_cache, monkeypatch):
     """Caches written before the ``rows`` scheme record no scheme: readers follow what the manifest says."""
     import featcache.cache
