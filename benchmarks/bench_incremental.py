@@ -15,6 +15,7 @@ at 32 px, no augmented copies, so rows = images. Measured in one process, side b
 Reproduce:
     python benchmarks/bench_incremental.py --images 100000
     python benchmarks/bench_incremental.py --images 5000 --keep /tmp/inc   # quick look, keeps the files
+    python benchmarks/bench_incremental.py --keep /tmp/inc --again         # phases 2-5 again on the kept folder
 """
 
 from __future__ import annotations
@@ -128,7 +129,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
     parser.add_argument("--skip-rebuild", action="store_true", help="no clean rebuild (parts 3 and the equality)")
+    parser.add_argument("--again", action="store_true",
+                        help="with --keep: reuse its data folder and cache A (brought up to date first, untimed), "
+                             "add 1 %% more images and measure phases 2-5 again")
     args = parser.parse_args()
+    if args.again and args.keep is None:
+        parser.error("--again needs --keep")
 
     from featcache.compact import compact_path
     from featcache.config import ExtractConfig
@@ -137,16 +143,20 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="featcache-inc-"))
     work.mkdir(parents=True, exist_ok=True)
     data, cache_a, cache_b = work / "data", work / "cache-a", work / "cache-b"
-    for folder in (data, cache_a, cache_b, work / "compacted"):
+    for folder in (cache_b, work / "compacted") if args.again else (data, cache_a, cache_b, work / "compacted"):
         shutil.rmtree(folder, ignore_errors=True)
+    if args.again:
+        args.images = sum(1 for _ in data.rglob("*.png"))
     n, extra = args.images, max(1, round(args.images * args.added))
-    timed(f"write {n} PNGs", lambda: make_images(data, 0, n))
+    if not args.again:
+        timed(f"write {n} PNGs", lambda: make_images(data, 0, n))
 
     def config(cache_dir: Path) -> ExtractConfig:
         return ExtractConfig(data_dir=data, backbones=("tiny",), weights="random", augment_copies=0, image_size=32,
                              batch_size=args.batch_size, seed=0, cache_dir=cache_dir, progress=False)
 
-    (built,), build_s = timed(f"1. build {n} images", lambda: extract_features(config(cache_a)))
+    (built,), build_s = timed(f"1. {'bring the kept cache up to date,' if args.again else 'build'} {n} images",
+                              lambda: extract_features(config(cache_a)))
     before = disk_bytes(cache_a)
     timed(f"write {extra} more PNGs", lambda: make_images(data, n, n + extra))
     (grown,), inc_s = timed(f"2. incremental +{extra} images", lambda: extract_features(config(cache_a)))
@@ -162,8 +172,9 @@ def main() -> None:
         cache_b.mkdir()
         shutil.copyfile(cache_a / "split-seed0.json", cache_b / "split-seed0.json")
         (rebuilt,), rebuild_s = timed(f"3. rebuild {n + extra} images", lambda: extract_features(config(cache_b)))
-        print(f"   incremental / rebuild = {inc_s / rebuild_s:.4f} ({inc_s:.2f} s / {rebuild_s:.2f} s); "
-              f"incremental / first build = {inc_s / build_s:.4f}")
+        print(f"   incremental / rebuild = {inc_s / rebuild_s:.4f} ({inc_s:.2f} s / {rebuild_s:.2f} s)"
+              + ("" if args.again else f"; incremental / first build = {inc_s / build_s:.4f}")
+              + f"; load average {os.getloadavg()[0]:.1f}")
         print(f"   datasets of the incremental and the rebuilt cache equal: "
               f"{same_datasets(grown.cache_path, rebuilt.cache_path)}")
     compacted = work / "compacted"

@@ -48,7 +48,7 @@ import h5py
 import numpy as np
 
 from featcache.applications import registry_key
-from featcache.checksums import H5_ERRORS, Digests, check_layout, dataset_records, read_checked
+from featcache.checksums import BY_ROW, H5_ERRORS, Digests, check_layout, dataset_records, read_checked
 from featcache.data import SPLIT_CODES
 from featcache.errors import (
     CacheLockedError,
@@ -261,7 +261,7 @@ class CacheWriter:
         self._guard = _WriteGuard(self._raw)
         self._file = h5py.File(self._guard, "w")
         self._file.attrs["complete"] = False
-        self._digests = Digests()
+        self._digests = Digests(by_row=BY_ROW)
         self._next_row = 0
         rows, one = chunk_rows(feature_shape, dtype), max(n_rows, 1)
         self._file.create_dataset("features", (n_rows, *feature_shape), dtype=dtype, fletcher32=True,

@@ -4,6 +4,16 @@ read, the value ranges of every column, and the layout (which datasets, which le
 Per-row datasets are digested **per split** (``train``, ``val``, ``test``), so a stage can check exactly the
 rows it reads: ``train-head`` checks the train and validation rows of ``pooled`` without touching the test
 rows, ``evaluate`` the test rows of ``features``. ``featcache verify`` checks everything.
+
+Two schemes, named in each dataset's manifest record (``scheme``):
+
+- ``stream`` (no ``scheme`` key: every cache written before it existed): the SHA-256 of the rows' bytes, in
+  row order.
+- ``rows`` (``features`` and ``pooled`` of caches written now): the SHA-256 of the rows' own 16-byte digests
+  (``row_content_digests``: each row's SHA-256, truncated), in row order. It composes: shards store their rows'
+  digests, so a master over shards is sealed from 16 bytes a row instead of re-reading every map, and adding
+  images to a cache costs the new rows, not a read of the whole cache. A reader recomputes the row digests
+  from the bytes it reads, so damage is found exactly as with ``stream``.
 """
 
 from __future__ import annotations
@@ -25,12 +35,26 @@ DATASETS = (*ROW_DATASETS, *WHOLE_DATASETS)
 WHOLE = "all"
 STREAM_BYTES = 64 * 2**20  # block size when a whole dataset is checked
 H5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)  # what h5py raises on damaged files
+ROW_SCHEME = "rows"
+BY_ROW = ("features", "pooled")  # the datasets written with the ``rows`` scheme
+ROW_DIGEST = "S16"
+
+
+def row_content_digests(values: np.ndarray) -> np.ndarray:
+    """(n,) S16: the SHA-256 of each row's bytes (little-endian C order, as ``array_bytes``), first 16 bytes."""
+    values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    if len(values) == 0:
+        return np.empty(0, ROW_DIGEST)
+    flat = values.reshape(len(values), -1).view(np.uint8)
+    return np.array([hashlib.sha256(row).digest()[:16] for row in flat], ROW_DIGEST).reshape(-1)
 
 
 class Digests:
-    """Running SHA-256 of each dataset: per split for ``ROW_DATASETS``, of the whole for the others."""
+    """Running SHA-256 of each dataset: per split for ``ROW_DATASETS``, of the whole for the others; the names in
+    ``by_row`` with the ``rows`` scheme (module docstring)."""
 
-    def __init__(self, names=DATASETS):
+    def __init__(self, names=DATASETS, by_row=()):
+        self.by_row = frozenset(by_row)
         self._hashes: dict[str, dict[str, "hashlib._Hash"]] = {}
         for name in names:
             for part in SPLITS if name in ROW_DATASETS else (WHOLE,):
@@ -40,9 +64,17 @@ class Digests:
         """Add the next rows of ``name`` (``split``: their split codes, for per-row datasets)."""
         if name not in ROW_DATASETS:
             self._hashes[name][WHOLE].update(array_bytes(values))
-            return
+        elif name in self.by_row:
+            self.update_rows(name, row_content_digests(values), split)
+        else:
+            for code, part in enumerate(SPLITS):
+                self._hashes[name][part].update(array_bytes(values[split == code]))
+
+    def update_rows(self, name: str, digests: np.ndarray, split: np.ndarray) -> None:
+        """Add the next rows of a ``by_row`` dataset by their ``row_content_digests`` (``split``: their split codes)."""
+        digests = np.asarray(digests, ROW_DIGEST)
         for code, part in enumerate(SPLITS):
-            self._hashes[name][part].update(array_bytes(values[split == code]))
+            self._hashes[name][part].update(digests[split == code].tobytes())
 
     def hexdigests(self) -> dict[str, dict[str, str]]:
         return {name: {part: h.hexdigest() for part, h in parts.items()} for name, parts in self._hashes.items()}
@@ -51,8 +83,15 @@ class Digests:
 def dataset_records(handle: h5py.File, digests: Digests) -> dict:
     """What the manifest records of each dataset: shape, dtype and SHA-256 (per split or whole)."""
     found = digests.hexdigests()
-    return {name: {"shape": list(handle[name].shape), "dtype": str(handle[name].dtype), "sha256": found[name]}
+    return {name: {"shape": list(handle[name].shape), "dtype": str(handle[name].dtype), "sha256": found[name],
+                   **({"scheme": ROW_SCHEME} if name in digests.by_row else {})}
             for name in DATASETS}
+
+
+def recorded_by_row(handle: h5py.File, name: str) -> tuple[str, ...]:
+    """``(name,)`` when the manifest records ``name`` with the ``rows`` scheme, else ``()``."""
+    record = json.loads(handle.attrs["manifest"])["datasets"].get(name, {})
+    return (name,) if record.get("scheme") == ROW_SCHEME else ()
 
 
 def check_layout(handle: h5py.File, manifest: dict) -> None:
@@ -128,7 +167,7 @@ class CheckedRows:
         self._handle, self._name, self._split, self._parts = handle, name, split, tuple(parts)
         self.rows = np.flatnonzero(np.isin(split, [SPLIT_CODES[p] for p in self._parts]))
         self._done = 0
-        self._digests = Digests((name,))
+        self._digests = Digests((name,), recorded_by_row(handle, name))
 
     def read(self, count: int) -> np.ndarray:
         """The values of the next ``count`` rows (fewer at the end): (count, ...)."""

@@ -21,10 +21,10 @@ import numpy as np
 from featcache.cache import (
     FORMAT_VERSION, ROW_DTYPES, ROW_FIELDS, STR, FileTable, _text_sha256, atomic_h5,
 )
-from featcache.checksums import H5_ERRORS, Digests, dataset_records
+from featcache.checksums import BY_ROW, H5_ERRORS, Digests, dataset_records
 from featcache.errors import DamagedFileError
 from featcache.integrity import first_line
-from featcache.shards import read_seal
+from featcache.shards import content_digests, read_seal
 
 
 def mapping_runs(sources: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
@@ -50,8 +50,9 @@ def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]]
                  columns: dict[str, np.ndarray], manifest: dict) -> Path:
     """Write the master file of a sharded cache under ``.incomplete``, then rename it into place.
 
-    The SHA-256 of /features and /pooled (per split, in master row order) is computed by reading the
-    mapped shard rows, so it is exactly what a reader of the master will check.
+    The checksums of /features and /pooled (per split, in master row order; the ``rows`` scheme of
+    ``featcache.checksums``) are made of the row digests the shards store, 16 bytes a row: sealing a master
+    costs its row count, not a read of every map. A reader recomputes them from the bytes it reads.
 
     Args:
         final: the master's final path.
@@ -75,7 +76,7 @@ def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]]
     feature_shape = tuple(manifest["feature_shape"])
     with atomic_h5(final) as handle:
         handle.attrs["complete"] = False
-        digests = Digests()
+        digests = Digests(by_row=BY_ROW)
         split = np.asarray(columns["split"], ROW_DTYPES["split"])
         _map_rows(handle, shards, relative, records, sources, split, feature_shape, manifest["dtype"], digests)
         for name in ROW_FIELDS:
@@ -96,7 +97,7 @@ def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]]
 
 
 def _map_rows(handle, shards, relative, records, sources, split, feature_shape, dtype, digests) -> None:
-    """Create the virtual /features and /pooled, and digest the rows they map, run by run."""
+    """Create the virtual /features and /pooled, and digest the rows they map from the shards' row digests."""
     n, channels = len(sources), feature_shape[-1]
     if n == 0:  # HDF5 needs at least one mapping: an empty cache has plain empty datasets
         handle.create_dataset("features", (0, *feature_shape), dtype=dtype)
@@ -107,24 +108,32 @@ def _map_rows(handle, shards, relative, records, sources, split, feature_shape, 
     virtual = [{"features": h5py.VirtualSource(rel, "features", (rec["rows"], *feature_shape)),
                 "pooled": h5py.VirtualSource(rel, "pooled", (rec["rows"], channels))}
                for rel, (rec, _) in zip(relative, records)]
-    opened: dict[int, h5py.File] = {}
-    try:
-        for start, stop, shard, first in mapping_runs(sources):
-            if shard not in opened:
-                opened[shard] = h5py.File(shards[shard], "r")
-            for name, layout in layouts.items():
-                layout[start:stop] = virtual[shard][name][first:first + stop - start]
-                try:
-                    values = opened[shard][name][first:first + stop - start]
-                except H5_ERRORS as exc:
-                    raise DamagedFileError(f"Shard file {shards[shard]} cannot be read ({first_line(exc)}). "
-                                           f"Received: shard={str(shards[shard])!r}") from None
-                digests.update(name, values, split[start:stop])
-    finally:
-        for shard_handle in opened.values():
-            shard_handle.close()
+    for start, stop, shard, first in mapping_runs(sources):
+        for name, layout in layouts.items():
+            layout[start:stop] = virtual[shard][name][first:first + stop - start]
+    number = np.fromiter((s for s, _ in sources), np.int64, n)
+    offset = np.fromiter((o for _, o in sources), np.int64, n)
+    for name in layouts:
+        per_shard = [_shard_digests(path, name, rec) for path, (rec, _) in zip(shards, records)]
+        base = np.cumsum([0] + [len(d) for d in per_shard])[:-1]
+        digests.update_rows(name, np.concatenate(per_shard)[base[number] + offset], split)
     for name, layout in layouts.items():
         handle.create_virtual_dataset(name, layout, fillvalue=np.nan)
+
+
+def _shard_digests(path: Path, name: str, record: dict) -> np.ndarray:
+    """The shard's row digests of /``name`` (``shards.content_digests``), as many as its seal says it has rows."""
+    rows = record["rows"]
+    try:
+        with h5py.File(path, "r") as handle:
+            digests = content_digests(handle, name, record)
+    except H5_ERRORS as exc:
+        raise DamagedFileError(f"Shard file {path} cannot be read ({first_line(exc)}). "
+                               f"Received: shard={str(path)!r}") from None
+    if len(digests) != rows:
+        raise DamagedFileError(f"Shard file {path} has {len(digests)} rows of /{name}, its seal says {rows}. "
+                               f"Received: shard={str(path)!r}")
+    return digests
 
 
 def _write_files(handle, files: FileTable, digests: Digests) -> None:

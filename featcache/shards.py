@@ -8,6 +8,10 @@ and renamed, so a file with the final name is always whole. It holds, for ``r`` 
     /path        (r,) str                       the row's file, relative to the data folder
     /sha256      (r,) S64                       the file's content hash
     /copy_index  (r,) int16                     0 original, 1..K augmented copies
+    /features_digest, /pooled_digest  (r,) S16  each row's content digest (``checksums.row_content_digests``):
+                                                what a master's checksums are made of, so sealing a master
+                                                over shards reads 16 bytes a row, not the maps. Shards written
+                                                before these existed lack them; their rows are read instead.
     attrs: shard (JSON: fingerprint, rows, datasets -> SHA-256 of the whole dataset), shard_sha256 (of
            that text, the shard's seal: the master records it), complete
 
@@ -29,7 +33,7 @@ import h5py
 import numpy as np
 
 from featcache.cache import INCOMPLETE_SUFFIX, POOLED_CHUNK_ROWS, STR, atomic_h5, chunk_rows
-from featcache.checksums import H5_ERRORS
+from featcache.checksums import H5_ERRORS, row_content_digests
 from featcache.errors import DamagedFileError
 from featcache.integrity import array_bytes, first_line
 
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SHARD_SUFFIX = ".h5"
 SHARD_DATASETS = ("features", "pooled", "path", "sha256", "copy_index")
+DIGEST_DATASETS = {"features": "features_digest", "pooled": "pooled_digest"}  # optional (older shards lack them)
 SHARD_BYTES = 64 * 2**20  # default shard size: large enough for few files, small enough to lose little on a kill
 MAX_SHARD_ROWS = 2**17
 
@@ -119,6 +124,7 @@ def write_shard(folder: Path, fingerprint: str, features: np.ndarray, pooled: np
               "path": np.array([k[0] for k in keys], dtype=object),
               "sha256": np.array([k[1] for k in keys], dtype="S64"),
               "copy_index": np.array([k[2] for k in keys], np.int16)}
+    values.update({digest: row_content_digests(values[name]) for name, digest in DIGEST_DATASETS.items()})
     text = json.dumps({"fingerprint": fingerprint, "rows": n,
                        "datasets": {name: _sha256(array) for name, array in values.items()}}, sort_keys=True)
     with atomic_h5(final) as handle:
@@ -127,7 +133,7 @@ def write_shard(folder: Path, fingerprint: str, features: np.ndarray, pooled: np
                               chunks=(min(chunk_rows(shape, str(features.dtype)), n), *shape))
         handle.create_dataset("pooled", data=values["pooled"], fletcher32=True, compression=compression,
                               chunks=(min(POOLED_CHUNK_ROWS, n), shape[-1]))
-        for name in ("path", "sha256", "copy_index"):
+        for name in ("path", "sha256", "copy_index", *DIGEST_DATASETS.values()):
             array = values[name]
             handle.create_dataset(name, data=array, dtype=STR if array.dtype == object else array.dtype)
         handle.attrs["shard"] = text
@@ -162,6 +168,36 @@ def read_seal(path: Path) -> tuple[dict, str]:
     return json.loads(text), seal
 
 
+def content_digests(handle: h5py.File, name: str, record: dict) -> np.ndarray:
+    """(rows,) S16: the ``row_content_digests`` of a shard's /features or /pooled, as written with the shard (and
+    checked against its seal).
+
+    A shard written before they were stored has its rows read instead, and checked against the SHA-256 its seal
+    (``record``) holds, so a master never seals rows that changed since their shard was written.
+
+    Raises:
+        DamagedFileError: such a shard's rows differ from its seal.
+    """
+    stored = DIGEST_DATASETS.get(name)
+    if stored is not None and stored in handle:
+        digests = handle[stored][...]
+        if _sha256(digests) != record["datasets"].get(stored):  # 16 bytes a row: always checked
+            raise DamagedFileError(f"Shard file {handle.filename}: /{stored} does not match the SHA-256 recorded when "
+                                   f"it was written. Received: shard={str(handle.filename)!r}")
+        return digests
+    dataset, whole = handle[name], hashlib.sha256()
+    block = max(1, SHARD_BYTES // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))))
+    digests = []
+    for start in range(0, len(dataset), block):
+        values = dataset[start:start + block]
+        whole.update(array_bytes(values))
+        digests.append(row_content_digests(values))
+    if whole.hexdigest() != record["datasets"].get(name):
+        raise DamagedFileError(f"Shard file {handle.filename}: /{name} does not match the SHA-256 recorded when it "
+                               f"was written. Received: shard={str(handle.filename)!r}")
+    return np.concatenate(digests) if digests else np.empty(0, "S16")
+
+
 def read_keys(path: Path) -> list[RowKey]:
     """The row keys of a shard, in row order."""
     with h5py.File(path, "r") as handle:
@@ -186,7 +222,7 @@ def check_shard(path: Path, fingerprint: str | None = None) -> dict:
                                f"{str(record.get('fingerprint'))[:12]}). Received: shard={str(path)!r}")
     try:
         with h5py.File(path, "r") as handle:
-            for name in SHARD_DATASETS:
+            for name in (*SHARD_DATASETS, *(d for d in DIGEST_DATASETS.values() if d in record["datasets"])):
                 dataset = handle[name]
                 values = dataset.asstr()[...] if dataset.dtype.kind == "O" else dataset[...]
                 if len(values) != record["rows"] or _sha256(values) != record["datasets"].get(name):

@@ -150,11 +150,15 @@ def test_checksums_are_recorded_per_split_and_chunks_carry_fletcher32(synthetic_
     assert set(records) == set(DATASETS)
     assert set(records["pooled"]["sha256"]) == {"train", "val", "test"} and set(records["split"]["sha256"]) == {"all"}
     with h5py.File(path, "r") as handle:
-        split = handle["split"][...]
+        split, labels = handle["split"][...], handle["labels"][...]
         train = np.ascontiguousarray(handle["pooled"][...][split == 0])
         assert all(handle[name].fletcher32 for name in ("features", "pooled", "labels", "split", "source_index"))
         assert records["features"]["shape"] == list(handle["features"].shape)
-    assert records["pooled"]["sha256"]["train"] == hashlib.sha256(train.tobytes()).hexdigest()
+    rows = b"".join(hashlib.sha256(row.tobytes()).digest()[:16] for row in train)  # the "rows" scheme
+    assert records["pooled"]["scheme"] == "rows"
+    assert records["pooled"]["sha256"]["train"] == hashlib.sha256(rows).hexdigest()
+    assert "scheme" not in records["labels"] and records["labels"]["sha256"]["train"] == hashlib.sha256(
+        np.ascontiguousarray(labels[split == 0]).astype("<i2").tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("name, change, message", [

@@ -80,7 +80,11 @@ def test_a_missing_or_replaced_shard_is_one_line_naming_it(small_xrays, extract_
     assert not checks[0].ok and shards[1].name in checks[0].detail
 
 
-def test_a_rotten_shard_fails_verify_and_is_not_reused_by_extract(small_xrays, extract_config):
+def test_a_rotten_shard_fails_verify_and_every_reader_and_is_never_sealed_into_a_new_master(
+        small_xrays, extract_config, dev_data):
+    """A rerun does not read the maps of the shards its master maps (that would cost a read of the whole cache):
+    the new master's checksums are the row digests stored with the shards, so a rotten row is refused by every
+    reader of the old and of the new master alike, and deleting the master (as the message says) recomputes it."""
     (summary,) = extract_features(extract_config(small_xrays, shard_rows=16))
     original = read_datasets(summary.cache_path)
     shard = _shards(summary.cache_path)[0]
@@ -90,19 +94,77 @@ def test_a_rotten_shard_fails_verify_and_is_not_reused_by_extract(small_xrays, e
     checks = {c.name: c for c in verify_cache(summary.cache_path).checks}
     assert not checks["shards"].ok and "/pooled does not match" in checks["shards"].detail
     assert not checks["sha256 /pooled"].ok
-    with pytest.raises(DamagedFileError, match="/pooled .* does not match the SHA-256"):
-        extract_features(extract_config(small_xrays, shard_rows=16))
+    extra = sorted((dev_data / "train" / "NORMAL").iterdir())[40]
+    shutil.copyfile(extra, small_xrays / "train" / "NORMAL" / extra.name)
+    (grown,) = extract_features(extract_config(small_xrays, shard_rows=16))  # a new master over the rotten shard
+    assert grown.computed_rows > 0 and grown.reused_rows == summary.counts["rows"]
+    with pytest.raises(DamagedFileError, match=r"/pooled \(\w+ rows\) does not match the SHA-256"):
+        load_pooled(grown.cache_path, ("train", "val", "test"))
+    assert not {c.name: c for c in verify_cache(grown.cache_path).checks}["sha256 /pooled"].ok
     # as the message says: delete the master; the rerun checks every shard, drops the rotten one, recomputes it
-    summary.cache_path.unlink()
+    grown.cache_path.unlink()
     (again,) = extract_features(extract_config(small_xrays, shard_rows=16))
     assert again.computed_rows == rows and verify_cache(again.cache_path).ok  # the same rows: the same shard name
-    rebuilt = read_datasets(again.cache_path)
+    (small_xrays / "train" / "NORMAL" / extra.name).unlink()
+    (back,) = extract_features(extract_config(small_xrays, shard_rows=16))
+    rebuilt = read_datasets(back.cache_path)
     assert original.keys() == rebuilt.keys()
     for name in original:
         if original[name].dtype.kind == "f":
             np.testing.assert_allclose(original[name], rebuilt[name], atol=1e-5, err_msg=name)
         else:
             assert np.array_equal(original[name], rebuilt[name]), name
+
+
+def test_shards_written_before_row_digests_are_checked_when_a_master_is_sealed_over_them(
+        small_xrays, extract_config, dev_data, monkeypatch):
+    """Older shards have no stored row digests: a new master reads their rows, checks them against the shard's
+    seal and digests them, so its checksums equal those of a cache built from scratch; a rotten one is refused."""
+    import featcache.shards
+
+    with monkeypatch.context() as patch:
+        patch.setattr(featcache.shards, "DIGEST_DATASETS", {})  # write shards as before they stored digests
+        (first,) = extract_features(extract_config(small_xrays, shard_rows=16))
+    assert all("pooled_digest" not in h5py.File(p, "r") for p in _shards(first.cache_path))
+    extra = sorted((dev_data / "train" / "NORMAL").iterdir())[40]
+    shutil.copyfile(extra, small_xrays / "train" / "NORMAL" / extra.name)
+    (grown,) = extract_features(extract_config(small_xrays, shard_rows=16))
+    assert grown.computed_rows > 0 and verify_cache(grown.cache_path).ok
+    shutil.copyfile(extra, small_xrays / "train" / "NORMAL" / f"again-{extra.name}")
+    with h5py.File(_shards(first.cache_path)[0], "r+") as handle:
+        handle["features"][0] += 1
+    with pytest.raises(DamagedFileError, match="/features does not match the SHA-256 recorded when it was written"):
+        extract_features(extract_config(small_xrays, shard_rows=16))
+
+
+def test_edited_row_digests_of_a_shard_are_refused_when_a_master_is_sealed(small_xrays, extract_config, dev_data):
+    """The stored row digests are what a new master's checksums are made of: they are checked against the shard's
+    seal each time, so editing them (to match edited maps) cannot launder rows either."""
+    (first,) = extract_features(extract_config(small_xrays, shard_rows=16))
+    with h5py.File(_shards(first.cache_path)[0], "r+") as handle:
+        handle["pooled_digest"][0] = b"\x00" * 16
+    extra = sorted((dev_data / "train" / "NORMAL").iterdir())[40]
+    shutil.copyfile(extra, small_xrays / "train" / "NORMAL" / extra.name)
+    before = first.cache_path.read_bytes()
+    with pytest.raises(DamagedFileError, match="/pooled_digest does not match the SHA-256 recorded when it was"):
+        extract_features(extract_config(small_xrays, shard_rows=16))
+    assert first.cache_path.read_bytes() == before
+
+
+def test_a_cache_checksummed_as_one_stream_still_reads_and_refuses_edits(synthetic_cache, monkeypatch):
+    """Caches written before the ``rows`` scheme record no scheme: readers follow what the manifest says."""
+    import featcache.cache
+
+    monkeypatch.setattr(featcache.cache, "BY_ROW", ())
+    path = synthetic_cache()
+    records = read_manifest(path)["datasets"]
+    assert "scheme" not in records["pooled"] and "scheme" not in records["features"]
+    assert len(load_pooled(path).pooled) > 0 and verify_cache(path).ok
+    with h5py.File(path, "r+") as handle:
+        handle["pooled"][0, 0] += 1
+    assert not verify_cache(path).ok
+    with pytest.raises(DamagedFileError, match="does not match the SHA-256"):
+        load_pooled(path, ("train", "val", "test"))
 
 
 def _change_files(data, dev_data):

@@ -96,16 +96,25 @@ def test_pooled_times_1000_is_caught_by_verify_and_train_head(copy):
     assert (copy["run_dir"] / "head.json").read_bytes() == head  # nothing trained on garbage, nothing written
 
 
-def test_extract_does_not_reuse_rows_of_a_tampered_cache(copy):
-    """Re-running extract reuses an older cache's rows; an edited one must not be laundered into a new file
-    with fresh, valid checksums."""
+def test_extract_does_not_launder_rows_of_a_tampered_cache(copy, tmp_path):
+    """Re-running extract reuses an older cache's rows without reading their maps (that would cost a read of the
+    whole cache on every run); an edited row must still never be laundered into a new file with fresh, valid
+    checksums: the new master's checksums are the row digests stored when the rows were computed."""
     with h5py.File(copy["cache"], "r") as handle:
         test_rows = handle["split"][...] == 2
     _edit(copy["cache"], "pooled", lambda v, _: np.where(test_rows[:, None], v * 1000, v))
     before = copy["cache"].read_bytes()
-    _one_line_error(run_cli("extract", "--data", copy["data"], "--cache-dir", copy["cache_dir"], *FAST),
+    data = tmp_path / "data"
+    shutil.copytree(copy["data"], data)
+    extra = sorted((data / "train" / "NORMAL").iterdir())[0]
+    shutil.copyfile(extra, extra.with_name(f"added-{extra.name}"))
+    result = run_cli("extract", "--data", data, "--cache-dir", copy["cache_dir"], *FAST)
+    assert result.exit_code == 0, result.output
+    assert copy["cache"].read_bytes() != before, "a new master, over the same (edited) shards"
+    code, checks, _ = _verify(copy["cache"])
+    assert code == 1 and not checks["sha256 /pooled"][0] and checks["sha256 /features"][0]
+    _one_line_error(run_cli("evaluate", "--no-progress", "--cache-dir", copy["cache_dir"], "--bootstrap", "10"),
                     "/pooled (test rows) does not match the SHA-256")
-    assert copy["cache"].read_bytes() == before
 
 
 def test_rows_that_do_not_fit_their_files_fail_verify(tmp_path):
