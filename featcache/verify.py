@@ -18,7 +18,7 @@ import numpy as np
 
 from featcache.cache import list_caches, open_cache
 from featcache.cardtext import render_model_card
-from featcache.checksums import DATASETS, check_dataset, read_checked
+from featcache.checksums import check_dataset, present_datasets, read_checked
 from featcache.data import SPLITS, read_split_registry
 from featcache.errors import DamagedFileError, FeatcacheError
 from featcache.integrity import first_line, load_keras_checked
@@ -95,7 +95,8 @@ def verify_cache(path: Path) -> Verification:
     def header() -> str:
         nonlocal handle
         handle = open_cache(path)
-        return f"complete, format {handle.attrs['format_version']}, manifest and {len(DATASETS)} datasets present"
+        names = present_datasets(json.loads(handle.attrs["manifest"]))
+        return f"complete, format {handle.attrs['format_version']}, manifest and {len(names)} datasets present"
 
     if not result.run("header", header):
         return result
@@ -111,7 +112,7 @@ def verify_cache(path: Path) -> Verification:
         if manifest.get("shards"):
             result.run("shards", lambda: _shards(Path(path), manifest))
         if result.run("sha256 /split", split_column):
-            for name in DATASETS:
+            for name in present_datasets(manifest):
                 if name != "split":
                     result.run(f"sha256 /{name}", lambda name=name: _dataset(handle, name, split))
             result.run("rows and files", lambda: _rows_and_files(handle, manifest, split))
@@ -141,6 +142,12 @@ def _rows_and_files(handle, manifest: dict, split: np.ndarray) -> str:
     problems = []
     if (labels != file_label[source]).any() or (split != file_split[source]).any():
         problems.append("rows whose label or split differs from their file's")
+    if "targets" in manifest["datasets"]:  # multi-label: every copy of a file carries its original's targets
+        targets = read_checked(handle, "targets", split)
+        original = np.full(len(file_label), -1)
+        original[source[copy == 0]] = np.flatnonzero(copy == 0)
+        if not np.array_equal(targets, targets[original[source]], equal_nan=True):
+            problems.append("rows whose targets differ from their file's original row")
     originals = np.bincount(source[copy == 0], minlength=len(file_label))
     if (originals != 1).any():
         problems.append(f"{int((originals != 1).sum())} files without exactly one original row")
