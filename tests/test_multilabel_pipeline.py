@@ -156,3 +156,140 @@ def test_a_label_without_both_values_in_a_split_is_one_line(tree, tmp_path):
                      "--cache-dir", tmp_path / "c", *FAST)
     assert result.exit_code == 1 and "single value" in result.output, result.output
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").glob("*.h5"))
+
+
+@pytest.fixture(scope="module")
+def run(tree, tmp_path_factory):
+    """extract -> train-head --trials 2 -> evaluate -> export on the tree, once for the module."""
+    root, csv_path = tree
+    base = tmp_path_factory.mktemp("mlabel-run")
+    cache_dir, model = base / "cache", base / "model"
+    outputs = {}
+    for name, args in (
+        ("extract", ["extract", "--data", root, "--labels", csv_path, "--cache-dir", cache_dir, *FAST]),
+        ("train-head", ["train-head", "--cache-dir", cache_dir, "--trials", "2", "--no-progress"]),
+        ("evaluate", ["evaluate", "--cache-dir", cache_dir, "--bootstrap", "200", "--no-progress"]),
+    ):
+        result = run_cli(*args)
+        assert result.exit_code == 0, f"{name}: {result.output} {result.exception!r}"
+        outputs[name] = result.output
+    cache = only_cache(cache_dir)
+    return {"root": root, "csv": csv_path, "cache_dir": cache_dir, "cache": cache, "model": model,
+            "run_dir": cache_dir / "runs" / cache.stem, "outputs": outputs}
+
+
+def test_train_head_saves_a_sigmoid_head_with_a_threshold_per_label_and_both_floors(run):
+    import keras
+
+    out = run["outputs"]["train-head"]
+    assert "per-label thresholds (per label youden): val macro ROC-AUC" in out, out
+    for name in LABELS:
+        assert f"    {name}: threshold " in out
+    assert "floor: linear probe (standardized logistic regression per label" in out
+    assert "floor: majority (each label's training majority) val macro accuracy" in out
+    record = json.loads((run["run_dir"] / "head.json").read_text())
+    assert record["task"] == "multilabel" and record["class_names"] == list(LABELS)
+    assert len(record["thresholds"]) == 3 and all(0 < t <= 1 for t in record["thresholds"])
+    assert record["threshold_method"] == "per label youden" and len(record["val_metrics"]["per_label_roc_auc"]) == 3
+    probe = json.loads((run["run_dir"] / "probe.json").read_text())
+    assert probe["kind"].endswith("per label") and np.shape(probe["coef"])[0] == 3
+    head = keras.saving.load_model(run["run_dir"] / "head.keras", safe_mode=True)
+    assert head.output_shape == (None, 3) and head.layers[-1].activation.__name__ == "sigmoid"
+
+
+def test_train_head_refuses_calibration_of_a_multilabel_head_in_one_line(run):
+    result = run_cli("train-head", "--cache", run["cache"], "--trials", "2", "--calibrate", "temperature",
+                     "--no-progress")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "multi-label head" in result.output
+
+
+def test_the_probe_floor_ignores_masked_targets():
+    """The per-label probe is fitted on each label's unmasked rows only: with the standardization fixed, changing
+    the features of rows whose every target is masked changes nothing (were NaN read as 0 or 1, it would)."""
+    from featcache.head import input_stats
+    from featcache.multilabel import fit_multilabel_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4)).astype(np.float32)
+    targets = np.stack([(x[:, 0] > 0), (x[:, 1] > 0)], 1).astype(np.float32)
+    val_x = rng.normal(size=(80, 4)).astype(np.float32)
+    val = np.stack([(val_x[:, 0] > 0), (val_x[:, 1] > 0)], 1).astype(np.float32)
+    targets[:60] = np.nan
+    stats = input_stats(x)
+    probe = fit_multilabel_probe(x.copy(), targets, val_x, val, stats, (1.0,), 500)
+    moved = x.copy()
+    moved[:60] = rng.normal(size=(60, 4)) * 10
+    again = fit_multilabel_probe(moved, targets, val_x, val, stats, (1.0,), 500)
+    np.testing.assert_array_equal(probe.coef, again.coef)
+    filled = fit_multilabel_probe(moved, np.nan_to_num(targets), val_x, val, stats, (1.0,), 500)
+    assert not np.allclose(filled.coef, probe.coef)  # the check above can fail: counted rows do change the fit
+    assert min(probe.val_scores["per_label_roc_auc"]) > 0.95
+
+
+def test_evaluate_reports_every_label_with_intervals_and_draws_a_roc_curve_per_label(run):
+    from featcache.plots import plot_roc  # noqa: F401  (roc.png is drawn by it)
+
+    out = run["outputs"]["evaluate"]
+    assert "3 labels, per-label thresholds (macro): accuracy" in out, out
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    head = json.loads((run["run_dir"] / "head.json").read_text())
+    assert report["task"] == "multilabel" and report["class_names"] == list(LABELS)
+    assert report["at_threshold"]["thresholds"] == head["thresholds"]
+    wanted = expected_targets(run["csv"])
+    assert report["test"]["images"] == 16
+    labels = np.array([[np.nan if v is None else v for v in row] for row in report["predictions"]["label"]])
+    np.testing.assert_array_equal(labels, np.array([wanted[p] for p in report["predictions"]["path"]]))
+    assert report["test"]["masked_entries"] == int(np.isnan(labels).sum()) > 0
+    for j, name in enumerate(LABELS):
+        entry = report["at_threshold"]["per_label"][name]
+        known = ~np.isnan(labels[:, j])
+        assert entry["positives"] + entry["negatives"] == known.sum() and entry["masked"] == (~known).sum()
+        for metric in ("roc_auc", "sensitivity", "specificity"):
+            assert entry[metric]["ci_low"] <= entry[metric]["value"] <= entry[metric]["ci_high"]
+        assert f"    {name}: threshold {entry['threshold']:.3f}, ROC-AUC" in out
+    macro = np.mean([report["at_threshold"]["per_label"][n]["roc_auc"]["value"] for n in LABELS])
+    assert report["at_threshold"]["metrics"]["roc_auc"]["value"] == pytest.approx(macro)
+    probs = np.array(report["predictions"]["probability"])
+    assert probs.shape == (16, 3)
+    assert report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
+    assert np.abs(probs - np.array(report["predictions"]["cached_probability"])).max() <= report["parity"]["tolerance"]
+    assert report["probe"] is not None and "accuracy" in report["baseline"]["metrics"]
+    assert "| label | threshold |" in (run["run_dir"] / "report.md").read_text()
+    assert (run["run_dir"] / "roc.png").stat().st_size > 0
+
+
+def test_roc_curves_are_drawn_one_per_label_on_known_entries(tmp_path, monkeypatch):
+    from featcache import multilabel_eval, plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_roc", lambda curves, path, title: drawn.update(curves=curves))
+    targets = np.array([[1, 0], [0, np.nan], [1, 1], [0, 0], [np.nan, 1]], np.float32)
+    probs = np.linspace(0.1, 0.9, 10).reshape(5, 2)
+    multilabel_eval._write_plots(tmp_path, {"class_names": ["A", "B"], "backbone": "tiny"}, targets, probs)
+    assert [name for name, _, _ in drawn["curves"]] == ["A", "B"]
+    assert [len(y) for _, y, _ in drawn["curves"]] == [4, 4]  # the masked entry of each label is not drawn
+
+
+def test_masked_entries_take_no_part_in_the_test_metrics():
+    """Moving the probabilities of masked entries changes no metric, point or interval; reading the masked
+    entries as 0 does (so the first check can fail)."""
+    from featcache.multilabel_eval import score_multilabel_with_intervals
+
+    rng = np.random.default_rng(1)
+    targets = (rng.random((60, 3)) < 0.5).astype(np.float64)
+    probs = np.clip(0.6 * targets + 0.4 * rng.random((60, 3)), 0, 1)
+    targets[rng.random((60, 3)) < 0.3] = np.nan
+    moved = probs.copy()
+    moved[np.isnan(targets)] = rng.random(int(np.isnan(targets).sum()))
+    args = dict(label_names=list("ABC"), n_bootstrap=100, seed=0)
+    first = score_multilabel_with_intervals(targets, probs, [0.5] * 3, **args)
+    assert score_multilabel_with_intervals(targets, moved, [0.5] * 3, **args) == first
+    from sklearn.metrics import roc_auc_score
+
+    for j, name in enumerate("ABC"):
+        known = ~np.isnan(targets[:, j])
+        assert first["per_label"][name]["roc_auc"]["value"] == pytest.approx(roc_auc_score(targets[known, j],
+                                                                                           probs[known, j]))
+    counted = score_multilabel_with_intervals(np.nan_to_num(targets), moved, [0.5] * 3, **args)
+    assert counted["per_label"]["A"]["roc_auc"] != first["per_label"]["A"]["roc_auc"]
