@@ -233,7 +233,7 @@ def _check_keras_io(model, card: dict, folder: Path) -> str:
         found = (tuple(model.input_shape), str(model.input.dtype), tuple(model.output_shape))
     except (AttributeError, TypeError, ValueError):  # several inputs or outputs
         found = ("several inputs or outputs", "", "")
-    outputs = len(card["class_names"]) if card.get("task") == "multiclass" else 1  # a probability per class
+    outputs = len(card["class_names"]) if card.get("task") in ("multiclass", "multilabel") else 1  # one per class
     expected = ((None, size, size, 3), "uint8", (None, outputs))
     if found != expected:
         raise DamagedFileError(f"{folder / KERAS_FILE} takes {found[0]} {found[1]} and returns {found[2]}; model.json "
@@ -255,7 +255,14 @@ def _load_saved_model(folder: Path):
 
 
 def _threshold(serving: dict, card: dict, folder: Path) -> str:
-    saved = float(serving[THRESHOLD_SIGNATURE]()["threshold"].numpy())
+    out = serving[THRESHOLD_SIGNATURE]()
+    saved = float(out["threshold"].numpy())
+    if card.get("task") == "multilabel":  # a threshold per label
+        found = out["thresholds"].numpy().tolist() if "thresholds" in out else None
+        if found != [float(t) for t in card["thresholds"]]:
+            raise DamagedFileError(f"The SavedModel in {folder} labels at thresholds {found}, model.json says "
+                                   f"{card['thresholds']}. {FIX_EXPORT} Received: thresholds={card['thresholds']}")
+        return f"SavedModel and model.json both {', '.join(f'{t:.4g}' for t in found)} (per label)"
     if saved != float(card["threshold"]):
         raise DamagedFileError(f"The SavedModel in {folder} labels at threshold {saved}, model.json says "
                                f"{card['threshold']}. {FIX_EXPORT} Received: threshold={card['threshold']}")
@@ -278,8 +285,11 @@ def _agreement(model, serving: dict, card: dict, folder: Path) -> str:
     out = serving[SIGNATURE](image_bytes=tf.constant([data for _, data in encoded]))
     served, labels = out["probability"].numpy(), [b.decode() for b in out["label"].numpy()]
     diff = float(np.max(np.abs(served - expected)))
-    wanted = [card["class_names"][int(np.argmax(p)) if np.ndim(p) else int(p >= card["threshold"])]
-              for p in served]  # a multi-class export (a probability per class) labels by argmax
+    if card.get("task") == "multilabel":  # the labels at or above their thresholds, comma-separated
+        wanted = [",".join(n for n, q, t in zip(card["class_names"], p, card["thresholds"]) if q >= t) for p in served]
+    else:
+        wanted = [card["class_names"][int(np.argmax(p)) if np.ndim(p) else int(p >= card["threshold"])]
+                  for p in served]  # a multi-class export (a probability per class) labels by argmax
     if diff > AGREEMENT_TOLERANCE or labels != wanted:
         raise DamagedFileError(f"model.keras and the SavedModel in {folder} disagree (max difference {diff:.3g}, "
                                f"labels {labels} vs {wanted}). {FIX_EXPORT} Received: max_abs_diff={diff:.3g}")

@@ -169,10 +169,12 @@ def run(tree, tmp_path_factory):
         ("extract", ["extract", "--data", root, "--labels", csv_path, "--cache-dir", cache_dir, *FAST]),
         ("train-head", ["train-head", "--cache-dir", cache_dir, "--trials", "2", "--no-progress"]),
         ("evaluate", ["evaluate", "--cache-dir", cache_dir, "--bootstrap", "200", "--no-progress"]),
+        ("export", ["export", "--cache-dir", cache_dir, "--out", model]),
+        ("predict", ["predict", "--no-progress", root / "patient00025", "--model", model, "--json"]),
     ):
         result = run_cli(*args)
         assert result.exit_code == 0, f"{name}: {result.output} {result.exception!r}"
-        outputs[name] = result.output
+        outputs[name] = result.stdout if name == "predict" else result.output
     cache = only_cache(cache_dir)
     return {"root": root, "csv": csv_path, "cache_dir": cache_dir, "cache": cache, "model": model,
             "run_dir": cache_dir / "runs" / cache.stem, "outputs": outputs}
@@ -293,3 +295,45 @@ def test_masked_entries_take_no_part_in_the_test_metrics():
                                                                                            probs[known, j]))
     counted = score_multilabel_with_intervals(np.nan_to_num(targets), moved, [0.5] * 3, **args)
     assert counted["per_label"]["A"]["roc_auc"] != first["per_label"]["A"]["roc_auc"]
+
+
+def test_export_carries_every_label_loads_in_safe_mode_and_predict_calls_each_at_its_threshold(run):
+    import keras
+    import tensorflow as tf
+
+    from featcache.verify import verify_export
+
+    card = json.loads((run["model"] / "model.json").read_text())
+    head = json.loads((run["run_dir"] / "head.json").read_text())
+    assert card["task"] == "multilabel" and card["class_names"] == list(LABELS)
+    assert card["thresholds"] == head["thresholds"] == [entry["threshold"] for entry in card["labels"]]
+    assert [entry["name"] for entry in card["labels"]] == list(LABELS)
+    assert all(entry["test"]["roc_auc"]["ci_low"] <= entry["test"]["roc_auc"]["value"] for entry in card["labels"])
+    text = (run["model"] / "MODEL_CARD.md").read_text()
+    for name, threshold in zip(LABELS, card["thresholds"]):
+        assert f"| {name} | {threshold:.4f} |" in text
+    assert "thresholds Pneumonia" in run["outputs"]["export"]
+    model = keras.saving.load_model(run["model"] / "model.keras", safe_mode=True)
+    head = model.layers[-1]  # the head, nested in the end-to-end model
+    assert model.output_shape == (None, 3) and head.layers[-1].activation.__name__ == "sigmoid"
+    assert head.layers[-1].units == 3
+    predicted = json.loads(run["outputs"]["predict"])
+    assert predicted["thresholds"] == card["thresholds"] and len(predicted["predictions"]) == 2
+    files = sorted((run["root"] / "patient00025").rglob("*.jpg"))
+    from featcache.data import decode_bytes
+
+    images = np.stack([decode_bytes(f.read_bytes(), card["image_size"], name=f.name) for f in files])
+    probs = model.predict_on_batch(images)
+    for p, row in zip(sorted(predicted["predictions"], key=lambda p: p["path"]), probs):
+        assert list(p["probabilities"]) == list(LABELS)
+        np.testing.assert_allclose(list(p["probabilities"].values()), row, atol=1e-5)
+        called = [n for n, q, t in zip(LABELS, row, card["thresholds"]) if q >= t]
+        assert p["positive_labels"] == called and p["label"] == ",".join(called)
+    serving = tf.saved_model.load(str(run["model"] / "model.export")).signatures["serving_default"]
+    out = serving(image_bytes=tf.constant([f.read_bytes() for f in files]))
+    assert out["probability"].shape == (2, 3)
+    assert [b.decode() for b in out["label"].numpy()] == [p["label"] for p in sorted(predicted["predictions"],
+                                                                                     key=lambda p: p["path"])]
+    assert verify_export(run["model"]).ok
+    result = run_cli("predict", files[0], "--model", run["model"])
+    assert result.exit_code == 0 and "Pneumonia 0." in result.output and files[0].name in result.output
