@@ -337,3 +337,11 @@ def test_export_carries_every_label_loads_in_safe_mode_and_predict_calls_each_at
     assert verify_export(run["model"]).ok
     result = run_cli("predict", files[0], "--model", run["model"])
     assert result.exit_code == 0 and "Pneumonia 0." in result.output and files[0].name in result.output
+
+
+def test_explain_refuses_a_multilabel_cache_or_model_in_one_line(run):
+    for args in (["explain", "--cache-dir", run["cache_dir"], "--out", run["cache_dir"].parent / "explain"],
+                 ["explain", run["root"] / "patient00025", "--model", run["model"]]):
+        result = run_cli(*args)
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert "multi-label model of 3 labels" in result.output
