@@ -20,13 +20,20 @@ Layout (n rows, m files; rows ordered by file path, then copy index, whatever th
 
     /features      (n, h, w, c) float16|float32   backbone maps (virtual over the shards, or plain)
     /pooled        (n, c) float32                 global average of each map, from float32 maps (idem)
-    /labels        (n,) int16                     class index into manifest["class_names"]
+    /labels        (n,) int16                     class index into manifest["class_names"]; -1 in a multi-label cache
+    /targets       (n, k) float32                 multi-label caches only (manifest["task"] == "multilabel"): 0/1
+                                                  per label of manifest["class_names"], NaN where masked
     /split         (n,) uint8                     0 train, 1 val, 2 test
     /source_index  (n,) int32                     row of /files the image came from
     /copy_index    (n,) int16                     0 original, 1..K augmented copies (train only)
     /files/path    (m,) str                       relative to the data folder
     /files/sha256  (m,) bytes                     content hash of the file
     /files/label, /files/split (m,), /files/patient (m,) str
+
+A multi-label cache (several 0/1 columns of a label file) has no class index: its /labels and /files/label are
+-1 everywhere (never a valid class, so nothing can read them as a binary label; the value checks refuse any
+other value there), its targets are /targets, and its manifest says ``"task": "multilabel"``. Binary and
+multi-class caches have no /targets and no ``task`` key: their files and fingerprints are as before.
     attrs: manifest (JSON; ``datasets`` holds each dataset's shape, dtype and SHA-256 in row order,
            ``shards`` each mapped shard's file, rows and seal), manifest_sha256 (of the manifest's text),
            format_version, fingerprint, complete
@@ -71,10 +78,17 @@ INCOMPLETE_SUFFIX = ".incomplete"
 POOLED_CHUNK_ROWS = 1024  # rows of a /pooled chunk (plain caches and shards); train-head's epoch blocks
 READ_CACHE_BYTES = 64 * 2**20  # HDF5 chunk cache for readers: several feature chunks
 ROW_FIELDS = ("labels", "split", "source_index", "copy_index")
-ROW_DTYPES = {"labels": np.int16, "split": np.uint8, "source_index": np.int32, "copy_index": np.int16}
+ROW_DTYPES = {"labels": np.int16, "split": np.uint8, "source_index": np.int32, "copy_index": np.int16,
+              "targets": np.float32}
+MULTILABEL = "multilabel"  # manifest["task"] of a multi-label cache
 STR = h5py.string_dtype("utf-8")
 # What every reader relies on; a manifest without them is not featcache's.
 MANIFEST_FIELDS = {"fingerprint": str, "backbone": str, "class_names": list, "datasets": dict}
+
+
+def is_multilabel(manifest: dict) -> bool:
+    """A cache (or a head, card or report that copies its task) of several 0/1 labels: /targets, not /labels."""
+    return manifest.get("task") == MULTILABEL
 
 
 def compute_fingerprint(settings: dict) -> str:
@@ -253,7 +267,7 @@ class CacheWriter:
     """
 
     def __init__(self, final_path: Path, files: FileTable, n_rows: int, feature_shape: tuple[int, int, int],
-                 dtype: str = "float16", compression: str | None = None):
+                 dtype: str = "float16", compression: str | None = None, targets: int | None = None):
         self.final_path = Path(final_path)
         self.tmp_path = self.final_path.with_name(self.final_path.name + INCOMPLETE_SUFFIX)
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +285,10 @@ class CacheWriter:
         for name in ROW_FIELDS:
             self._file.create_dataset(name, (n_rows,), dtype=ROW_DTYPES[name], chunks=(min(2**16, one),),
                                       fletcher32=True)
+        self._fields = ROW_FIELDS if targets is None else (*ROW_FIELDS, "targets")
+        if targets is not None:  # a multi-label cache: (n, k) targets
+            self._file.create_dataset("targets", (n_rows, targets), dtype=np.float32, chunks=(min(2**16, one), targets),
+                                      fletcher32=True)
         columns = {"path": np.array(files.path, dtype=object), "sha256": np.array(files.sha256, dtype="S64"),
                    "label": np.asarray(files.label, dtype=np.int16), "split": np.asarray(files.split, dtype=np.uint8),
                    "patient": np.array(files.patient, dtype=object)}
@@ -281,13 +299,14 @@ class CacheWriter:
         self.n_rows = n_rows
 
     def write_rows(self, start: int, features: np.ndarray, pooled: np.ndarray, **columns: np.ndarray) -> None:
-        """Write rows ``start : start + len(features)``, in order; ``columns`` are the ROW_FIELDS."""
+        """Write rows ``start : start + len(features)``, in order; ``columns`` are the ROW_FIELDS (and ``targets``
+        when the writer was made with ``targets``)."""
         if start != self._next_row:
             raise RuntimeError(f"CacheWriter writes rows in order: expected start={self._next_row}, got {start}")
         stop = start + len(features)
         values = {"features": np.asarray(features, self._file["features"].dtype),
                   "pooled": np.asarray(pooled, np.float32),
-                  **{name: np.asarray(columns[name], ROW_DTYPES[name]) for name in ROW_FIELDS}}
+                  **{name: np.asarray(columns[name], ROW_DTYPES[name]) for name in self._fields}}
         for name, array in values.items():  # converted first, so the digest covers exactly the stored bytes
             self._file[name][start:stop] = array
             self._digests.update(name, array, values["split"])
@@ -474,6 +493,7 @@ class PooledData:
     copy_index: np.ndarray  # (n,)
     source_index: np.ndarray  # (n,)
     manifest: dict
+    targets: np.ndarray | None = None  # (n, k) float32, NaN masked: multi-label caches only
 
 
 def load_pooled(path: str | Path, splits: tuple[str, ...] = ("train", "val", "test")) -> PooledData:
@@ -492,6 +512,7 @@ def load_pooled(path: str | Path, splits: tuple[str, ...] = ("train", "val", "te
             copy_index=read_checked(handle, "copy_index", split, splits),
             source_index=read_checked(handle, "source_index", split, splits),
             manifest=json.loads(handle.attrs["manifest"]),
+            targets=read_checked(handle, "targets", split, splits) if "targets" in handle else None,
         )
 
 
@@ -545,7 +566,7 @@ def describe_cache(path: str | Path) -> str:
         f"fingerprint {manifest['fingerprint'][:12]}",
         f"  originals: train {c['train']}, val {c['val']}, test {c['test']}; copies {c['train_copies']}; "
         f"skipped {c['skipped']}",
-        f"  classes {manifest['class_names']}, seed {manifest['seed']}, created {manifest['created']}",
+        f"  {'labels (multi-label)' if is_multilabel(manifest) else 'classes'} {manifest['class_names']}, seed {manifest['seed']}, created {manifest['created']}",
         f"  labels {_labels_text(manifest)}; patients {_patients_text(manifest)}",
         "  manifest: " + json.dumps(manifest, sort_keys=True),
     ])

@@ -95,6 +95,10 @@ def render_model_card(card: dict) -> str:
         from featcache.multiclass_card import render_multiclass_card
 
         return render_multiclass_card(card)
+    if card.get("task") == "multilabel":
+        from featcache.multilabel_card import render_multilabel_card
+
+        return render_multilabel_card(card)
     names, data = card["class_names"], card.get("training_data") or {}
     positive, weights = card["positive_class"], card["weights"]
     lines = [f"# Model card: {card['backbone']} + tuned head, {' vs '.join(names)}", "", *random_weights_lines(weights)]

@@ -29,9 +29,10 @@ from featcache.data import SPLIT_CODES, SPLITS
 from featcache.errors import DamagedFileError, FeatcacheError
 from featcache.integrity import array_bytes, first_line
 
-ROW_DATASETS = ("features", "pooled", "labels", "source_index", "copy_index")  # digested per split
+ROW_DATASETS = ("features", "pooled", "labels", "source_index", "copy_index", "targets")  # digested per split
 WHOLE_DATASETS = ("split", "files/path", "files/sha256", "files/label", "files/split", "files/patient")
-DATASETS = (*ROW_DATASETS, *WHOLE_DATASETS)
+OPTIONAL_DATASETS = ("targets",)  # (n, k) float32 0/1, NaN masked: multi-label caches only (featcache.cache)
+DATASETS = tuple(name for name in (*ROW_DATASETS, *WHOLE_DATASETS) if name not in OPTIONAL_DATASETS)
 WHOLE = "all"
 STREAM_BYTES = 64 * 2**20  # block size when a whole dataset is checked
 H5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)  # what h5py raises on damaged files
@@ -53,7 +54,7 @@ class Digests:
     """Running SHA-256 of each dataset: per split for ``ROW_DATASETS``, of the whole for the others; the names in
     ``by_row`` with the ``rows`` scheme (module docstring)."""
 
-    def __init__(self, names=DATASETS, by_row=()):
+    def __init__(self, names=(*DATASETS, *OPTIONAL_DATASETS), by_row=()):
         self.by_row = frozenset(by_row)
         self._hashes: dict[str, dict[str, "hashlib._Hash"]] = {}
         for name in names:
@@ -81,11 +82,18 @@ class Digests:
 
 
 def dataset_records(handle: h5py.File, digests: Digests) -> dict:
-    """What the manifest records of each dataset: shape, dtype and SHA-256 (per split or whole)."""
+    """What the manifest records of each dataset: shape, dtype and SHA-256 (per split or whole); the optional
+    datasets only where the file has them (a binary or multi-class cache's record is unchanged)."""
     found = digests.hexdigests()
+    names = (*DATASETS, *(name for name in OPTIONAL_DATASETS if name in handle))
     return {name: {"shape": list(handle[name].shape), "dtype": str(handle[name].dtype), "sha256": found[name],
                    **({"scheme": ROW_SCHEME} if name in digests.by_row else {})}
-            for name in DATASETS}
+            for name in names}
+
+
+def present_datasets(manifest: dict) -> tuple[str, ...]:
+    """The datasets a cache has: every required one, and /targets in a multi-label cache."""
+    return (*DATASETS, *(name for name in OPTIONAL_DATASETS if name in manifest.get("datasets", {})))
 
 
 def recorded_by_row(handle: h5py.File, name: str) -> tuple[str, ...]:
@@ -101,7 +109,10 @@ def check_layout(handle: h5py.File, manifest: dict) -> None:
         DamagedFileError: a dataset is missing or differs from its record.
     """
     path = handle.filename
-    for name in DATASETS:
+    if manifest.get("task") == "multilabel" and "targets" not in manifest["datasets"]:
+        _damaged(path, "it is a multi-label cache without a /targets record", "dataset='targets'")
+    names = present_datasets(manifest)
+    for name in names:
         record = manifest["datasets"].get(name)
         if not isinstance(record, dict) or not isinstance(record.get("sha256"), dict):
             _damaged(path, f"its manifest has no checksum record for /{name}", f"dataset={name!r}")
@@ -112,7 +123,7 @@ def check_layout(handle: h5py.File, manifest: dict) -> None:
             _damaged(path, f"/{name} is {tuple(shape)} {dtype}, its record says {record.get('shape')} "
                            f"{record.get('dtype')}", f"dataset={name!r}")
     n, m = handle["split"].shape[0], handle["files/path"].shape[0]
-    for name in DATASETS:
+    for name in names:
         expected = n if name in ROW_DATASETS or name == "split" else m
         if handle[name].shape[0] != expected:
             _damaged(path, f"/{name} has {handle[name].shape[0]} rows, expected {expected}", f"dataset={name!r}")
@@ -233,12 +244,24 @@ def _read(handle: h5py.File, name: str, rows) -> np.ndarray:
 
 def _check_values(handle: h5py.File, name: str, values: np.ndarray) -> None:
     """NaN/inf in the float arrays; labels, split codes, file rows and copy indices out of range."""
+    if name == "targets":  # 0/1, NaN where masked (--uncertain ignore)
+        bad = ~(np.isnan(values) | (values == 0) | (values == 1))
+        if bad.any():
+            _damaged(handle.filename, f"/targets holds {int(bad.sum())} values other than 0, 1 or NaN",
+                     f"targets={values[bad][0]!r}")
+        return
     if name in ("features", "pooled"):
         bad = ~np.isfinite(values)
         if bad.any():
             _damaged(handle.filename, f"/{name} holds {int(bad.sum())} NaN or infinite values", f"dataset={name!r}")
         return
-    n_classes = len(json.loads(handle.attrs["manifest"])["class_names"])
+    manifest = json.loads(handle.attrs["manifest"])
+    n_classes = len(manifest["class_names"])
+    if manifest.get("task") == "multilabel" and name in ("labels", "files/label"):  # no class index: always -1
+        if (values != -1).any():
+            _damaged(handle.filename, f"/{name} of a multi-label cache holds values other than -1",
+                     f"{name}={values[values != -1][0]!r}")
+        return
     limits = {"labels": n_classes, "files/label": n_classes, "split": len(SPLITS), "files/split": len(SPLITS),
               "source_index": handle["files/path"].shape[0], "copy_index": np.iinfo(np.int16).max + 1}
     if name not in limits:

@@ -195,7 +195,9 @@ def export(
     except FeatcacheError as error:
         _fail(error)
     card = summary.card
-    decision = ("argmax" if card.get("threshold_method") == "argmax" else f"threshold {card['threshold']:.4f}")
+    decision = ("argmax" if card.get("threshold_method") == "argmax" else
+                "thresholds " + ", ".join(f"{n} {t:.4f}" for n, t in zip(card["class_names"], card["thresholds"]))
+                if card.get("task") == "multilabel" else f"threshold {card['threshold']:.4f}")
     typer.echo(f"{card['backbone']}: {summary.out} (model.keras, model.export/, model.json); {decision}, "
                f"test accuracy {card['test_metrics']['at_threshold']['accuracy']:.3f}")
 

@@ -66,12 +66,15 @@ def merge_shards(path: Path) -> tuple[Path, int, int] | None:
             split = read_checked(handle, "split")
             columns = {name: read_checked(handle, name, split) for name in ROW_FIELDS if name != "split"}
             columns["split"] = split
+            if "targets" in handle:  # a multi-label cache
+                columns["targets"] = read_checked(handle, "targets", split)
             files = FileTable(path=read_checked(handle, "files/path").tolist(),
                               sha256=read_checked(handle, "files/sha256").astype(str).tolist(),
                               label=read_checked(handle, "files/label"), split=read_checked(handle, "files/split"),
                               patient=read_checked(handle, "files/patient").tolist())
             writer = CacheWriter(path, files, len(split), tuple(manifest["feature_shape"]), manifest["dtype"],
-                                 _compression(path, shards[0]["file"]))
+                                 _compression(path, shards[0]["file"]),
+                                 columns["targets"].shape[1] if "targets" in columns else None)
             try:
                 _copy_rows(handle, writer, split, columns)
                 writer.commit(manifest)  # same rows, same bytes: the same checksums

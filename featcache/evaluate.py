@@ -114,6 +114,11 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
                                assembled, probe, config)
     parity = check_parity(scores.probs, scores.cached, manifest["dtype"], scores.paths,
                           manifest.get("precision", "float32"))
+    if record.get("task") == "multilabel":  # several 0/1 labels: per-label thresholds, per-label and macro metrics
+        from featcache.multilabel_eval import evaluate_multilabel
+
+        return evaluate_multilabel(cache_path, record, manifest, data_dir, test, scores, parity, probe,
+                                   assembled.weights_sha256, config)
     if scores.probs.ndim == 2:  # three or more classes: argmax, per-class and macro metrics
         from featcache.multiclass_eval import evaluate_multiclass
 
@@ -321,7 +326,7 @@ def write_selection(cache_dir: Path) -> dict:
     selection = select_backbone(reports)
     runs = Path(cache_dir) / RUNS
     curves = [(r["backbone"], np.array(r["predictions"]["label"]), np.array(r["predictions"]["probability"]))
-              for r in reports if r.get("task") != "multiclass"]  # multi-class: one-vs-rest curves in its run folder
+              for r in reports if r.get("task") not in ("multiclass", "multilabel")]  # their curves: in the run folder
     plot_roc(curves, runs / "roc.png", "Test ROC, all backbones")
     plot_pr(curves, runs / "pr.png", "Test precision-recall, all backbones")
     write_atomic(runs / "comparison.md", format_comparison(reports, selection))

@@ -88,7 +88,7 @@ def explain_cached(cache_path: Path, split: str = "test", limit: int | None = 32
 
     record = load_head_record(cache_path)
     manifest = check_head_matches_cache(record, cache_path)
-    _check_binary(manifest["class_names"], Path(cache_path).name)
+    _check_binary(manifest["class_names"], Path(cache_path).name, manifest.get("task"))
     data_dir = Path(data_dir) if data_dir is not None else Path(manifest["data_dir"])
     paths, labels, maps = cached_rows(cache_path, split, limit=limit)
     assembled = assemble_model(cache_path, record, manifest)
@@ -181,7 +181,11 @@ def _check_agreement(assembled, explanations: list[Explanation], dtype: str) -> 
     return result
 
 
-def _check_binary(class_names: list[str], source: str) -> None:
+def _check_binary(class_names: list[str], source: str, task: str | None = None) -> None:
+    if task == "multilabel":  # even with two labels: no single positive class to explain
+        raise FeatcacheError(f"explain draws the heatmap of a binary head's positive class; {source} is a multi-label "
+                             f"model of {len(class_names)} labels (multi-label Grad-CAM is not built). "
+                             f"Received: labels={list(class_names)}")
     if len(class_names) > 2:
         raise FeatcacheError(f"explain draws the heatmap of a binary head's positive class; {source} has "
                              f"{len(class_names)} classes (multi-class Grad-CAM is not built). "
@@ -201,7 +205,7 @@ def explain_files(inputs: list[Path], model_dir: Path, max_file_mb: float = 64.0
     from featcache.predict import FIX, find_inputs, read_regular_file
 
     card = read_card(model_dir, FIX)
-    _check_binary(card["class_names"], str(model_dir))
+    _check_binary(card["class_names"], str(model_dir), card.get("task"))
     model = load_keras_checked(model_dir / KERAS_FILE, card["files"]["keras_sha256"], model_dir / CARD_FILE, FIX)
     files, skipped = find_inputs(inputs)
     kept, images = [], []

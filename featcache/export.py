@@ -69,13 +69,18 @@ def export_model(config: ExportConfig) -> ExportSummary:
     try:
         assembled.model.save(tmp / KERAS_FILE)
         write_saved_model(assembled.model, tmp / SAVED_MODEL_DIR, manifest["image_size"], float(record["threshold"]),
-                          manifest["class_names"], scaled=scaled_decode(manifest.get("resize")))
+                          manifest["class_names"], scaled=scaled_decode(manifest.get("resize")),
+                          thresholds=record.get("thresholds") if record.get("task") == "multilabel" else None)
         verification = verify_export(tmp, assembled, _verification_images(report, manifest["image_size"]))
         card = model_card(assembled, cache_path, report, verification, hash_file(tmp / KERAS_FILE))
         if report.get("task") == "multiclass":  # every class, argmax decision, per-class metrics
             from featcache.multiclass_card import multiclass_card
 
             card = multiclass_card(card, report)
+        if report.get("task") == "multilabel":  # every label with its threshold and per-label metrics
+            from featcache.multilabel_card import multilabel_card
+
+            card = multilabel_card(card, report, cache_path)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
         (tmp / MODEL_CARD_FILE).write_text(render_model_card(card))
         _check_out(out, config.force)  # again: the folder may have changed during the minutes of this export
@@ -136,13 +141,17 @@ def _read_report(run_dir: Path, record: dict) -> dict:
 
 
 def write_saved_model(model, path: Path, image_size: int, threshold: float, class_names: list[str],
-                      scaled: bool = False) -> None:
+                      scaled: bool = False, thresholds: list[float] | None = None) -> None:
     """A SavedModel whose ``serving_default`` takes a batch of encoded JPEG/PNG bytes (any size, gray or
     colour) as ``image_bytes`` (shape (None,), tf.string) and returns ``probability`` (None,) float32 of
     ``class_names[1]`` and ``label`` (None,) tf.string at ``threshold``.
 
     Decoding and resizing are ``data.decode_and_resize``, the very function extraction used (``scaled``: the
     cache was extracted with ``--decode fast``).
+
+    A multi-class model (three or more ``class_names``) returns (None, k) probabilities and the argmax class; a
+    multi-label one (``thresholds``, one per label) returns (None, k) probabilities and, per image, the labels at
+    or above their thresholds joined by commas ('' when none), and its threshold endpoint also gives ``thresholds``.
     """
     import keras
     import tensorflow as tf
@@ -155,6 +164,10 @@ def write_saved_model(model, path: Path, image_size: int, threshold: float, clas
         images = tf.map_fn(lambda encoded: decode_and_resize(encoded, image_size, MAX_PIXELS, scaled), image_bytes,
                            fn_output_signature=image_spec)
         output = model(images, training=False)
+        if thresholds is not None:  # multi-label: every label at its own threshold
+            called = output >= tf.constant(thresholds, output.dtype)
+            chosen = tf.ragged.boolean_mask(tf.broadcast_to(names, tf.shape(called)), called)
+            return {"probability": output, "label": tf.strings.reduce_join(chosen, axis=1, separator=",")}
         if len(class_names) > 2:  # multi-class: (None, k) probabilities and the class of the largest (argmax)
             return {"probability": output, "label": tf.gather(names, tf.argmax(output, axis=1, output_type=tf.int32))}
         probability = output[:, 0]
@@ -162,7 +175,8 @@ def write_saved_model(model, path: Path, image_size: int, threshold: float, clas
 
     @tf.function(input_signature=[])
     def saved_threshold():  # lets 'featcache verify' compare the SavedModel's threshold with model.json's
-        return {"threshold": tf.constant(threshold, tf.float64)}
+        extra = {} if thresholds is None else {"thresholds": tf.constant(thresholds, tf.float64)}
+        return {"threshold": tf.constant(threshold, tf.float64), **extra}
 
     archive = keras.export.ExportArchive()
     archive.track(model)

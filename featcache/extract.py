@@ -132,18 +132,21 @@ def _registry_assignments(records) -> dict[str, str]:
 
 
 def _find_data(config: ExtractConfig, previous: dict[str, str]):
-    """Class folders, or the rows of ``--labels``; several label columns are refused until the heads take them."""
+    """Class folders, or the rows of ``--labels`` (one class column, one 0/1 column, or several 0/1 columns: a
+    multi-label cache)."""
     if config.labels is None:
         return find_images(config.data_dir, config.seed, previous_split=previous,
                            patient_pattern=config.patient_pattern)
     labels = read_label_file(config.labels, config.data_dir, config.label_columns, config.uncertain)
-    folder = find_labeled_images(config.data_dir, labels, config.seed, previous_split=previous,
-                                 patient_pattern=config.patient_pattern)
-    if labels.kind == "multilabel":
-        raise DataError(f"{labels.path} is valid, but its {len(labels.columns)} label columns make a multi-label task "
-                        f"and the multi-label head is not built yet (issue 8 part 4); pick one with --label-columns "
-                        f"NAME. Received: label_columns={list(labels.columns)}")
-    return folder
+    return find_labeled_images(config.data_dir, labels, config.seed, previous_split=previous,
+                               patient_pattern=config.patient_pattern)
+
+
+def _targets(folder) -> dict[str, tuple[float, ...]] | None:
+    """A multi-label data set's path -> (k,) targets (NaN masked) for /targets; None for every other."""
+    if folder.labels is None or folder.labels.kind != "multilabel":
+        return None
+    return {row.path: row.targets for row in folder.labels.rows}
 
 
 HASH_THREADS = min(8, (os.cpu_count() or 1) + 2)  # hashlib and file reads release the GIL
@@ -253,7 +256,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
             packer.pack()
             if plain:
                 old.unpack(shards, shard_rows, config.compression)  # a compacted cache: its rows go into shards once
-            assemble_cache(paths, rows, shards, manifest, store.folder / SAVED_WEIGHTS)
+            assemble_cache(paths, rows, shards, manifest, store.folder / SAVED_WEIGHTS, _targets(folder))
         elif (store.folder / SAVED_WEIGHTS).exists():
             os.replace(store.folder / SAVED_WEIGHTS, paths.weights)  # an up-to-date cache whose weights were deleted
         if old is not None:
@@ -508,6 +511,7 @@ def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precis
         "seed": config.seed,
         "split": settings["split"],
         "class_names": list(folder.class_names),
+        **({"task": "multilabel"} if folder.labels is not None and folder.labels.kind == "multilabel" else {}),
         **({"labels": {**settings["labels"], "file": str(Path(folder.labels.path).resolve()),
                        "left_out": len(folder.left_out), "left_out_examples": list(folder.left_out[:10])}}
            if folder.labels is not None else {}),

@@ -309,6 +309,11 @@ def fit_head(models: HeadModels, train: TrainViews, val_pooled: np.ndarray, val_
     Returns:
         FitResult with validation scores of the restored weights.
     """
+    if np.ndim(train.labels) == 2:  # (n, k) targets, NaN masked: the multi-label head
+        from featcache.multilabel import fit_multilabel_views
+
+        return fit_multilabel_views(models, train, val_pooled, val_labels, params, seed=seed, max_epochs=max_epochs,
+                                    patience=patience, on_epoch=on_epoch)
     if models.pooled.output_shape[-1] > 1:  # three or more classes: the softmax head
         from featcache.multiclass import fit_softmax_head
 
@@ -342,6 +347,10 @@ def score_probs(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -
     """
     from sklearn.metrics import roc_auc_score
 
+    if np.ndim(labels) == 2:  # (m, k) targets of a multi-label head: macro scores at 0.5 (featcache.multilabel)
+        from featcache.multilabel import score_multilabel
+
+        return score_multilabel(labels, probs)
     if np.ndim(probs) == 2:  # (m, k) probabilities of a multi-class head: argmax, macro one-vs-rest scores
         from featcache.multiclass import score_multiclass
 

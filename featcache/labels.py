@@ -2,7 +2,8 @@
 optionally, its ``patient`` and ``split``; read, validated row by row, uncertain labels resolved.
 
 Kinds: one column of class names (``single``); one column of 0/1 (``binary``: two classes, the reference
-head); several 0/1 columns (``multilabel``: parsed and validated here; the heads are issue 8 part 4).
+head); several 0/1 columns (``multilabel``: the multi-label head, ``featcache.multilabel``; the cache stores
+the targets as /targets).
 In 0/1 columns ``-1`` (CheXpert's uncertain) and blanks follow ``--uncertain``: ``ignore`` (masked: a
 row whose single column is masked is left out), ``zero`` or ``one``. A blank class name leaves its row out.
 """

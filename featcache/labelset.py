@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from featcache.data import (
     VAL_FRACTION, ImageFolder, ImageRecord, check_patients_disjoint, dicom_patient_ids, split_patients,
 )
@@ -52,7 +54,9 @@ def find_labeled_images(data_dir: str | Path, labels: LabelFile, seed: int, val_
                     patients[row.path])
         for row in rows
     ), key=lambda r: r.path)
-    if labels.kind != "multilabel":
+    if labels.kind == "multilabel":
+        _check_labels_in_splits(labels, records)
+    else:
         _check_classes_in_splits(labels, records)
     check_patients_disjoint(records)
     return ImageFolder(root, labels.class_names, tuple(records), (), tuple(rules), has_dicom, labels, labels.left_out)
@@ -86,3 +90,18 @@ def _check_classes_in_splits(labels: LabelFile, records: list[ImageRecord]) -> N
             raise DataError(f"Class {missing[0]!r} of {labels.path} has no image in the {split} split; every class "
                             f"needs images in train, val and test (give more rows or a 'split' column). "
                             f"Received: {split}={sorted(labels.class_names[i] for i in present)}")
+
+
+def _check_labels_in_splits(labels: LabelFile, records: list[ImageRecord]) -> None:
+    """Multi-label: every label has a 0 and a 1 among its certain rows of train, val and test (its ROC-AUC,
+    threshold and metrics need both)."""
+    split_of = {r.path: r.split for r in records}
+    targets = labels.targets()
+    for split in ("train", "val", "test"):
+        rows = np.array([split_of[row.path] == split for row in labels.rows])
+        for j, column in enumerate(labels.columns):
+            values = targets[rows, j]
+            present = sorted({int(v) for v in values[np.isfinite(values)]})
+            if present != [0, 1]:
+                raise DataError(f"Label {column!r} of {labels.path} needs both 0 and 1 among its certain rows of the "
+                                f"{split} split (give more rows or a 'split' column). Received: {split}={present}")

@@ -59,7 +59,7 @@ def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]]
         shards: the shard files the rows come from (inside ``final``'s folder tree).
         sources: per row, (index into ``shards``, row in that shard), in final row order.
         files: the per-file table.
-        columns: the ROW_FIELDS, one value per row.
+        columns: the ROW_FIELDS, one value per row, and ``targets`` (n, k) for a multi-label cache.
         manifest: embedded, with ``datasets`` (checksums) and ``shards`` (file and seal of each) added.
 
     Raises:
@@ -79,9 +79,10 @@ def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]]
         digests = Digests(by_row=BY_ROW)
         split = np.asarray(columns["split"], ROW_DTYPES["split"])
         _map_rows(handle, shards, relative, records, sources, split, feature_shape, manifest["dtype"], digests)
-        for name in ROW_FIELDS:
+        for name in (*ROW_FIELDS, *(["targets"] if "targets" in columns else [])):
             values = np.asarray(columns[name], ROW_DTYPES[name])
-            handle.create_dataset(name, data=values, chunks=(min(2**16, max(n, 1)),), fletcher32=True)
+            handle.create_dataset(name, data=values, chunks=(min(2**16, max(n, 1)), *values.shape[1:]),
+                                  fletcher32=True)
             digests.update(name, values, split)
         _write_files(handle, files, digests)
         manifest = {**manifest, "datasets": dataset_records(handle, digests),

@@ -8,20 +8,31 @@ thresholds. ``class_weight`` weighs, label by label, the positives by ``n / (2 n
 ``n / (2 n_neg)`` (counted over the label's unmasked rows). Selection: validation macro ROC-AUC (the mean
 over labels of each label's ROC-AUC on its unmasked rows); thresholds: Youden's J per label on validation.
 
-Library only: the cache does not store (n, k) targets yet, so ``extract`` still refuses a multi-label label
-file with one line, and train-head/evaluate/export do not reach this module. Pure computation, no file IO.
+A multi-label cache (``cache.is_multilabel``) stores the targets as /targets; ``train-head`` reaches this module
+through ``head.fit_head`` (2-D labels), ``probe.fit_probe`` (the per-label probe floor, ``MultilabelProbe``) and
+``tune`` (per-label thresholds, the majority floor). head.json records ``threshold`` as ``PER_LABEL_THRESHOLD``
+(unused) and the real ones in ``thresholds``, one per label. Pure computation, no file IO.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.head import EPSILON, FitResult, HeadModels, HeadParams, TrainViews, choose_threshold
+from featcache.head import EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews, choose_threshold
 from featcache.trainer import HeadTask, _class_logits, _Trainer, fit_epochs
+
+PER_LABEL_THRESHOLD = 0.0  # head.json / model.json ``threshold`` of a multi-label head (unused: see ``thresholds``)
+PER_LABEL = "per label"  # prefix of a multi-label head's threshold_method: "per label youden" or "per label min_..."
+
+
+def threshold_method(min_sensitivity: float | None) -> str:
+    """head.json's ``threshold_method`` of a multi-label head: each label's rule, applied per label."""
+    return f"{PER_LABEL} " + ("youden" if min_sensitivity is None else f"min_sensitivity={min_sensitivity:g}")
 
 
 def label_weights(targets: np.ndarray, balanced: bool) -> np.ndarray:
@@ -110,13 +121,37 @@ def fit_multilabel_head(models: HeadModels, pooled: np.ndarray, targets: np.ndar
                         on_epoch: Callable[[int, dict], bool] | None = None) -> FitResult:
     """``head.fit_head`` for k sigmoid outputs on (n, k) targets with NaN masks: the same epochs (one view per
     image), batches, Adam and early stopping on the validation (label-weighted) masked BCE."""
-    targets = np.asarray(targets, np.float32)
-    train = TrainViews(pooled, targets, source_index)
+    train = TrainViews(pooled, np.asarray(targets, np.float32), source_index)
+    return fit_multilabel_views(models, train, val_pooled, val_targets, params, seed=seed, max_epochs=max_epochs,
+                                patience=patience, on_epoch=on_epoch)
+
+
+def fit_multilabel_views(models: HeadModels, train: TrainViews, val_pooled, val_targets: np.ndarray,
+                         params: HeadParams, *, seed: int, max_epochs: int = 30, patience: int = 5,
+                         on_epoch: Callable[[int, dict], bool] | None = None) -> FitResult:
+    """``fit_multilabel_head`` on ``TrainViews`` whose ``labels`` are (n, k) targets (held or streamed views):
+    what ``head.fit_head`` calls for 2-D labels."""
+    targets = np.asarray(train.labels, np.float32)
     loss = masked_binary_cross_entropy if params.class_weight else None
     return fit_epochs(models, MULTILABEL_TASK, train, np.nan_to_num(targets).astype(np.float32),
                       label_weights(targets, params.class_weight), val_pooled, val_targets,
                       label_weights(val_targets, params.class_weight), loss, params, seed=seed, max_epochs=max_epochs,
                       patience=patience, on_epoch=on_epoch)
+
+
+def majority_floor(train_targets: np.ndarray, targets: np.ndarray) -> dict:
+    """Always each label's training majority value, scored on ``targets`` (unmasked entries): per-label and
+    macro accuracy; its ROC-AUC is 0.5 (a constant ranks nothing)."""
+    train_targets, targets = np.asarray(train_targets, np.float64), np.asarray(targets, np.float64)
+    majority, accuracy = [], []
+    for j in range(targets.shape[1]):
+        known = train_targets[np.isfinite(train_targets[:, j]), j]
+        value = int(known.mean() > 0.5) if len(known) else 0
+        scored = targets[np.isfinite(targets[:, j]), j]
+        majority.append(value)
+        accuracy.append(float(np.mean(scored == value)) if len(scored) else float("nan"))
+    return {"majority": majority, "per_label_accuracy": accuracy, "accuracy": float(np.nanmean(accuracy)),
+            "roc_auc": 0.5}
 
 
 @functools.cache
@@ -150,3 +185,73 @@ def _multilabel_trainer(shapes: tuple[tuple[int, ...], ...]) -> _MultilabelTrain
 
 MULTILABEL_TASK = HeadTask(trainer=_multilabel_trainer, predict=lambda: _multilabel_predict_graph(),
                            score=lambda targets, probs: score_multilabel(targets, probs))
+
+
+# --- the per-label linear probe --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MultilabelProbe:
+    """One logistic regression per label on the standardized pooled vectors: ``sigmoid(((x - mean) / scale) @
+    coef.T + intercept)``, ``coef`` (k, c), ``intercept`` (k,), each fitted on its label's unmasked training rows;
+    one C for all labels (the best validation macro ROC-AUC). Otherwise as ``probe.Probe``."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+    c: float
+    val_scores: dict
+    train_rows: int = 0
+
+    KIND = "StandardScaler + LogisticRegression(l2, lbfgs) per label"
+
+    def predict(self, pooled: np.ndarray) -> np.ndarray:
+        """(n, c) pooled vectors -> (n, k) float64 probabilities, each row on its own (einsum)."""
+        z = np.einsum("ij,kj->ik", (np.asarray(pooled, np.float64) - self.mean) / self.scale, self.coef)
+        return 1.0 / (1.0 + np.exp(-(z + self.intercept)))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.KIND, "c": self.c, "intercept": self.intercept.tolist(), "mean": self.mean.tolist(),
+                "scale": self.scale.tolist(), "coef": self.coef.tolist(), "val_scores": self.val_scores,
+                "train_rows": self.train_rows}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "MultilabelProbe":
+        return cls(np.asarray(record["mean"], np.float64), np.asarray(record["scale"], np.float64),
+                   np.asarray(record["coef"], np.float64), np.asarray(record["intercept"], np.float64),
+                   float(record["c"]), record["val_scores"], int(record.get("train_rows", 0)))
+
+
+def fit_multilabel_probe(train_pooled: np.ndarray, train_targets: np.ndarray, val_pooled, val_targets: np.ndarray,
+                         stats: InputStats | None, grid: tuple[float, ...], max_iter: int,
+                         overwrite: bool = False) -> MultilabelProbe:
+    """``probe.fit_probe`` for (n, k) targets: per C of ``grid``, one logistic regression per label on that label's
+    unmasked training rows (the same standardized features); the C with the best validation macro ROC-AUC is
+    kept (ties to the smaller C)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from featcache.probe import PREDICT_ROWS, standardized_rows
+
+    x_train, mean, scale = standardized_rows(train_pooled, stats, overwrite)
+    train_targets = np.asarray(train_targets, np.float64)
+    k = train_targets.shape[1]
+    models = [LogisticRegression(max_iter=max_iter, warm_start=True) for _ in range(k)]
+    known = [np.flatnonzero(np.isfinite(train_targets[:, j])) for j in range(k)]
+    best, scores = None, {}
+    for c in sorted(grid):
+        for j, model in enumerate(models):
+            model.set_params(C=c)
+            model.fit(x_train[known[j]], train_targets[known[j], j].astype(np.int64))
+        coef = np.array([m.coef_[0] for m in models], np.float64, order="C")
+        probe = MultilabelProbe(mean, scale, coef, np.array([m.intercept_[0] for m in models], np.float64), float(c), {})
+        if hasattr(val_pooled, "batches"):
+            probs = np.concatenate([probe.predict(batch) for batch in val_pooled.batches()])
+        else:
+            probs = np.concatenate([probe.predict(val_pooled[s:s + PREDICT_ROWS])
+                                    for s in range(0, len(val_pooled), PREDICT_ROWS)])
+        scores[c] = score_multilabel(val_targets, probs)
+        if best is None or scores[c]["roc_auc"] > scores[best.c]["roc_auc"]:
+            best = probe
+    val_scores = {**scores[best.c], "grid": {f"{c:g}": scores[c]["roc_auc"] for c in sorted(grid)}}
+    return MultilabelProbe(best.mean, best.scale, best.coef, best.intercept, best.c, val_scores, len(x_train))

@@ -308,8 +308,8 @@ class CacheRows:
                 "train_copies": int((self.copy > 0).sum()), "rows": len(self)}
 
 
-def assemble_cache(paths: CachePaths, rows: CacheRows, shards: ShardStore, manifest: dict, weights_from: Path
-                   ) -> None:
+def assemble_cache(paths: CachePaths, rows: CacheRows, shards: ShardStore, manifest: dict, weights_from: Path,
+                   targets: dict[str, tuple[float, ...]] | None = None) -> None:
     """Write the master file over the shards that hold ``rows``, then rename it into place.
 
     Args:
@@ -318,6 +318,8 @@ def assemble_cache(paths: CachePaths, rows: CacheRows, shards: ShardStore, manif
         shards: the shard store (already indexed).
         manifest: embedded in the file.
         weights_from: saved random weights to move beside the cache first, if that file exists.
+        targets: a multi-label cache's relative path -> (k,) 0/1 targets, NaN masked; written as /targets, each
+            row carrying its file's. None: no /targets (binary and multi-class caches).
     """
     used = np.unique(rows.file)  # the files with rows, in the given order
     files = [rows.files[i] for i in used.tolist()]
@@ -331,6 +333,9 @@ def assemble_cache(paths: CachePaths, rows: CacheRows, shards: ShardStore, manif
     shard_files, number, offset = shards.index().locate(rows.digests)
     columns = {"labels": table.label[position], "split": table.split[position],
                "source_index": position, "copy_index": rows.copy}
+    if targets is not None:
+        per_file = np.array([targets[f.record.path] for f in files], np.float32).reshape(len(files), -1)
+        columns["targets"] = per_file[position]
     if weights_from.exists():
         os.replace(weights_from, paths.weights)  # before the cache: a whole cache always has its weights
     write_master(paths.final, shard_files, list(zip(number.tolist(), offset.tolist())), table, columns, manifest)

@@ -128,7 +128,8 @@ def predict_files(inputs: list[Path], model_dir: str | Path, batch_size: int = 3
                                        scaled_decode(card["preprocessing"].get("decode_and_resize")))
             if images:
                 for file, prob in zip(kept, predict_padded(model, np.stack(images), width)):
-                    predictions.append(_prediction(file, prob, names, threshold))
+                    predictions.append(_multilabel_prediction(file, prob, names, card["thresholds"])
+                                       if card.get("task") == "multilabel" else _prediction(file, prob, names, threshold))
             bar.update(len(files[start:start + width]))
     calibrated = calibrated_probability(card.get("post_hoc_calibration"), [p["probability"] for p in predictions])
     if calibrated is not None:  # isotonic: a lookup the model does not apply; the label stays on the model's score
@@ -154,6 +155,15 @@ def _prediction(file: Path, prob: np.ndarray, names: list[str], threshold: float
             "probabilities": {name: float(p) for name, p in zip(names, prob)}}
 
 
+def _multilabel_prediction(file: Path, prob: np.ndarray, names: list[str], thresholds: list[float]) -> dict:
+    """``{"path", "label", "probability", "probabilities", "positive_labels"}`` of a multi-label model: each label
+    called at its own threshold; ``label`` the called labels joined by commas ('' when none, as the SavedModel
+    says), ``probability`` the largest of the k."""
+    positive = [name for name, p, t in zip(names, prob, thresholds) if p >= t]
+    return {"path": str(file), "label": ",".join(positive), "probability": float(np.max(prob)),
+            "probabilities": {name: float(p) for name, p in zip(names, prob)}, "positive_labels": positive}
+
+
 def _read_batch(files: list[Path], size: int, max_pixels: int, max_file_mb: float,
                 skipped: list[dict], scaled: bool = False) -> tuple[list[Path], list[np.ndarray]]:
     """Read and decode these files; (files decoded, their (s, s, 3) images); the others go to ``skipped``."""
@@ -173,8 +183,12 @@ def format_predictions(result: PredictResult, as_json: bool = False) -> str:
     if as_json:
         card = result.card
         return json.dumps({"backbone": card["backbone"], "threshold": card["threshold"],
+                           **({"thresholds": card["thresholds"]} if card.get("task") == "multilabel" else {}),
                            "positive_class": card["positive_class"], "predictions": result.predictions,
                            "skipped": result.skipped}, indent=1)
+    if result.card.get("task") == "multilabel":  # every label's probability, then the labels called
+        return "\n".join("  ".join(f"{n} {q:.4f}" for n, q in p["probabilities"].items())
+                         + f"  [{p['label'] or 'none'}]  {p['path']}" for p in result.predictions)
     width = max(len(name) for name in result.card["class_names"])
     return "\n".join(f"{p['label']:<{width}}  {p['probability']:.4f}  " + (
         f"calibrated {p['calibrated_probability']:.4f}  " if "calibrated_probability" in p else "") + p["path"]

@@ -63,6 +63,10 @@ class Probe:
 
     @classmethod
     def from_dict(cls, record: dict) -> "Probe":
+        if str(record.get("kind", "")).endswith("per label"):  # a multi-label cache's probe
+            from featcache.multilabel import MultilabelProbe
+
+            return MultilabelProbe.from_dict(record)
         if "multinomial" in str(record.get("kind", "")):  # a multi-class cache's probe
             from featcache.multiclass import MulticlassProbe
 
@@ -95,6 +99,11 @@ def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np
     """
     from sklearn.linear_model import LogisticRegression
 
+    if np.ndim(train_labels) == 2:  # (n, k) targets: one regression per label (featcache.multilabel)
+        from featcache.multilabel import fit_multilabel_probe
+
+        return fit_multilabel_probe(train_pooled, train_labels, val_pooled, val_labels, stats, grid, MAX_ITER,
+                                    overwrite)
     if np.max(train_labels) > 1:  # three or more classes: the multinomial probe (featcache.multiclass)
         from featcache.multiclass import fit_multiclass_probe
 

@@ -155,11 +155,14 @@ def format_comparison(reports: list[dict], selection: dict) -> str:
         calibrated = (f"{_ci(calibration['metrics']['brier'])} | {_ci(calibration['metrics']['ece'])}"
                       if calibration else "n/a | n/a")
         lines.append(f"| {report['backbone']}{mark} | {_num(report['validation']['roc_auc'])} | "
-                     f"{report['at_threshold']['threshold']:.3f} | {_ci(m['accuracy'])} | {_ci(half['accuracy'])} | "
+                     f"{_threshold_cell(report)} | {_ci(m['accuracy'])} | {_ci(half['accuracy'])} | "
                      f"{_ci(m['roc_auc'])} | {_ci(m['sensitivity'])} | {_ci(m['specificity'])} | {calibrated} | {floor} |")
         if probe and probe["head_below_probe_on_validation"]:
             below.append(report["backbone"])
-    if reports:
+    if reports and reports[0].get("task") == "multilabel":
+        lines += ["", f"Majority baseline (each label's training majority): test macro accuracy "
+                  f"{_num(reports[0]['baseline']['metrics']['accuracy'])}, ROC-AUC 0.5."]
+    elif reports:
         base, names = reports[0]["baseline"], reports[0]["class_names"]
         lines += ["", f"Majority-class baseline (always {names[base['class_index']]}, the training majority): test "
                   f"accuracy {_num(base['metrics']['accuracy'])}, sensitivity {_num(base['metrics']['sensitivity'])}, "
@@ -174,22 +177,36 @@ def format_comparison(reports: list[dict], selection: dict) -> str:
     return "\n".join(lines)
 
 
+def _threshold_cell(report: dict) -> str:
+    """comparison.md's (and report.html's) threshold: the head's, or "per label" for a multi-label head (its thresholds: report.md)."""
+    if report.get("task") == "multilabel":
+        return "per label"
+    return f"{report['at_threshold']['threshold']:.3f}"
+
+
 def format_summary(reports: list[dict], selection: dict) -> str:
     """What ``featcache evaluate`` prints: one block per backbone and the selection."""
     lines = []
     for r in reports:
         m = r["at_threshold"]["metrics"]
         multiclass = r.get("task") == "multiclass"  # argmax decision; macro ROC-AUC, sensitivity, specificity
+        multilabel = r.get("task") == "multilabel"  # per-label thresholds; macro over labels, then each label
         lines += [
             f"{r['backbone']}: {r['test']['images']} test images, "
             + (f"{len(r['class_names'])} classes, argmax (macro): " if multiclass else
+               f"{len(r['class_names'])} labels, per-label thresholds (macro): " if multilabel else
                f"threshold {r['at_threshold']['threshold']:.3f}: ") +
             f"accuracy {_ci(m['accuracy'])}, ROC-AUC {_ci(m['roc_auc'])}, sensitivity {_num(m['sensitivity']['value'])}, "
             f"specificity {_num(m['specificity']['value'])}",
-            ("  " if multiclass else f"  at 0.5: accuracy {_num(r['at_0.5']['metrics']['accuracy']['value'])}; ")
+            ("  " if multiclass else f"  at 0.5: {'macro ' if multilabel else ''}accuracy "
+             f"{_num(r['at_0.5']['metrics']['accuracy']['value'])}; ")
             + f"majority baseline accuracy {_num(r['baseline']['metrics']['accuracy'])}; parity max diff "
             f"{r['parity']['max_abs_diff']:.2e}",
         ]
+        if multilabel:
+            lines += [f"    {name}: threshold {c['threshold']:.3f}, ROC-AUC {_ci(c['roc_auc'])}, sensitivity "
+                      f"{_num(c['sensitivity']['value'])}, specificity {_num(c['specificity']['value'])}"
+                      for name, c in r["at_threshold"]["per_label"].items()]
         probe = r.get("probe")
         if probe:
             lines.append(f"  linear probe (floor): test ROC-AUC {_ci(probe['test']['metrics']['roc_auc'])}, val ROC-AUC "

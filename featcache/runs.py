@@ -334,7 +334,8 @@ def write_tables(run_dir: Path, rows: list[dict]) -> None:
 
 
 def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict, threshold: float, method: str,
-               val_metrics: dict, study_name: str, probe: dict, keep=None, calibration: dict | None = None) -> dict:
+               val_metrics: dict, study_name: str, probe: dict, keep=None, calibration: dict | None = None,
+               extra: dict | None = None) -> dict:
     """Save ``head.keras`` then ``head.json`` (with the head's SHA-256), each via a temporary name + rename,
     under a lock, so readers see either the old pair or the new one.
 
@@ -342,6 +343,8 @@ def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict
         keep: called under the lock with the ``head.json`` already there (if any); when it returns True that
             head stays and nothing is written (a worker that finished later saved a better trial).
         calibration: the post-hoc calibration record (``posthoc.calibrate_head``); None: not calibrated (no key).
+        extra: keys a task adds (a multi-label head: ``task``, ``thresholds``, ``positive_class``,
+            ``majority_floor``); None or empty: none (binary and multi-class head.json unchanged).
 
     Returns:
         The record of the head now in ``run_dir`` (this one, or the one kept).
@@ -367,6 +370,7 @@ def write_head(run_dir: Path, head, cache_path: Path, manifest: dict, best: dict
             "epochs": best["epochs"], "best_epoch": best["best_epoch"], "study_name": study_name,
             "head_file": HEAD_FILE, "head_sha256": digest, "featcache_version": __version__,
             **({"calibration": calibration} if calibration else {}),
+            **(extra or {}),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         _write_atomic(run_dir / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from featcache.cache import open_cache, read_manifest
+from featcache.cache import is_multilabel, open_cache, read_manifest
 from featcache.checksums import CheckedRows, read_checked
 from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, SPLIT_CODES, decode_bytes
 from featcache.errors import CacheMismatchError, DataError
@@ -34,8 +34,8 @@ class TestRows:
         rows: (t,) the test rows, increasing (the order of their digest).
         original: (t,) copy 0 (test images are never augmented; a copy would be skipped).
         paths, hashes: (t,) each row's file, relative to the data folder, and its SHA-256 at extraction.
-        labels: (t,) int64.
-        train_labels: original rows of the train split, for the majority baseline.
+        labels: (t,) int64, or (t, k) float32 targets with NaN where masked (multi-label caches).
+        train_labels: original rows of the train split, for the majority baseline (idem).
     """
 
     cache_path: Path
@@ -75,21 +75,23 @@ def read_test_rows(cache_path: Path, data_dir: Path) -> TestRows:
         DataError: no ``test/`` folder in ``data_dir`` (class folders), or no folder ``data_dir`` (label file).
         DamagedFileError: a column fails its checks.
     """
-    labeled = "labels" in read_manifest(cache_path)
+    manifest = read_manifest(cache_path)
+    labeled = "labels" in manifest
     if not (data_dir.is_dir() if labeled else (data_dir / "test").is_dir()):
         missing = data_dir if labeled else data_dir / "test"
         raise DataError(f"No {'data' if labeled else 'test'} folder {missing}; pass --data DIR, the folder "
                         f"'featcache extract' read. Received: data={str(data_dir)!r}")
     with open_cache(cache_path) as handle:
         split = read_checked(handle, "split")
-        copy, labels = read_checked(handle, "copy_index", split), read_checked(handle, "labels", split)
+        copy = read_checked(handle, "copy_index", split)
+        labels = read_checked(handle, "targets" if is_multilabel(manifest) else "labels", split)
         rows = np.flatnonzero(split == SPLIT_CODES["test"])
         source = read_checked(handle, "source_index", split, TEST)
         paths = read_checked(handle, "files/path")[source].tolist()
         hashes = read_checked(handle, "files/sha256")[source].astype(str).tolist()
     train_labels = labels[(split == SPLIT_CODES["train"]) & (copy == 0)]
-    test = TestRows(Path(cache_path), split, rows, copy[rows] == 0, paths, hashes, labels[rows].astype(np.int64),
-                    train_labels)
+    test = TestRows(Path(cache_path), split, rows, copy[rows] == 0, paths, hashes,
+                    labels[rows] if labels.ndim == 2 else labels[rows].astype(np.int64), train_labels)
     if not labeled:  # a label file lists its test rows; nothing else in the folder is a test image
         _warn_uncached(data_dir, {p for p, keep in zip(paths, test.original) if keep})
     return test

@@ -157,6 +157,7 @@ def log_evaluation(uri: str | None, reports: list[dict], selection: dict, runs_d
                 if report.get(key):
                     metrics.update(_finite_metrics({k: v["value"] for k, v in report[key]["metrics"].items()}, prefix))
             tracker.log(params={"backbone": report["backbone"], "cache_file": report["cache_file"],
-                                "threshold": report["at_threshold"]["threshold"]}, metrics=metrics, run_id=run_id)
+                                "threshold": report["at_threshold"].get("threshold", "per label")},  # multi-label
+                        metrics=metrics, run_id=run_id)
             tracker.log_files(Path(report["run_dir"]), REPORT_FILES, run_id=run_id)
             tracker.end(run_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import find_cache, list_caches, read_manifest
+from featcache.cache import find_cache, is_multilabel, list_caches, read_manifest
 from featcache.config import TrainHeadConfig
 from featcache.errors import FeatcacheError, IncompleteCacheError
 from featcache.head import HeadModels, HeadParams, TrainViews, build_head, choose_threshold, fit_head, score_probs
@@ -48,6 +48,9 @@ class TrainHeadSummary:
     seconds: float
     probe: Probe  # the standardized logistic-regression floor on the same training views
     calibration: dict | None = None  # head.json's post-hoc calibration record (--calibrate), None: not calibrated
+    thresholds: list[float] | None = None  # a multi-label head's per-label thresholds (class_names order)
+    majority: dict | None = None  # a multi-label head's majority floor on validation (``multilabel.majority_floor``)
+    class_names: list[str] | None = None
 
 
 def train_heads(config: TrainHeadConfig) -> list[TrainHeadSummary]:
@@ -152,6 +155,11 @@ def train_head(cache_path: Path, config: TrainHeadConfig, tracker=None) -> Train
     started = time.perf_counter()
     data = load_head_data(cache_path, config.memory_budget)  # checks the cache before anything is written
     manifest = data.manifest
+    multilabel = is_multilabel(manifest)
+    if multilabel and config.calibrate != "none":
+        raise FeatcacheError(f"--calibrate {config.calibrate} calibrates one probability per image; a multi-label head "
+                             f"has one per label and is not calibrated. Use --calibrate none. "
+                             f"Received: calibrate={config.calibrate!r}")
     log.info("%s: %s %d training views of %s", manifest["backbone"], "streaming" if data.streamed else "loaded",
              len(data.train.labels), cache_path.name)
     run_dir = run_dir_for(cache_path)
@@ -175,13 +183,24 @@ def train_head(cache_path: Path, config: TrainHeadConfig, tracker=None) -> Train
         _refit(best, data, train)
     # after the choice, never part of it; temperature rescales the head's output layer in place
     probs, calibration = calibrate_head(config.calibrate, models, probs, data.val_labels, data.val_pooled)
-    threshold, method = choose_threshold(data.val_labels, probs, config.min_sensitivity)
-    val_metrics = score_probs(data.val_labels, probs, threshold)
+    extra = {}
+    if multilabel:  # a threshold per label (Youden, or --min-sensitivity, on its unmasked validation rows)
+        from featcache.multilabel import (PER_LABEL_THRESHOLD, choose_thresholds, majority_floor, score_multilabel,
+                                          threshold_method)
+
+        thresholds = choose_thresholds(data.val_labels, probs, config.min_sensitivity)
+        threshold, method = PER_LABEL_THRESHOLD, threshold_method(config.min_sensitivity)
+        val_metrics = score_multilabel(data.val_labels, probs, thresholds)
+        extra = {"task": "multilabel", "thresholds": thresholds, "positive_class": "(per label)",
+                 "majority_floor": majority_floor(data.train.labels, data.val_labels)}
+    else:
+        threshold, method = choose_threshold(data.val_labels, probs, config.min_sensitivity)
+        val_metrics = score_probs(data.val_labels, probs, threshold)
     probe_record = {"c": probe.c, **{f"val_{key}": value for key, value in probe.val_scores.items()}}
     latest = {"rows": rows}
     record = write_head(run_dir, models.maps, cache_path, manifest, best, threshold, method, val_metrics,
                         study.study_name, probe=probe_record, calibration=calibration,
-                        keep=_better_saved(study, best, method, latest, config.calibrate))
+                        keep=_better_saved(study, best, method, latest, config.calibrate), extra=extra)
     rows = latest["rows"]
     if record["trial_number"] != best["number"]:  # another worker saved a better trial of the study meanwhile
         best = next(row for row in rows if row["number"] == record["trial_number"])
@@ -191,7 +210,8 @@ def train_head(cache_path: Path, config: TrainHeadConfig, tracker=None) -> Train
         log.warning("%s: the chosen head's validation ROC-AUC %.4f is below the linear probe's %.4f",
                     manifest["backbone"], best["val_roc_auc"], probe.val_scores["roc_auc"])
     return TrainHeadSummary(manifest["backbone"], Path(cache_path), run_dir, rows, best, threshold, method,
-                            val_metrics, todo, time.perf_counter() - started, probe, record.get("calibration"))
+                            val_metrics, todo, time.perf_counter() - started, probe, record.get("calibration"),
+                            record.get("thresholds"), record.get("majority_floor"), list(manifest["class_names"]))
 
 
 def _better_saved(study, best: dict, method: str, latest: dict, calibrate: str = "none"):
@@ -262,7 +282,7 @@ def _fit(params: HeadParams, seed: int, max_epochs: int, patience: int, data: He
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)  # initialisers and dropout
     models = build_head(tuple(data.manifest["feature_shape"]), params, data.stats,
-                        classes=len(data.manifest["class_names"]))
+                        classes=len(data.manifest["class_names"]), multilabel=is_multilabel(data.manifest))
     result = fit_head(models, train, data.val_pooled, data.val_labels, params, seed=seed, max_epochs=max_epochs,
                       patience=patience, on_epoch=on_epoch if trial is not None else None)
     return result, models, time.perf_counter() - started
@@ -295,6 +315,17 @@ def _optimize(study, objective, todo: int, config: TrainHeadConfig, backbone: st
         study.optimize(objective, n_trials=todo, callbacks=[MaxTrialsCallback(config.trials, states=states), advance])
 
 
+def _multilabel_lines(summary: TrainHeadSummary) -> str:
+    """The multi-label decision: macro validation scores, then each label's threshold and ROC-AUC."""
+    m = summary.val_metrics
+    lines = [f"  per-label thresholds ({summary.threshold_method}): val macro ROC-AUC {m['roc_auc']:.4f}, macro "
+             f"sensitivity {m['sensitivity']:.3f}, macro specificity {m['specificity']:.3f}, macro accuracy "
+             f"{m['accuracy']:.3f}"]
+    lines += [f"    {name}: threshold {t:.4f}, val ROC-AUC {auc:.4f}"
+              for name, t, auc in zip(summary.class_names, summary.thresholds, m["per_label_roc_auc"])]
+    return "\n".join(lines)
+
+
 def _flat(scores: dict) -> dict:
     return {f"val_{key}": value for key, value in scores.items()}
 
@@ -312,15 +343,20 @@ def format_summary(summary: TrainHeadSummary, top: int = 5) -> str:
     lines = [
         f"{summary.backbone}: {len(summary.rows)} trials ({summary.new_trials} new, {pruned} pruned, {collapsed} "
         f"collapsed) on {summary.cache_path.name} in {summary.seconds:.1f} s; best trial {summary.best['number']}",
+        _multilabel_lines(summary) if summary.thresholds is not None else
         (f"  decision argmax: val macro ROC-AUC {m['roc_auc']:.4f}, macro sensitivity {m['sensitivity']:.3f}, "
          f"macro specificity {m['specificity']:.3f}, accuracy {m['accuracy']:.3f}" if summary.threshold_method == "argmax"
          else f"  threshold {summary.threshold:.4f} ({summary.threshold_method}): val ROC-AUC {m['roc_auc']:.4f}, "
               f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, accuracy {m['accuracy']:.3f}"),
-        f"  floor: linear probe (standardized logistic regression, C={probe.c:g}) val ROC-AUC "
+        f"  floor: linear probe (standardized logistic regression{' per label' if summary.thresholds else ''}, "
+        f"C={probe.c:g}) val {'macro ' if summary.thresholds else ''}ROC-AUC "
         f"{probe.val_scores['roc_auc']:.4f}" + ("  <- the chosen head is BELOW the probe"
                                                if summary.best["val_roc_auc"] < probe.val_scores["roc_auc"] else ""),
         f"  head {summary.run_dir / 'head.keras'}",
     ]
+    if summary.majority:
+        lines.insert(-1, f"  floor: majority (each label's training majority) val macro accuracy "
+                         f"{summary.majority['accuracy']:.3f}, ROC-AUC 0.5")
     if summary.calibration:
         lines.insert(-1, f"  calibration: {describe_calibration(summary.calibration)}")
     by_number = {r["number"]: r for r in summary.rows}

@@ -18,7 +18,7 @@ import numpy as np
 
 from featcache.cache import list_caches, open_cache
 from featcache.cardtext import render_model_card
-from featcache.checksums import DATASETS, check_dataset, read_checked
+from featcache.checksums import check_dataset, present_datasets, read_checked
 from featcache.data import SPLITS, read_split_registry
 from featcache.errors import DamagedFileError, FeatcacheError
 from featcache.integrity import first_line, load_keras_checked
@@ -95,7 +95,8 @@ def verify_cache(path: Path) -> Verification:
     def header() -> str:
         nonlocal handle
         handle = open_cache(path)
-        return f"complete, format {handle.attrs['format_version']}, manifest and {len(DATASETS)} datasets present"
+        names = present_datasets(json.loads(handle.attrs["manifest"]))
+        return f"complete, format {handle.attrs['format_version']}, manifest and {len(names)} datasets present"
 
     if not result.run("header", header):
         return result
@@ -111,7 +112,7 @@ def verify_cache(path: Path) -> Verification:
         if manifest.get("shards"):
             result.run("shards", lambda: _shards(Path(path), manifest))
         if result.run("sha256 /split", split_column):
-            for name in DATASETS:
+            for name in present_datasets(manifest):
                 if name != "split":
                     result.run(f"sha256 /{name}", lambda name=name: _dataset(handle, name, split))
             result.run("rows and files", lambda: _rows_and_files(handle, manifest, split))
@@ -141,6 +142,12 @@ def _rows_and_files(handle, manifest: dict, split: np.ndarray) -> str:
     problems = []
     if (labels != file_label[source]).any() or (split != file_split[source]).any():
         problems.append("rows whose label or split differs from their file's")
+    if "targets" in manifest["datasets"]:  # multi-label: every copy of a file carries its original's targets
+        targets = read_checked(handle, "targets", split)
+        original = np.full(len(file_label), -1)
+        original[source[copy == 0]] = np.flatnonzero(copy == 0)
+        if not np.array_equal(targets, targets[original[source]], equal_nan=True):
+            problems.append("rows whose targets differ from their file's original row")
     originals = np.bincount(source[copy == 0], minlength=len(file_label))
     if (originals != 1).any():
         problems.append(f"{int((originals != 1).sum())} files without exactly one original row")
@@ -226,7 +233,7 @@ def _check_keras_io(model, card: dict, folder: Path) -> str:
         found = (tuple(model.input_shape), str(model.input.dtype), tuple(model.output_shape))
     except (AttributeError, TypeError, ValueError):  # several inputs or outputs
         found = ("several inputs or outputs", "", "")
-    outputs = len(card["class_names"]) if card.get("task") == "multiclass" else 1  # a probability per class
+    outputs = len(card["class_names"]) if card.get("task") in ("multiclass", "multilabel") else 1  # one per class
     expected = ((None, size, size, 3), "uint8", (None, outputs))
     if found != expected:
         raise DamagedFileError(f"{folder / KERAS_FILE} takes {found[0]} {found[1]} and returns {found[2]}; model.json "
@@ -248,7 +255,14 @@ def _load_saved_model(folder: Path):
 
 
 def _threshold(serving: dict, card: dict, folder: Path) -> str:
-    saved = float(serving[THRESHOLD_SIGNATURE]()["threshold"].numpy())
+    out = serving[THRESHOLD_SIGNATURE]()
+    saved = float(out["threshold"].numpy())
+    if card.get("task") == "multilabel":  # a threshold per label
+        found = out["thresholds"].numpy().tolist() if "thresholds" in out else None
+        if found != [float(t) for t in card["thresholds"]]:
+            raise DamagedFileError(f"The SavedModel in {folder} labels at thresholds {found}, model.json says "
+                                   f"{card['thresholds']}. {FIX_EXPORT} Received: thresholds={card['thresholds']}")
+        return f"SavedModel and model.json both {', '.join(f'{t:.4g}' for t in found)} (per label)"
     if saved != float(card["threshold"]):
         raise DamagedFileError(f"The SavedModel in {folder} labels at threshold {saved}, model.json says "
                                f"{card['threshold']}. {FIX_EXPORT} Received: threshold={card['threshold']}")
@@ -271,8 +285,11 @@ def _agreement(model, serving: dict, card: dict, folder: Path) -> str:
     out = serving[SIGNATURE](image_bytes=tf.constant([data for _, data in encoded]))
     served, labels = out["probability"].numpy(), [b.decode() for b in out["label"].numpy()]
     diff = float(np.max(np.abs(served - expected)))
-    wanted = [card["class_names"][int(np.argmax(p)) if np.ndim(p) else int(p >= card["threshold"])]
-              for p in served]  # a multi-class export (a probability per class) labels by argmax
+    if card.get("task") == "multilabel":  # the labels at or above their thresholds, comma-separated
+        wanted = [",".join(n for n, q, t in zip(card["class_names"], p, card["thresholds"]) if q >= t) for p in served]
+    else:
+        wanted = [card["class_names"][int(np.argmax(p)) if np.ndim(p) else int(p >= card["threshold"])]
+                  for p in served]  # a multi-class export (a probability per class) labels by argmax
     if diff > AGREEMENT_TOLERANCE or labels != wanted:
         raise DamagedFileError(f"model.keras and the SavedModel in {folder} disagree (max difference {diff:.3g}, "
                                f"labels {labels} vs {wanted}). {FIX_EXPORT} Received: max_abs_diff={diff:.3g}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.cache import POOLED_CHUNK_ROWS, open_cache
+from featcache.cache import POOLED_CHUNK_ROWS, is_multilabel, open_cache
 from featcache.checksums import H5_ERRORS, CheckedRows, read_checked
 from featcache.errors import DamagedFileError, FeatcacheError
 from featcache.head import (STATS_CHUNK_ROWS, VAL_BATCH_ROWS, EpochLayout, InputStats, TrainViews, input_stats,
@@ -34,7 +34,7 @@ class HeadData:
     Attributes:
         train: the training views, in memory (``train.pooled``) or streamed (``train.stream``).
         val_pooled: (m, c) float32 validation originals, or a ``ValRows`` read a batch at a time.
-        val_labels: (m,) 0/1.
+        val_labels: (m,) class indices, or (m, k) 0/1 targets with NaN where masked (multi-label caches).
         manifest: the cache's manifest.
         stats: channel mean and variance of the training views, for standardized heads.
         path: the cache file.
@@ -73,10 +73,13 @@ def load_head_data(path: str | Path, memory_budget: int | None = None) -> HeadDa
     with open_cache(path) as handle:
         split = read_checked(handle, "split")
         parts = ("train", "val")
-        labels = read_checked(handle, "labels", split, parts).astype(np.int64)
+        manifest = json.loads(handle.attrs["manifest"])
+        if is_multilabel(manifest):  # (n, k) targets, NaN masked: the labels of the multi-label head
+            labels = read_checked(handle, "targets", split, parts)
+        else:
+            labels = read_checked(handle, "labels", split, parts).astype(np.int64)
         copy_index = read_checked(handle, "copy_index", split, parts)
         source_index = read_checked(handle, "source_index", split, parts)
-        manifest = json.loads(handle.attrs["manifest"])
         rows = np.flatnonzero(np.isin(split, (0, 1)))  # file row of each loaded row
         tv_split = split[rows]
         is_train, is_val = tv_split == 0, (tv_split == 1) & (copy_index == 0)
@@ -105,6 +108,9 @@ def load_head_data(path: str | Path, memory_budget: int | None = None) -> HeadDa
 
 
 def _check_classes(path, manifest, labels, is_train, is_val) -> None:
+    if is_multilabel(manifest):
+        _check_labels(path, manifest, labels, is_train, is_val)
+        return
     classes = len(manifest["class_names"])  # 2: the reference head; more: the softmax head (featcache.multiclass)
     if classes < 2:
         raise FeatcacheError(f"A head needs at least two classes; {path} has {manifest['class_names']}. "
@@ -113,6 +119,18 @@ def _check_classes(path, manifest, labels, is_train, is_val) -> None:
         if len(np.unique(labels[mask])) < classes:
             raise FeatcacheError(f"The {name} split of {path} lacks a class; add images or change the split seed. "
                                  f"Received: {name}_labels={np.unique(labels[mask]).tolist()}")
+
+
+def _check_labels(path, manifest, targets, is_train, is_val) -> None:
+    """Multi-label: each label has a 0 and a 1 among its unmasked train rows and validation rows."""
+    for name, mask in (("train", is_train), ("validation", is_val)):
+        for j, label in enumerate(manifest["class_names"]):
+            values = targets[mask, j]
+            present = sorted({int(v) for v in values[np.isfinite(values)]})
+            if present != [0, 1]:
+                raise FeatcacheError(f"The {name} split of {path} lacks a 0 or a 1 of label {label!r} among its "
+                                     f"unmasked rows; add images or change the split seed. "
+                                     f"Received: {name}_{label}={present}")
 
 
 def _check_streamable(path, memory_budget: int, window_bytes: int) -> None:
