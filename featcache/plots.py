@@ -130,6 +130,29 @@ def plot_calibration(labels: np.ndarray, probs: np.ndarray, bins: list[dict], cl
     return _save(figure, path)
 
 
+def plot_confidence_reliability(probs: np.ndarray, bins: list[dict], path: Path, title: str = "Calibration") -> Path:
+    """A multi-class reliability diagram: accuracy against mean top-class confidence per bin (bin counts as bars),
+    beside a histogram of the top-class confidences. ``bins`` as ``multiclass_calibration.confidence_bins``."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4.2), layout="constrained")
+    reliability, histogram = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    full = [b for b in bins if b["count"]]
+    reliability.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    reliability.plot([b["mean_confidence"] for b in full], [b["accuracy"] for b in full], "o-", color="C0",
+                     label="model")
+    counts = reliability.twinx()
+    counts.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] for b in bins],
+               width=bins[0]["high"] - bins[0]["low"], alpha=0.15, color="C0")
+    counts.set_ylabel("images per bin")
+    reliability.set(xlabel="mean top-class confidence", ylabel="accuracy (argmax is the true class)", xlim=(0, 1),
+                    ylim=(0, 1.01), title=f"{title}: reliability")
+    reliability.legend(loc="upper left", fontsize=8)
+    histogram.hist(np.asarray(probs).max(axis=1), bins=np.linspace(0, 1, 21), color="C0", alpha=0.7)
+    histogram.set(xlabel="top-class confidence", ylabel="images", title=f"{title}: confidence")
+    return _save(figure, path)
+
+
 def plot_heatmap(image: np.ndarray, heatmap: np.ndarray, title: str, path: Path) -> Path:
     """The (s, s, 3) uint8 image with a [0, 1] Grad-CAM heatmap upsampled onto it (bilinear), and a colour bar."""
     from matplotlib.figure import Figure

@@ -1,0 +1,119 @@
+"""A three-class run of the CLI on synthetic images, classes A and B marked by blobs in their own quadrant (tiny
+backbone at 64 px, random weights):
+``train-head --calibrate temperature`` through evaluate, export and predict; the multi-class report.html;
+Grad-CAM of a chosen class in ``explain``."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from pipeline import FAST, run_cli
+
+NAMES = ["A", "B", "C"]
+# Each class's signal and the quadrant (row, column) that carries it: a global-average-pooled head tells classes
+# apart by what the maps hold, not where, so A and B differ in kind (bright and dark blobs); C has none.
+SIGNALS = {"A": (130.0, (0, 0)), "B": (-110.0, (0, 1)), "C": (0.0, None)}
+
+
+def quadrant_tree(target, train: int = 30, test: int = 8, size: int = 128, seed: int = 0):
+    """Class folders A, B, C of synthetic noise images: two bright blobs in the top-left quadrant (A), two dark
+    blobs in the top-right one (B), none (C). At --image-size 64 the tiny backbone's maps are 2 x 2, a cell per
+    quadrant. Each image is its own patient."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    half = size // 2
+    for split, count in (("train", train), ("test", test)):
+        for i in range(3 * count):
+            name = NAMES[i % 3]
+            image = rng.normal(110, 12, size=(size, size))
+            amplitude, where = SIGNALS[name]
+            for _ in range(2 if where else 0):
+                cy = where[0] * half + rng.integers(half // 4, 3 * half // 4)
+                cx = where[1] * half + rng.integers(half // 4, 3 * half // 4)
+                image += amplitude * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size / 16) ** 2))
+            (target / split / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+                target / split / name / f"person{split}{i}_{name}_{i}.jpeg", quality=95)
+    return target
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, dev_data):
+    """extract -> train-head -> evaluate (the uncalibrated report kept) -> train-head --calibrate temperature
+    -> evaluate -> export."""
+    root = tmp_path_factory.mktemp("three-class")
+    data, cache_dir, model = quadrant_tree(root / "xrays"), root / "cache", root / "model"
+    outputs = {}
+    for name, args in (("extract", ["extract", "--data", data, "--cache-dir", cache_dir, *FAST]),
+                       ("train-head", ["train-head", "--cache-dir", cache_dir, "--trials", "2", "--no-progress"]),
+                       ("evaluate", ["evaluate", "--no-progress", "--cache-dir", cache_dir, "--bootstrap", "50"]),
+                       ("calibrate", ["train-head", "--cache-dir", cache_dir, "--trials", "2", "--no-progress",
+                                      "--calibrate", "temperature"]),
+                       ("evaluate-calibrated", ["evaluate", "--no-progress", "--cache-dir", cache_dir, "--bootstrap",
+                                                "50"]),
+                       ("export", ["export", "--cache-dir", cache_dir, "--out", model])):
+        result = run_cli(*args)
+        assert result.exit_code == 0, f"{name}: {result.output} {result.exception!r}"
+        outputs[name] = result.output
+        if name == "evaluate":
+            shutil.copyfile(next((cache_dir / "runs").glob("tiny-*")) / "report.json", root / "uncalibrated.json")
+    run_dir = next((cache_dir / "runs").glob("tiny-*"))
+    return {"data": data, "cache_dir": cache_dir, "run_dir": run_dir, "model": model, "outputs": outputs,
+            "uncalibrated": json.loads((root / "uncalibrated.json").read_text())}
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_temperature_is_in_the_exported_multiclass_model_and_the_argmax_is_unchanged(run):
+    before = run["uncalibrated"]
+    record = json.loads((run["run_dir"] / "head.json").read_text())["calibration"]
+    temperature = record["temperature"]
+    assert record["method"] == "temperature" and record["classes"] == 3 and temperature > 0
+    assert "temperature T =" in run["outputs"]["calibrate"]
+    assert record["validation_after"]["log_loss"] <= record["validation_before"]["log_loss"] + 1e-9
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    assert report["head"]["trial_number"] == before["head"]["trial_number"]  # the same head, rescaled
+    assert report["post_hoc_calibration"]["temperature"] == temperature
+    # each test probability vector is softmax(log p / T) of the uncalibrated one (log p: the logits up to a constant)
+    raw, scaled = np.array(before["predictions"]["probability"]), np.array(report["predictions"]["probability"])
+    np.testing.assert_allclose(scaled, _softmax(np.log(np.clip(raw, 1e-30, 1)) / temperature), atol=1e-4)
+    np.testing.assert_array_equal(scaled.argmax(1), raw.argmax(1))
+    assert report["at_threshold"]["confusion"] == before["at_threshold"]["confusion"]
+    calibration = report["calibration"]
+    assert set(calibration["metrics"]) == {"brier", "ece", "nll"} and calibration["of"] == "top-class confidence"
+    assert (run["run_dir"] / "calibration.png").stat().st_size > 0
+    text = (run["run_dir"] / "report.md").read_text()
+    assert "top-class confidence" in text and "Post-hoc calibration: temperature T =" in text
+    # the card carries both; the exported model outputs the calibrated probabilities
+    card = json.loads((run["model"] / "model.json").read_text())
+    assert card["post_hoc_calibration"]["temperature"] == temperature
+    assert set(card["calibration"]) == {"brier", "ece", "nll"}
+    assert card["verification"]["max_abs_diff_saved_model"] <= card["verification"]["tolerance"]
+    card_text = (run["model"] / "MODEL_CARD.md").read_text()
+    assert "temperature T =" in card_text and "--calibrate temperature" in card_text
+    assert "not calibrated" not in card_text
+    assert run_cli("verify", run["model"]).exit_code == 0
+    # predict on the raw files gives the evaluated (calibrated) probabilities
+    paths = report["predictions"]["path"]
+    result = run_cli("predict", "--no-progress", "--model", run["model"], "--json", *[run["data"] / p for p in paths])
+    assert result.exit_code == 0, result.output
+    predicted = json.loads(result.stdout)["predictions"]
+    by_path = {p["path"]: p for p in predicted}
+    for path, probs in zip(paths, scaled):
+        p = by_path[str(run["data"] / path)]
+        np.testing.assert_allclose([p["probabilities"][n] for n in NAMES], probs, atol=1e-5)
+        assert p["label"] == NAMES[int(np.argmax(probs))]
+
+
+def test_isotonic_is_refused_for_a_multiclass_head_in_one_line(run, tmp_path):
+    shutil.copytree(run["cache_dir"], tmp_path / "cache")
+    result = run_cli("train-head", "--cache-dir", tmp_path / "cache", "--trials", "2", "--no-progress",
+                     "--calibrate", "isotonic")
+    assert result.exit_code == 1 and "binary heads only" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
