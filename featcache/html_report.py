@@ -153,7 +153,9 @@ def render_comparison(reports: list[dict], selection: dict, runs_dir: Path) -> s
     for r in sorted(reports, key=lambda r: r["cache_file"]):
         m, calibration, probe = r["at_threshold"]["metrics"], r.get("calibration"), r.get("probe")
         rows.append([r["backbone"] + (" (selected)" if r["cache_file"] == selection["cache_file"] else ""),
-                     _num(r["validation"]["roc_auc"]), f"{r['at_threshold']['threshold']:.3f}", _ci(m["accuracy"]),
+                     _num(r["validation"]["roc_auc"]),
+                     "argmax" if r.get("task") == "multiclass" else f"{r['at_threshold']['threshold']:.3f}",
+                     _ci(m["accuracy"]),
                      _ci(m["roc_auc"]), _ci(m["sensitivity"]), _ci(m["specificity"]),
                      _ci(calibration["metrics"]["brier"]) if calibration else "n/a",
                      _ci(probe["test"]["metrics"]["roc_auc"]) if probe else "n/a"])

@@ -1,7 +1,7 @@
 """Test-set evaluation of a multi-class head (three or more classes): the decision is the argmax of the class
 probabilities; per-class and macro metrics with percentile bootstrap intervals, the k x k confusion matrix,
 one-vs-rest ROC curves, and the report files ``evaluate`` writes for a binary head (report.json, report.md,
-roc.png, confusion.png, calibration.png, trials.png).
+roc.png, pr.png, confusion.png, calibration.png, trials.png, report.html).
 
 Metrics (each ``{"value", "ci_low", "ci_high"}``): ``accuracy``; ``roc_auc``, ``sensitivity`` and
 ``specificity``, the macro (unweighted) means over classes of each class's one-vs-rest ROC-AUC, recall and
@@ -116,12 +116,13 @@ def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray, classes
 
 
 def evaluate_multiclass(cache_path: Path, record: dict, manifest: dict, data_dir: Path, test, scores, parity: dict,
-                        probe, weights_sha256: str, config) -> dict:
+                        probe, assembled, config) -> dict:
     """The report of a multi-class head from ``evaluate.evaluate_cache``'s test scores; writes its files."""
     import keras
     import tensorflow as tf
 
     from featcache.evaluate import write_atomic, _finite, REPORT_FILE
+    from featcache.multiclass_html import write_multiclass_html
 
     names = list(manifest["class_names"])
     scored = score_multiclass_with_intervals(scores.labels, scores.probs, names, n_bootstrap=config.n_bootstrap,
@@ -131,7 +132,7 @@ def evaluate_multiclass(cache_path: Path, record: dict, manifest: dict, data_dir
         "backbone": manifest["backbone"], "cache_file": Path(cache_path).name,
         "cache_fingerprint": manifest["fingerprint"], "run_dir": record["run_dir"],
         "image_size": manifest["image_size"], "dtype": manifest["dtype"], "class_names": names,
-        "weights": {**manifest["weights"], "verified_sha256": weights_sha256},
+        "weights": {**manifest["weights"], "verified_sha256": assembled.weights_sha256},
         "head": {key: record[key] for key in ("head_sha256", "trial_number", "params", "threshold",
                                               "threshold_method", "study_name")},
         "validation": record["val_metrics"], "data_dir": str(Path(data_dir).resolve()),
@@ -156,6 +157,7 @@ def evaluate_multiclass(cache_path: Path, record: dict, manifest: dict, data_dir
     _write_plots(run_dir, report, scores.labels, scores.probs)
     write_atomic(run_dir / "report.md", format_multiclass_report(report))
     write_atomic(run_dir / REPORT_FILE, json.dumps(_finite(report), indent=1, sort_keys=True) + "\n")
+    write_multiclass_html(report, run_dir, cache_path, assembled, data_dir)
     log.info("%s: multi-class report (argmax decision)", manifest["backbone"])
     return report
 
@@ -170,12 +172,13 @@ def _probe(probe, record: dict, scores, names: list[str], config) -> dict | None
 
 
 def _write_plots(run_dir: Path, report: dict, labels: np.ndarray, probs: np.ndarray) -> None:
-    from featcache.plots import plot_confidence_reliability, plot_roc, plot_trials
+    from featcache.plots import plot_confidence_reliability, plot_pr, plot_roc, plot_trials
 
     names = report["class_names"]
     present = [k for k in range(len(names)) if 0 < np.sum(labels == k) < len(labels)]
-    plot_roc([(f"{names[k]} vs rest", labels == k, probs[:, k]) for k in present], run_dir / "roc.png",
-             f"Test one-vs-rest ROC, {report['backbone']}")
+    curves = [(f"{names[k]} vs rest", labels == k, probs[:, k]) for k in present]
+    plot_roc(curves, run_dir / "roc.png", f"Test one-vs-rest ROC, {report['backbone']}")
+    plot_pr(curves, run_dir / "pr.png", f"Test one-vs-rest precision-recall, {report['backbone']}", no_skill=False)
     plot_confusion_matrix(report["at_threshold"]["confusion"]["matrix"], names, run_dir / "confusion.png",
                           f"Test, argmax, {report['backbone']}")
     plot_confidence_reliability(probs, report["calibration"]["bins"], run_dir / "calibration.png",
@@ -239,7 +242,7 @@ def format_multiclass_report(report: dict) -> str:
     lines += ["", *calibration_lines(report), ""]
     lines += [f"Parity: end-to-end vs cached-maps probabilities differ by at most "
               f"{report['parity']['max_abs_diff']:.2e} (tolerance {report['parity']['tolerance']:g}).", "",
-              "Plots: [roc.png](roc.png) (one vs rest), [confusion.png](confusion.png), [calibration.png](calibration.png) "
+              "Plots: [roc.png](roc.png) and [pr.png](pr.png) (one vs rest), [confusion.png](confusion.png), [calibration.png](calibration.png) "
               "(top-class confidence), [trials.png](trials.png).", ""]
     return "\n".join(lines)
 

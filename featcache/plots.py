@@ -40,9 +40,12 @@ def plot_roc(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title
     return _save(figure, path)
 
 
-def plot_pr(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title: str = "Test precision-recall") -> Path:
+def plot_pr(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title: str = "Test precision-recall",
+            no_skill: bool = True) -> Path:
     """Precision-recall curves, one per ``(name, labels (n,), probs (n,))``, with their average precision in the
-    legend, and the precision of a classifier without skill (the prevalence of class 1) as a dashed line."""
+    legend, and the precision of a classifier without skill (the prevalence of class 1) as a dashed line; without
+    ``no_skill`` (one-vs-rest curves of several classes, each of its own prevalence), each curve's prevalence is
+    in its legend instead."""
     from matplotlib.figure import Figure
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
@@ -50,9 +53,10 @@ def plot_pr(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title:
     axes = figure.add_subplot()
     for name, labels, probs in curves:
         precision, recall, _ = precision_recall_curve(labels, probs)
+        prevalence = "" if no_skill else f", prevalence {np.mean(labels):.3f}"
         axes.step(recall, precision, where="post", lw=1.8,
-                  label=f"{name} (AP {average_precision_score(labels, probs):.3f})")
-    if curves:
+                  label=f"{name} (AP {average_precision_score(labels, probs):.3f}{prevalence})")
+    if curves and no_skill:
         prevalence = float(np.mean(curves[0][1]))
         axes.axhline(prevalence, ls="--", color="grey", lw=1, label=f"no skill ({prevalence:.3f})")
     axes.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01), title=title)

@@ -4,7 +4,9 @@ backbone at 64 px, random weights):
 Grad-CAM of a chosen class in ``explain``."""
 
 import json
+import re
 import shutil
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -117,3 +119,79 @@ def test_isotonic_is_refused_for_a_multiclass_head_in_one_line(run, tmp_path):
                      "--calibrate", "isotonic")
     assert result.exit_code == 1 and "binary heads only" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+class _Tables(HTMLParser):
+    """The tables of an HTML page as lists of rows of cell texts, and the alt texts of its embedded images."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tables, self.images, self._cell = [], [], None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img" and attrs.get("src", "").startswith("data:image/png;base64,"):
+            self.images.append(attrs.get("alt"))
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell)
+            self._cell = None
+
+
+def _table_with(tables, header: str) -> list[list[str]]:
+    return next(t for t in tables if t and t[0] and t[0][0] == header)
+
+
+def test_multiclass_report_html_has_the_binary_pages_sections(run):
+    from featcache.reports import format_ci
+
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    page = _Tables((run["run_dir"] / "report.html").read_text())
+    scored, probe = report["at_threshold"], report["probe"]
+    # macro metrics: the head, the multinomial probe and the majority class side by side, with intervals
+    macro = _table_with(page.tables, "metric")
+    assert macro[0] == ["metric", "head", "linear probe", f"majority ({NAMES[report['baseline']['class_index']]})"]
+    assert macro[2][:3] == ["ROC-AUC (macro)", format_ci(scored["metrics"]["roc_auc"]),
+                            format_ci(probe["test"]["metrics"]["roc_auc"])]
+    per_class = _table_with(page.tables, "class")
+    assert [row[0] for row in per_class[1:]] == NAMES
+    for row, name in zip(per_class[1:], NAMES):
+        assert row[1] == str(scored["per_class"][name]["images"])
+        assert row[2] == format_ci(scored["per_class"][name]["roc_auc"])
+        assert row[5] == format_ci(probe["test"]["per_class"][name]["roc_auc"])
+    confusion = _table_with(page.tables, "true \\ called")
+    assert [[int(v) for v in row[1:]] for row in confusion[1:]] == scored["confusion"]["matrix"]
+    assert any(row[0] == "expected calibration error (top-class)" for t in page.tables for row in t)
+    assert any("temperature T =" in cell for t in page.tables for row in t for cell in row)  # the post-hoc section
+    for alt in ("one-vs-rest ROC curves, per class", "one-vs-rest precision-recall curves, per class",
+                "confusion matrix at the argmax", "reliability of the top-class confidence"):
+        assert alt in page.images, page.images
+    for name in ("roc.png", "pr.png", "confusion.png", "calibration.png"):
+        assert (run["run_dir"] / name).stat().st_size > 0
+
+
+def test_chromium_draws_the_multiclass_page(run, chromium, tmp_path):
+    from test_report_browser import _screenshot
+
+    page = run["run_dir"] / "report.html"
+    drawn = _screenshot(chromium, page, tmp_path / "page.png")
+    bare = tmp_path / "bare.html"
+    bare.write_text(re.sub(r'src="data:image/png;base64,[^"]*"', 'src=""', page.read_text()))
+    without = _screenshot(chromium, bare, tmp_path / "bare.png")
+
+    def colourful(rgb):  # the text and tables are grey; the curves and the colour maps are not
+        return ((rgb.max(-1) - rgb.min(-1)) > 60).mean()
+
+    assert colourful(drawn) > 0.01 and colourful(without) < 0.002, (colourful(drawn), colourful(without))
