@@ -125,4 +125,27 @@ def write_multiclass_html(report: dict, run_dir: Path, cache_path: Path | None =
 
 
 def _overlays(report: dict, folder: Path, cache_path: Path, assembled, data_dir: Path) -> list:
-    return []
+    """The most confident mistakes, each with its Grad-CAM overlay of the class called (cached maps)."""
+    from featcache.explain import cached_rows, explain_maps
+    from featcache.gradcam import normalize
+    from featcache.plots import plot_heatmap
+
+    indices = most_confident_mistakes(report)
+    if not indices:
+        return []
+    folder.mkdir()
+    predictions, names = report["predictions"], report["class_names"]
+    paths = [predictions["path"][i] for i in indices]
+    explained, _ = explain_maps(assembled, data_dir, *cached_rows(cache_path, "test", paths=paths))
+    gallery = []
+    for n, (i, e) in enumerate(zip(indices, explained)):
+        probs = predictions["probability"][i]
+        called = int(np.argmax(probs))
+        prediction = {"path": predictions["path"][i], "label": names[predictions["label"][i]], "called": names[called],
+                      "probability": float(probs[called])}
+        overlay = None
+        if e.image is not None:
+            title = f"{Path(e.path).name}\ntrue {e.label}, called {e.predicted}, heatmap of {e.explained}"
+            overlay = plot_heatmap(e.image, normalize(e.heatmap), title, folder / f"mistake-{n}.png")
+        gallery.append((prediction, overlay))
+    return gallery

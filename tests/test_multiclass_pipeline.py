@@ -195,3 +195,59 @@ def test_chromium_draws_the_multiclass_page(run, chromium, tmp_path):
         return ((rgb.max(-1) - rgb.min(-1)) > 60).mean()
 
     assert colourful(drawn) > 0.01 and colourful(without) < 0.002, (colourful(drawn), colourful(without))
+
+
+def _explain(run, out, *args):
+    result = run_cli("explain", "--cache-dir", run["cache_dir"], "--out", out, "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _peaks(images, label):
+    return [np.unravel_index(int(np.argmax(i["heatmap"])), np.shape(i["heatmap"])) for i in images
+            if i["label"] == label]
+
+
+def test_explain_draws_the_predicted_class_or_the_class_asked_for(run, tmp_path):
+    predicted = _explain(run, tmp_path / "predicted")
+    assert predicted["agreement"]["max_abs_diff"] <= predicted["agreement"]["tolerance"]
+    assert all(i["explained"] == i["predicted"] for i in predicted["images"])
+    assert len(list((tmp_path / "predicted").glob("*.png"))) == len(predicted["images"]) == 24
+    by_class = {name: _explain(run, tmp_path / name, "--class", name) for name in ("A", "B")}
+    for name, result in by_class.items():
+        assert result["agreement"]["max_abs_diff"] <= result["agreement"]["tolerance"]  # cached == end to end
+        assert all(i["explained"] == name for i in result["images"])
+        row, col = SIGNALS[name][1]
+        peaks = _peaks(result["images"], name)  # class k's own images: the map of k peaks in k's quadrant
+        assert np.mean([p == (row, col) for p in peaks]) >= 0.75, (name, peaks)
+    a, b = (np.array([i["heatmap"] for i in by_class[n]["images"]]) for n in ("A", "B"))
+    assert not np.allclose(a, b)  # the map changes with the class
+    # the exported model draws the same heatmaps from the raw files (float16 maps in the cache)
+    files = [run["data"] / i["path"] for i in by_class["B"]["images"][:6]]
+    result = run_cli("explain", "--model", run["model"], "--class", "B", "--out", tmp_path / "files", "--json", *files)
+    assert result.exit_code == 0, result.output
+    from featcache.gradcam import normalize
+
+    for cached, fresh in zip(by_class["B"]["images"][:6], json.loads(result.stdout)["images"]):
+        assert fresh["explained"] == "B"
+        np.testing.assert_allclose(normalize(np.array(fresh["heatmap"])), normalize(np.array(cached["heatmap"])),
+                                   atol=1e-2)
+    result = run_cli("explain", "--cache-dir", run["cache_dir"], "--class", "Z", "--out", tmp_path / "z")
+    assert result.exit_code == 1 and "--class must be one of A, B, C" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_report_gallery_shows_the_most_confident_mistakes_with_their_heatmaps(run):
+    from featcache.multiclass_html import most_confident_mistakes
+
+    report = json.loads((run["run_dir"] / "report.json").read_text())
+    mistakes = most_confident_mistakes(report)
+    probs, labels = np.array(report["predictions"]["probability"]), np.array(report["predictions"]["label"])
+    wrong = np.flatnonzero(probs.argmax(1) != labels)
+    assert sorted(mistakes) == sorted(wrong[np.argsort(-probs[wrong].max(1))][:4].tolist())
+    assert len(mistakes) >= 1  # this run calls some test images wrong (report.md's confusion matrix)
+    page = _Tables((run["run_dir"] / "report.html").read_text())
+    shown = [alt for alt in page.images if " called " in alt]
+    assert len(shown) == len(mistakes) == len(list((run["run_dir"] / "gallery").glob("mistake-*.png")))
+    for alt, i in zip(shown, mistakes):
+        assert alt.startswith(report["predictions"]["path"][i]) and f"true {NAMES[labels[i]]}" in alt
