@@ -230,6 +230,11 @@ def _calibrate_softmax(method: str, models, probs: np.ndarray, labels: np.ndarra
     from featcache.multiclass_calibration import fit_softmax_temperature, softmax_log_loss
 
     classes = int(np.shape(probs)[1])
+    if models is not None and not _is_softmax(models.pooled.layers[-1]):  # e.g. a multi-label Dense(k, sigmoid)
+        last = models.pooled.layers[-1]
+        raise FeatcacheError(f"--calibrate calibrates binary heads and multi-class (softmax) heads. Received: last "
+                             f"layer {type(last).__name__}({getattr(last, 'units', '?')}, "
+                             f"{getattr(getattr(last, 'activation', None), '__name__', '?')})")
     if method != "temperature":
         raise FeatcacheError(f"--calibrate {method} calibrates binary heads only; a multi-class head takes "
                              f"--calibrate temperature (one temperature for every class, argmax unchanged). "

@@ -136,3 +136,14 @@ def test_isotonic_is_refused_for_a_softmax_head_in_one_line():
         calibrate_head("isotonic", models, probs, labels, pooled)
     assert "\n" not in str(error.value) and "classes=3" in str(error.value)
     assert all(np.array_equal(a, b) for a, b in zip(weights, models.pooled.get_weights()))  # untouched
+
+
+def test_a_multilabel_head_is_not_taken_for_a_softmax_one():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    models = build_head((3, 3, 4), HeadParams(units=8), classes=3, multilabel=True)
+    pooled = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    probs = np.full((6, 3), 0.5)
+    with pytest.raises(FeatcacheError, match=r"binary heads and multi-class \(softmax\) heads.*Dense\(3, sigmoid\)"):
+        calibrate_head("temperature", models, probs, np.array([0, 1, 2, 0, 1, 2]), pooled)

@@ -109,3 +109,16 @@ def test_the_class_heatmap_lights_that_class_signal_in_an_image_holding_two():
                                                                                   share(cam_a, bottom_left))
     assert np.mean(share(cam_b, bottom_left) > share(cam_b, top_right)) >= 0.9, (share(cam_b, bottom_left),
                                                                                   share(cam_b, top_right))
+
+
+def test_class_names_for_explain():
+    from featcache.errors import FeatcacheError
+    from featcache.explain import class_target
+
+    assert class_target(["A", "B", "C"], None, "x") is None  # each image's predicted class
+    assert class_target(["A", "B", "C"], "C", "x") == 2
+    assert class_target(["NORMAL", "PNEUMONIA"], "PNEUMONIA", "x") is None  # a binary head: its positive class
+    with pytest.raises(FeatcacheError, match="--class must be one of A, B, C"):
+        class_target(["A", "B", "C"], "D", "x")
+    with pytest.raises(FeatcacheError, match="binary head's heatmap is of its positive class 'PNEUMONIA'"):
+        class_target(["NORMAL", "PNEUMONIA"], "NORMAL", "x")
