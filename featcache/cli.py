@@ -239,6 +239,7 @@ def explain(
     check: Annotated[bool, typer.Option("--check/--no-check", help="Recompute each cached heatmap end to end from the raw file and compare.")] = True,
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNG overlays and heatmaps.json.")] = Path("explain"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw heatmaps as one JSON document.")] = False,
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Multi-class heads: the class whose heatmap to draw (default: each image's predicted class).")] = None,
 ) -> None:
     """Grad-CAM heatmaps of the head's decision: from cached maps (no backbone pass) or, with --model, end to end."""
     import json
@@ -251,9 +252,9 @@ def explain(
             if model is None:
                 raise FeatcacheError("Explaining image files needs --model (an export folder); without files, "
                                      "explain reads cached rows of --split. Received: model=None")
-            result = explain_files(inputs, model)
+            result = explain_files(inputs, model, class_name=class_name)
         else:
-            result = explain_cached(select_cache(cache_dir, backbone), split, limit, data, check)
+            result = explain_cached(select_cache(cache_dir, backbone), split, limit, data, check, class_name)
         write_explanations(result, out)
     except FeatcacheError as error:
         _fail(error)

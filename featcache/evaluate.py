@@ -122,8 +122,8 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
     if scores.probs.ndim == 2:  # three or more classes: argmax, per-class and macro metrics
         from featcache.multiclass_eval import evaluate_multiclass
 
-        return evaluate_multiclass(cache_path, record, manifest, data_dir, test, scores, parity, probe,
-                                   assembled.weights_sha256, config)
+        return evaluate_multiclass(cache_path, record, manifest, data_dir, test, scores, parity, probe, assembled,
+                                   config)
     threshold = float(record["threshold"])
     scored = {
         "at_threshold": score_with_intervals(scores.labels, scores.probs, threshold, n_bootstrap=config.n_bootstrap,

@@ -8,6 +8,9 @@ Two sources, one arithmetic (``gradcam.gradcam``):
   to [0, 1]) must stay within ``HEATMAP_TOLERANCE`` of the cache's dtype, as the parity check does for
   probabilities.
 - new files (``--model``, an export folder): the exported end-to-end model computes the maps.
+
+A binary head's heatmap is of its positive class's logit. A multi-class head's is of the predicted class's logit
+(the argmax), or of the class named by ``class_name`` (``--class NAME``) for every image.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ HEATMAPS_FILE = "heatmaps.json"
 class Explanation:
     path: str  # relative to the data folder (cached rows) or as given (files)
     label: str | None  # the true class of a cached row; None for a new file
-    probability: float  # of the positive class
-    predicted: str  # the class at the head's threshold
+    probability: float  # of the explained class (binary: the positive class)
+    predicted: str  # the class at the head's threshold (multi-class: the argmax)
     heatmap: np.ndarray  # (h, w) raw Grad-CAM values
     image: np.ndarray | None = field(default=None, repr=False)  # (s, s, 3) uint8, for the overlay
+    explained: str | None = None  # the class whose logit the heatmap explains (multi-class heads)
 
 
 @dataclass
@@ -51,7 +55,8 @@ class ExplainResult:
     skipped: list[dict]
     source: str  # "cache <file>" or "model <folder>"
     agreement: dict | None  # cached vs end-to-end heatmaps, when checked
-    positive: str  # the positive class, whose probability and heatmap these are
+    positive: str  # the positive class, whose probability and heatmap these are (multi-class: the --class
+    # asked for, or "the predicted class")
 
 
 def select_cache(cache_dir: Path, backbone: str | None) -> Path:
@@ -75,11 +80,13 @@ def select_cache(cache_dir: Path, backbone: str | None) -> Path:
 
 
 def explain_cached(cache_path: Path, split: str = "test", limit: int | None = 32, data_dir: Path | None = None,
-                   check: bool = True) -> ExplainResult:
-    """Heatmaps of the first ``limit`` original images of ``split`` in a cache, from their cached maps.
+                   check: bool = True, class_name: str | None = None) -> ExplainResult:
+    """Heatmaps of the first ``limit`` original images of ``split`` in a cache, from their cached maps;
+    ``class_name``: the class to explain (multi-class heads; default the predicted class of each image).
 
     Raises:
-        FeatcacheError: no trained head for the cache, an unknown split, or no image of that split.
+        FeatcacheError: no trained head for the cache, an unknown split, no image of that split, or an unknown
+            ``class_name``.
         CacheMismatchError: the head does not belong to the cache.
         FeatcacheError: ``check`` and a heatmap differs from the end-to-end one by more than the tolerance.
     """
@@ -88,14 +95,14 @@ def explain_cached(cache_path: Path, split: str = "test", limit: int | None = 32
 
     record = load_head_record(cache_path)
     manifest = check_head_matches_cache(record, cache_path)
-    _check_binary(manifest["class_names"], Path(cache_path).name, manifest.get("task"))
+    target = class_target(manifest["class_names"], class_name, Path(cache_path).name, manifest.get("task"))
     data_dir = Path(data_dir) if data_dir is not None else Path(manifest["data_dir"])
     paths, labels, maps = cached_rows(cache_path, split, limit=limit)
     assembled = assemble_model(cache_path, record, manifest)
-    explanations, skipped = explain_maps(assembled, data_dir, paths, labels, maps)
+    explanations, skipped = explain_maps(assembled, data_dir, paths, labels, maps, target)
     agreement = _check_agreement(assembled, explanations, manifest["dtype"]) if check else None
     return ExplainResult(explanations, skipped, f"cache {Path(cache_path).name}", agreement,
-                         manifest["class_names"][1])
+                         _explained_name(manifest["class_names"], target))
 
 
 def cached_rows(cache_path: Path, split: str, limit: int | None = None,
@@ -135,14 +142,15 @@ def cached_rows(cache_path: Path, split: str, limit: int | None = None,
     return names, labels[rows], maps
 
 
-def explain_maps(assembled, data_dir: Path, paths: list[str], labels: np.ndarray,
-                 maps: np.ndarray) -> tuple[list[Explanation], list[dict]]:
+def explain_maps(assembled, data_dir: Path, paths: list[str], labels: np.ndarray, maps: np.ndarray,
+                 target: int | None = None) -> tuple[list[Explanation], list[dict]]:
     """Heatmaps of cached maps with the raw images (from ``data_dir``) for the overlays; an unreadable raw file
-    keeps its heatmap and is listed (no overlay)."""
+    keeps its heatmap and is listed (no overlay). ``target``: the class index to explain (multi-class heads;
+    None: each image's predicted class)."""
     from featcache.data import load_image, scaled_decode
 
     manifest, record = assembled.manifest, assembled.record
-    heatmaps, probs = gradcam(assembled.head, maps)
+    heatmaps, probs = gradcam(assembled.head, maps, target=target)
     names, threshold = manifest["class_names"], float(record["threshold"])
     explanations, skipped = [], []
     for path, label, heatmap, prob in zip(paths, labels, heatmaps, probs):
@@ -151,9 +159,48 @@ def explain_maps(assembled, data_dir: Path, paths: list[str], labels: np.ndarray
         except DataError as exc:  # the heatmap stands; only the overlay is lost
             skipped.append({"path": path, "error": f"no overlay: {exc}"})
             image = None
-        explanations.append(Explanation(path, names[int(label)], float(prob), names[int(prob >= threshold)],
-                                        heatmap, image))
+        explanations.append(_explanation(path, names[int(label)], prob, names, threshold, heatmap, image, target))
     return explanations, skipped
+
+
+def _explanation(path: str, label: str | None, prob: np.ndarray, names: list[str], threshold: float,
+                 heatmap: np.ndarray, image, target: int | None) -> Explanation:
+    if np.ndim(prob) == 0:  # binary: P(positive class) at the head's threshold
+        return Explanation(path, label, float(prob), names[int(prob >= threshold)], heatmap, image)
+    explained = int(np.argmax(prob)) if target is None else int(target)
+    return Explanation(path, label, float(prob[explained]), names[int(np.argmax(prob))], heatmap, image,
+                       explained=names[explained])
+
+
+def class_target(class_names: list[str], class_name: str | None, source: str, task: str | None = None) -> int | None:
+    """The class index ``--class`` names for a multi-class head (None: each image's predicted class); a binary
+    head explains its positive class, which is the only name it takes.
+
+    Raises:
+        FeatcacheError: a multi-label head, a name that is not one of ``class_names``, or a binary head's negative
+            class.
+    """
+    if task == "multilabel":  # even with two labels: no single positive class to explain
+        raise FeatcacheError(f"explain draws the heatmap of one class; {source} is a multi-label model of "
+                             f"{len(class_names)} labels (multi-label Grad-CAM is not built). "
+                             f"Received: labels={list(class_names)}")
+    if class_name is None:
+        return None
+    if len(class_names) <= 2:
+        if class_name == class_names[-1]:
+            return None
+        raise FeatcacheError(f"A binary head's heatmap is of its positive class {class_names[-1]!r}; --class picks a "
+                             f"class of a multi-class head ({source}). Received: class_name={class_name!r}")
+    if class_name not in class_names:
+        raise FeatcacheError(f"--class must be one of {', '.join(class_names)} ({source}). "
+                             f"Received: class_name={class_name!r}")
+    return list(class_names).index(class_name)
+
+
+def _explained_name(class_names: list[str], target: int | None) -> str:
+    if len(class_names) <= 2:
+        return class_names[1]
+    return "the predicted class" if target is None else class_names[target]
 
 
 def _check_agreement(assembled, explanations: list[Explanation], dtype: str) -> dict:
@@ -165,8 +212,10 @@ def _check_agreement(assembled, explanations: list[Explanation], dtype: str) -> 
     if not with_image:
         return {"images": 0, "max_abs_diff": None, "storage_max_abs_diff": None, "tolerance": tolerance}
     maps = end_to_end_maps(assembled.model, np.stack([e.image for e in with_image]))
-    stored, _ = gradcam(assembled.head, maps.astype(dtype).astype(np.float32))
-    full, _ = gradcam(assembled.head, maps)
+    names = assembled.manifest["class_names"]  # multi-class: the classes the cached heatmaps explain, image by image
+    target = None if len(names) <= 2 else np.array([names.index(e.explained) for e in with_image])
+    stored, _ = gradcam(assembled.head, maps.astype(dtype).astype(np.float32), target=target)
+    full, _ = gradcam(assembled.head, maps, target=target)
     diffs = [float(np.abs(normalize(e.heatmap) - normalize(h)).max()) for e, h in zip(with_image, stored)]
     storage = [float(np.abs(normalize(e.heatmap) - normalize(h)).max()) for e, h in zip(with_image, full)]
     worst = int(np.argmax(diffs))
@@ -181,19 +230,10 @@ def _check_agreement(assembled, explanations: list[Explanation], dtype: str) -> 
     return result
 
 
-def _check_binary(class_names: list[str], source: str, task: str | None = None) -> None:
-    if task == "multilabel":  # even with two labels: no single positive class to explain
-        raise FeatcacheError(f"explain draws the heatmap of a binary head's positive class; {source} is a multi-label "
-                             f"model of {len(class_names)} labels (multi-label Grad-CAM is not built). "
-                             f"Received: labels={list(class_names)}")
-    if len(class_names) > 2:
-        raise FeatcacheError(f"explain draws the heatmap of a binary head's positive class; {source} has "
-                             f"{len(class_names)} classes (multi-class Grad-CAM is not built). "
-                             f"Received: class_names={list(class_names)}")
-
-
-def explain_files(inputs: list[Path], model_dir: Path, max_file_mb: float = 64.0) -> ExplainResult:
-    """Heatmaps of image files (or folders of them) through an exported end-to-end model.
+def explain_files(inputs: list[Path], model_dir: Path, max_file_mb: float = 64.0,
+                  class_name: str | None = None) -> ExplainResult:
+    """Heatmaps of image files (or folders of them) through an exported end-to-end model; ``class_name`` as
+    ``explain_cached``.
 
     Raises:
         FeatcacheError, DamagedFileError: ``model_dir`` is not an untouched export.
@@ -205,7 +245,7 @@ def explain_files(inputs: list[Path], model_dir: Path, max_file_mb: float = 64.0
     from featcache.predict import FIX, find_inputs, read_regular_file
 
     card = read_card(model_dir, FIX)
-    _check_binary(card["class_names"], str(model_dir), card.get("task"))
+    target = class_target(card["class_names"], class_name, str(model_dir), card.get("task"))
     model = load_keras_checked(model_dir / KERAS_FILE, card["files"]["keras_sha256"], model_dir / CARD_FILE, FIX)
     files, skipped = find_inputs(inputs)
     kept, images = [], []
@@ -220,11 +260,12 @@ def explain_files(inputs: list[Path], model_dir: Path, max_file_mb: float = 64.0
         raise DataError(f"No readable image among the inputs; expected JPEG or PNG files or folders of them. "
                         f"Received: inputs={[str(i) for i in inputs][:3]}")
     images = np.stack(images)
-    heatmaps, probs = gradcam(model.layers[-1], end_to_end_maps(model, images))
+    heatmaps, probs = gradcam(model.layers[-1], end_to_end_maps(model, images), target=target)
     names, threshold = card["class_names"], float(card["threshold"])
-    explanations = [Explanation(str(file), None, float(prob), names[int(prob >= threshold)], heatmap, image)
+    explanations = [_explanation(str(file), None, prob, names, threshold, heatmap, image, target)
                     for file, heatmap, prob, image in zip(kept, heatmaps, probs, images)]
-    return ExplainResult(explanations, skipped, f"model {model_dir}", None, card["positive_class"])
+    positive = card["positive_class"] if len(names) <= 2 else _explained_name(names, target)
+    return ExplainResult(explanations, skipped, f"model {model_dir}", None, positive)
 
 
 def write_explanations(result: ExplainResult, out: Path) -> list[Path]:
@@ -238,7 +279,9 @@ def write_explanations(result: ExplainResult, out: Path) -> list[Path]:
             continue
         name = _file_name(e.path, used)
         truth = f"true {e.label}, " if e.label is not None else ""
-        title = f"{Path(e.path).name}\n{truth}predicted {e.predicted}, P({result.positive}) = {e.probability:.3f}"
+        explained = e.explained or result.positive
+        title = (f"{Path(e.path).name}\n{truth}predicted {e.predicted}, "
+                 + (f"heatmap of {explained}, " if e.explained else "") + f"P({explained}) = {e.probability:.3f}")
         written.append(plot_heatmap(e.image, normalize(e.heatmap), title, out / name))
     (out / HEATMAPS_FILE).write_text(json.dumps(to_json(result), indent=1) + "\n")
     return written
@@ -248,6 +291,7 @@ def to_json(result: ExplainResult) -> dict:
     return {"source": result.source, "agreement": result.agreement, "skipped": result.skipped,
             "heatmap": "Grad-CAM of the head's logit: relu(sum_k alpha_k A_k), raw values, rows top to bottom",
             "images": [{"path": e.path, "label": e.label, "predicted": e.predicted, "probability": e.probability,
+                        **({"explained": e.explained} if e.explained else {}),
                         "heatmap": np.round(e.heatmap.astype(np.float64), 6).tolist()}
                        for e in result.explanations]}
 
@@ -273,5 +317,7 @@ def format_result(result: ExplainResult) -> str:
     for e in result.explanations:
         row, col = np.unravel_index(int(np.argmax(e.heatmap)), e.heatmap.shape)
         truth = f"true {e.label:<10} " if e.label is not None else ""
-        lines.append(f"  {truth}predicted {e.predicted:<10} {e.probability:.4f}  peak ({row}, {col})  {e.path}")
+        explained = f"heatmap of {e.explained:<10} " if e.explained else ""
+        lines.append(f"  {truth}predicted {e.predicted:<10} {explained}{e.probability:.4f}  peak ({row}, {col})  "
+                     f"{e.path}")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Grad-CAM (Selvaraju et al. 2017) of the head's decision, from feature maps: the cached ones, or the ones the
 end-to-end model computes from a raw image. No backbone pass is needed for cached rows.
 
-For maps ``A`` (h, w, c) and the head's logit ``y`` (the pre-sigmoid score of the positive class)::
+For maps ``A`` (h, w, c) and the head's logit ``y`` (the pre-sigmoid score of the positive class; for a
+multi-class head the pre-softmax score ``z_k`` of the class explained, by default the predicted one)::
 
     alpha_k = mean over (i, j) of dy / dA[i, j, k]          (channel weights)
     cam[i, j] = relu(sum_k alpha_k * A[i, j, k])            (h, w) heatmap, in the units of y
@@ -24,35 +25,53 @@ from featcache.errors import FeatcacheError
 
 
 def head_logit(head):
-    """A function (n, h, w, c) float32 maps -> (n,) logits of a featcache head (its last layer is Dense(1, sigmoid)).
+    """A function (n, h, w, c) float32 maps -> (n,) logits of a featcache head (its last layer is Dense(1, sigmoid)),
+    or (n, k) logits of a multi-class head (Dense(k, softmax)).
 
     Raises:
-        FeatcacheError: the head does not end in a one-unit sigmoid Dense layer.
+        FeatcacheError: the head ends in neither a one-unit sigmoid nor a softmax Dense layer.
     """
     import keras
 
     last = head.layers[-1]
-    if not isinstance(last, keras.layers.Dense) or last.units != 1 or last.activation is not keras.activations.sigmoid:
-        raise FeatcacheError(f"Grad-CAM needs a head that ends in Dense(1, sigmoid). Received: last layer "
-                             f"{type(last).__name__}")
+    softmax = is_softmax_head(head)
+    if not softmax and (not isinstance(last, keras.layers.Dense) or last.units != 1
+                        or last.activation is not keras.activations.sigmoid):
+        raise FeatcacheError(f"Grad-CAM needs a head that ends in Dense(1, sigmoid) or Dense(k, softmax). Received: "
+                             f"last layer {type(last).__name__}")
     hidden = keras.Model(head.input, head.layers[-2].output)
 
     def logit(maps):
-        return keras.ops.squeeze(keras.ops.matmul(hidden(maps, training=False), last.kernel) + last.bias, axis=-1)
+        z = keras.ops.matmul(hidden(maps, training=False), last.kernel) + last.bias
+        return z if softmax else keras.ops.squeeze(z, axis=-1)
 
     return logit
 
 
-def gradcam(head, maps: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def is_softmax_head(head) -> bool:
+    """Whether the head ends in Dense(k, softmax), k > 1 (a multi-class head)."""
+    import keras
+
+    last = head.layers[-1]
+    return isinstance(last, keras.layers.Dense) and last.units > 1 and last.activation is keras.activations.softmax
+
+
+def gradcam(head, maps: np.ndarray, batch_size: int = 64,
+            target: int | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heatmaps and probabilities of ``head`` on ``maps``.
 
     Args:
         head: a featcache head (maps -> probability), e.g. ``EndToEnd.head``.
         maps: (n, h, w, c) feature maps, any float dtype (computed in float32).
+        target: for a multi-class head, the class whose logit ``z_k`` the heatmap explains: one index for every
+            image, (n,) indices, or None for each image's predicted class (the argmax). Unused for a binary head.
 
     Returns:
-        (n, h, w) float32 heatmaps (raw, >= 0) and (n,) float32 probabilities of the positive class.
+        (n, h, w) float32 heatmaps (raw, >= 0) and (n,) float32 probabilities of the positive class; for a
+        multi-class head (n, k) probabilities of every class.
     """
+    if is_softmax_head(head):
+        return _gradcam_softmax(head, maps, batch_size, target)
     import tensorflow as tf
 
     logit = head_logit(head)
@@ -68,6 +87,32 @@ def gradcam(head, maps: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, n
         probs.append(tf.sigmoid(y).numpy())
     if not cams:
         return np.empty((0, *np.shape(maps)[1:3]), np.float32), np.empty((0,), np.float32)
+    return np.concatenate(cams).astype(np.float32), np.concatenate(probs).astype(np.float32)
+
+
+def _gradcam_softmax(head, maps: np.ndarray, batch_size: int, target) -> tuple[np.ndarray, np.ndarray]:
+    """``gradcam`` of a multi-class head: the gradient of the chosen class's logit ``z_k`` (not of its softmax
+    probability, which depends on every other logit and saturates). Each image's logits depend on its own maps
+    alone (inference mode), so the gradient of the batch's sum of chosen logits is each image's own."""
+    import tensorflow as tf
+
+    logit = head_logit(head)
+    targets = None if target is None else np.broadcast_to(np.asarray(target, np.int64), (len(maps),))
+    cams, probs = [], []
+    for start in range(0, len(maps), batch_size):
+        batch = tf.convert_to_tensor(np.asarray(maps[start:start + batch_size], np.float32))
+        with tf.GradientTape() as tape:
+            tape.watch(batch)
+            z = logit(batch)  # (b, k)
+            chosen = tf.argmax(z, axis=1) if targets is None else tf.constant(targets[start:start + batch_size])
+            y = tf.reduce_sum(tf.gather(z, chosen, axis=1, batch_dims=1))
+        grads = tape.gradient(y, batch)
+        alpha = tf.reduce_mean(grads, axis=(1, 2))
+        cams.append(tf.nn.relu(tf.einsum("bhwc,bc->bhw", batch, alpha)).numpy())
+        probs.append(tf.nn.softmax(z).numpy())
+    if not cams:
+        classes = int(head.output_shape[-1])
+        return np.empty((0, *np.shape(maps)[1:3]), np.float32), np.empty((0, classes), np.float32)
     return np.concatenate(cams).astype(np.float32), np.concatenate(probs).astype(np.float32)
 
 

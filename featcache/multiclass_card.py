@@ -82,6 +82,25 @@ def render_multiclass_card(card: dict) -> str:
     lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |"
               for name, row in zip(names, card["test_confusion"]["matrix"])]
     lines += ["", f"Validation macro ROC-AUC {format_value(card['validation_metrics'].get('roc_auc'))} (the split "
-              "the head was chosen on).", "", "## Known limitations", "", f"- {DATASET_NOTE}",
-              "- Probabilities were not calibrated (calibration is reported for binary heads only).", ""]
+              "the head was chosen on).", *calibration_card_lines(card), "", "## Known limitations", "",
+              f"- {DATASET_NOTE}",
+              "- Probabilities are calibrated only as far as the calibration figures above say, on this test set.", ""]
     return "\n".join(lines + _reproduce_lines(card))
+
+
+def calibration_card_lines(card: dict) -> list[str]:
+    """The test calibration of the top-class confidence, and the temperature fitted on validation."""
+    from featcache.posthoc import describe_calibration
+
+    lines, calibration = [], card.get("calibration")
+    if calibration:
+        lines += ["", f"Calibration on test (top-class confidence, 10 equal-width bins): expected calibration error "
+                  f"{format_ci(calibration['ece'])}, multi-class Brier score {format_ci(calibration['brier'])}, "
+                  f"negative log-likelihood {format_ci(calibration.get('nll'))}."]
+    record = card.get("post_hoc_calibration") or {}
+    if record.get("method", "none") != "none":
+        lines += ["", f"Post-hoc calibration: {describe_calibration(record)}; validation Brier score "
+                  f"{record['validation_before']['brier']:.4f} -> {record['validation_after']['brier']:.4f}. The "
+                  "exported model outputs the temperature-scaled probabilities (T folded into its last layer; the "
+                  "argmax is unchanged)."]
+    return lines

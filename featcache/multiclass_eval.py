@@ -1,14 +1,16 @@
 """Test-set evaluation of a multi-class head (three or more classes): the decision is the argmax of the class
 probabilities; per-class and macro metrics with percentile bootstrap intervals, the k x k confusion matrix,
 one-vs-rest ROC curves, and the report files ``evaluate`` writes for a binary head (report.json, report.md,
-roc.png, confusion.png, trials.png).
+roc.png, pr.png, confusion.png, calibration.png, trials.png, report.html).
 
 Metrics (each ``{"value", "ci_low", "ci_high"}``): ``accuracy``; ``roc_auc``, ``sensitivity`` and
 ``specificity``, the macro (unweighted) means over classes of each class's one-vs-rest ROC-AUC, recall and
 specificity; and the same three per class. A threshold, Youden's J and ``--min-sensitivity`` have no
 multi-class meaning: report.json keeps the binary keys ``at_threshold`` and ``at_0.5`` (what the selection,
-export and the summaries read) and both hold the argmax results, with ``"decision": "argmax"``. Calibration
-and the HTML report (its false-positive gallery) are binary-only and are not written for a multi-class head.
+export and the summaries read) and both hold the argmax results, with ``"decision": "argmax"``.
+Calibration is that of the top-class confidence (``featcache.multiclass_calibration``: top-label ECE,
+multi-class Brier score, NLL), drawn in calibration.png; a temperature fitted by ``train-head --calibrate
+temperature`` is recorded as ``post_hoc_calibration``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from featcache import __version__
 from featcache.metrics import LEVEL, bootstrap_index_blocks, _ranking_samples
 from featcache.multiclass import ARGMAX, one_vs_rest_auc
+from featcache.multiclass_calibration import calibration_with_intervals
 from featcache.reports import format_ci, format_value
 
 log = logging.getLogger(__name__)
@@ -113,12 +116,13 @@ def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray, classes
 
 
 def evaluate_multiclass(cache_path: Path, record: dict, manifest: dict, data_dir: Path, test, scores, parity: dict,
-                        probe, weights_sha256: str, config) -> dict:
+                        probe, assembled, config) -> dict:
     """The report of a multi-class head from ``evaluate.evaluate_cache``'s test scores; writes its files."""
     import keras
     import tensorflow as tf
 
     from featcache.evaluate import write_atomic, _finite, REPORT_FILE
+    from featcache.multiclass_html import write_multiclass_html
 
     names = list(manifest["class_names"])
     scored = score_multiclass_with_intervals(scores.labels, scores.probs, names, n_bootstrap=config.n_bootstrap,
@@ -128,7 +132,7 @@ def evaluate_multiclass(cache_path: Path, record: dict, manifest: dict, data_dir
         "backbone": manifest["backbone"], "cache_file": Path(cache_path).name,
         "cache_fingerprint": manifest["fingerprint"], "run_dir": record["run_dir"],
         "image_size": manifest["image_size"], "dtype": manifest["dtype"], "class_names": names,
-        "weights": {**manifest["weights"], "verified_sha256": weights_sha256},
+        "weights": {**manifest["weights"], "verified_sha256": assembled.weights_sha256},
         "head": {key: record[key] for key in ("head_sha256", "trial_number", "params", "threshold",
                                               "threshold_method", "study_name")},
         "validation": record["val_metrics"], "data_dir": str(Path(data_dir).resolve()),
@@ -143,6 +147,9 @@ def evaluate_multiclass(cache_path: Path, record: dict, manifest: dict, data_dir
         "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "probe": _probe(probe, record, scores, names, config),
+        "calibration": calibration_with_intervals(scores.labels, scores.probs, n_bootstrap=config.n_bootstrap,
+                                                  seed=config.seed),
+        **({"post_hoc_calibration": record["calibration"]} if record.get("calibration") else {}),
         "predictions": {"path": scores.paths, "label": scores.labels.tolist(), "probability": scores.probs.tolist(),
                         "cached_probability": scores.cached.tolist()},
     }
@@ -150,8 +157,8 @@ def evaluate_multiclass(cache_path: Path, record: dict, manifest: dict, data_dir
     _write_plots(run_dir, report, scores.labels, scores.probs)
     write_atomic(run_dir / "report.md", format_multiclass_report(report))
     write_atomic(run_dir / REPORT_FILE, json.dumps(_finite(report), indent=1, sort_keys=True) + "\n")
-    log.info("%s: multi-class report (argmax decision); calibration and report.html are binary-only, not written",
-             manifest["backbone"])
+    write_multiclass_html(report, run_dir, cache_path, assembled, data_dir)
+    log.info("%s: multi-class report (argmax decision)", manifest["backbone"])
     return report
 
 
@@ -165,14 +172,17 @@ def _probe(probe, record: dict, scores, names: list[str], config) -> dict | None
 
 
 def _write_plots(run_dir: Path, report: dict, labels: np.ndarray, probs: np.ndarray) -> None:
-    from featcache.plots import plot_roc, plot_trials
+    from featcache.plots import plot_confidence_reliability, plot_pr, plot_roc, plot_trials
 
     names = report["class_names"]
     present = [k for k in range(len(names)) if 0 < np.sum(labels == k) < len(labels)]
-    plot_roc([(f"{names[k]} vs rest", labels == k, probs[:, k]) for k in present], run_dir / "roc.png",
-             f"Test one-vs-rest ROC, {report['backbone']}")
+    curves = [(f"{names[k]} vs rest", labels == k, probs[:, k]) for k in present]
+    plot_roc(curves, run_dir / "roc.png", f"Test one-vs-rest ROC, {report['backbone']}")
+    plot_pr(curves, run_dir / "pr.png", f"Test one-vs-rest precision-recall, {report['backbone']}", no_skill=False)
     plot_confusion_matrix(report["at_threshold"]["confusion"]["matrix"], names, run_dir / "confusion.png",
                           f"Test, argmax, {report['backbone']}")
+    plot_confidence_reliability(probs, report["calibration"]["bins"], run_dir / "calibration.png",
+                                f"Test, {report['backbone']}")
     trials = run_dir / "trials.jsonl"
     if trials.is_file():
         rows = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
@@ -229,7 +239,28 @@ def format_multiclass_report(report: dict) -> str:
                      f"{format_ci(probe['test']['metrics']['roc_auc'])}"
                      + (" -- **the tuned head is below it on validation**" if probe["head_below_probe_on_validation"]
                         else "") + ".")
+    lines += ["", *calibration_lines(report), ""]
     lines += [f"Parity: end-to-end vs cached-maps probabilities differ by at most "
               f"{report['parity']['max_abs_diff']:.2e} (tolerance {report['parity']['tolerance']:g}).", "",
-              "Plots: [roc.png](roc.png) (one vs rest), [confusion.png](confusion.png), [trials.png](trials.png).", ""]
+              "Plots: [roc.png](roc.png) and [pr.png](pr.png) (one vs rest), [confusion.png](confusion.png), [calibration.png](calibration.png) "
+              "(top-class confidence), [trials.png](trials.png).", ""]
     return "\n".join(lines)
+
+
+def calibration_lines(report: dict) -> list[str]:
+    """Markdown lines: the test calibration of the top-class confidence, and the post-hoc temperature fitted on
+    validation (its NLL, Brier score and ECE before and after), when there is one."""
+    from featcache.posthoc import describe_calibration
+
+    calibration, lines = report.get("calibration"), []
+    if calibration:
+        m = calibration["metrics"]
+        lines += [f"Calibration on test ({calibration['n_bins']} equal-width bins of the top-class confidence): "
+                  f"expected calibration error {format_ci(m['ece'])}, multi-class Brier score {format_ci(m['brier'])} "
+                  f"(sum over classes, 0 to 2), negative log-likelihood {format_ci(m['nll'])}."]
+    record = report.get("post_hoc_calibration")
+    if record:
+        before, after = record["validation_before"], record["validation_after"]
+        lines += [f"Post-hoc calibration: {describe_calibration(record)}; validation Brier score "
+                  f"{before['brier']:.4f} -> {after['brier']:.4f}. The model outputs the calibrated probabilities."]
+    return lines

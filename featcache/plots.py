@@ -40,9 +40,12 @@ def plot_roc(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title
     return _save(figure, path)
 
 
-def plot_pr(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title: str = "Test precision-recall") -> Path:
+def plot_pr(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title: str = "Test precision-recall",
+            no_skill: bool = True) -> Path:
     """Precision-recall curves, one per ``(name, labels (n,), probs (n,))``, with their average precision in the
-    legend, and the precision of a classifier without skill (the prevalence of class 1) as a dashed line."""
+    legend, and the precision of a classifier without skill (the prevalence of class 1) as a dashed line; without
+    ``no_skill`` (one-vs-rest curves of several classes, each of its own prevalence), each curve's prevalence is
+    in its legend instead."""
     from matplotlib.figure import Figure
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
@@ -50,9 +53,10 @@ def plot_pr(curves: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title:
     axes = figure.add_subplot()
     for name, labels, probs in curves:
         precision, recall, _ = precision_recall_curve(labels, probs)
+        prevalence = "" if no_skill else f", prevalence {np.mean(labels):.3f}"
         axes.step(recall, precision, where="post", lw=1.8,
-                  label=f"{name} (AP {average_precision_score(labels, probs):.3f})")
-    if curves:
+                  label=f"{name} (AP {average_precision_score(labels, probs):.3f}{prevalence})")
+    if curves and no_skill:
         prevalence = float(np.mean(curves[0][1]))
         axes.axhline(prevalence, ls="--", color="grey", lw=1, label=f"no skill ({prevalence:.3f})")
     axes.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01), title=title)
@@ -127,6 +131,29 @@ def plot_calibration(labels: np.ndarray, probs: np.ndarray, bins: list[dict], cl
     histogram.set(xlabel=f"predicted probability of {class_names[1]}", ylabel="images",
                   title=f"{title}: scores per class")
     histogram.legend(loc="upper center", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_confidence_reliability(probs: np.ndarray, bins: list[dict], path: Path, title: str = "Calibration") -> Path:
+    """A multi-class reliability diagram: accuracy against mean top-class confidence per bin (bin counts as bars),
+    beside a histogram of the top-class confidences. ``bins`` as ``multiclass_calibration.confidence_bins``."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4.2), layout="constrained")
+    reliability, histogram = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    full = [b for b in bins if b["count"]]
+    reliability.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    reliability.plot([b["mean_confidence"] for b in full], [b["accuracy"] for b in full], "o-", color="C0",
+                     label="model")
+    counts = reliability.twinx()
+    counts.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] for b in bins],
+               width=bins[0]["high"] - bins[0]["low"], alpha=0.15, color="C0")
+    counts.set_ylabel("images per bin")
+    reliability.set(xlabel="mean top-class confidence", ylabel="accuracy (argmax is the true class)", xlim=(0, 1),
+                    ylim=(0, 1.01), title=f"{title}: reliability")
+    reliability.legend(loc="upper left", fontsize=8)
+    histogram.hist(np.asarray(probs).max(axis=1), bins=np.linspace(0, 1, 21), color="C0", alpha=0.7)
+    histogram.set(xlabel="top-class confidence", ylabel="images", title=f"{title}: confidence")
     return _save(figure, path)
 
 

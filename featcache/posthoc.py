@@ -17,6 +17,10 @@ It runs after the search has chosen the head and never feeds back into that choi
   linear in between, clipped outside) is recorded in head.json and model.json, and ``evaluate`` and
   ``predict`` report the looked-up value as the *calibrated probability*. The decision threshold stays on the
   uncalibrated score.
+- Multi-class heads (``Dense(k, softmax)``): ``temperature`` only, one ``T`` for every class minimising the
+  validation NLL of ``softmax(z / T)``, folded into the same layer the same way (the argmax is unchanged);
+  ``isotonic`` is refused in one line (``_calibrate_softmax`` says why). Their ECE is the top-label ECE and
+  their Brier score the multi-class one (``featcache.multiclass_calibration``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ LOG_INVERSE_BOUNDS = (-9.0, 9.0)
 
 
 def head_logits(pooled_model, val_pooled) -> np.ndarray:
-    """(m,) float64 logits of a featcache head (pooled vectors -> ``Dense(1, sigmoid)``) on the validation rows.
+    """(m,) float64 logits of a binary featcache head (pooled vectors -> ``Dense(1, sigmoid)``) on the validation
+    rows; (m, k) for a multi-class head (``Dense(k, softmax)``, ``featcache.multiclass``).
 
     The layers before the last run in inference mode (dropout off); the last layer's ``w.h + b`` is taken in
     float64, so a saturated probability (1.0 in float32) keeps its finite logit.
@@ -44,16 +49,21 @@ def head_logits(pooled_model, val_pooled) -> np.ndarray:
         val_pooled: (m, c) float32, or an object whose ``batches()`` yields them (``views.ValRows``).
 
     Raises:
-        FeatcacheError: the head does not end in a one-unit sigmoid Dense layer (a multi-class head).
+        FeatcacheError: the head ends in neither a one-unit sigmoid nor a softmax Dense layer (a multi-label head).
     """
     import keras
 
     last = pooled_model.layers[-1]
-    if not isinstance(last, keras.layers.Dense) or last.units != 1 or last.activation is not keras.activations.sigmoid:
-        raise FeatcacheError(f"--calibrate needs a binary head that ends in Dense(1, sigmoid). Received: last layer "
-                             f"{type(last).__name__}")
-    kernel = np.asarray(keras.ops.convert_to_numpy(last.kernel), np.float64)[:, 0]
-    bias = float(np.asarray(keras.ops.convert_to_numpy(last.bias), np.float64)[0])
+    softmax = _is_softmax(last)
+    if not softmax and (not isinstance(last, keras.layers.Dense) or last.units != 1
+                        or last.activation is not keras.activations.sigmoid):
+        raise FeatcacheError(f"--calibrate needs a binary head that ends in Dense(1, sigmoid) or a multi-class one "
+                             f"that ends in Dense(k, softmax). Received: last layer {type(last).__name__}"
+                             f"({getattr(last, 'units', '?')})")
+    kernel = np.asarray(keras.ops.convert_to_numpy(last.kernel), np.float64)
+    bias = np.asarray(keras.ops.convert_to_numpy(last.bias), np.float64)
+    if not softmax:
+        kernel, bias = kernel[:, 0], float(bias[0])
     logits = []
     for batch in _batches(val_pooled):
         x = keras.ops.convert_to_tensor(np.asarray(batch, np.float32))
@@ -61,6 +71,12 @@ def head_logits(pooled_model, val_pooled) -> np.ndarray:
             x = layer(x, training=False)
         logits.append(np.asarray(keras.ops.convert_to_numpy(x), np.float64) @ kernel + bias)
     return np.concatenate(logits)
+
+
+def _is_softmax(layer) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.Dense) and layer.units > 1 and layer.activation is keras.activations.softmax
 
 
 def _batches(val_pooled):
@@ -72,12 +88,14 @@ def _batches(val_pooled):
 
 
 def predict_pooled(pooled_model, val_pooled) -> np.ndarray:
-    """(m,) float32 probabilities of the head (inference mode) on the validation rows."""
+    """(m,) float32 probabilities of the head (inference mode) on the validation rows; (m, k) for a multi-class
+    head."""
     import keras
 
-    return np.concatenate([np.asarray(keras.ops.convert_to_numpy(
-        pooled_model(keras.ops.convert_to_tensor(np.asarray(batch, np.float32)), training=False)), np.float32)[:, 0]
+    probs = np.concatenate([np.asarray(keras.ops.convert_to_numpy(
+        pooled_model(keras.ops.convert_to_tensor(np.asarray(batch, np.float32)), training=False)), np.float32)
         for batch in _batches(val_pooled)])
+    return probs if _is_softmax(pooled_model.layers[-1]) else probs[:, 0]
 
 
 def logit_log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
@@ -173,6 +191,8 @@ def calibrate_head(method: str, models, probs: np.ndarray, labels: np.ndarray,
     if method == "none":
         return probs, None
     labels = np.asarray(labels).astype(np.int64)
+    if np.ndim(probs) == 2 and np.shape(probs)[1] > 2:  # a softmax head of k classes
+        return _calibrate_softmax(method, models, probs, labels, val_pooled)
     if np.ndim(probs) != 1 or not np.isin(labels, (0, 1)).all():
         raise FeatcacheError(f"--calibrate {method} calibrates binary heads (one probability per image, 0/1 labels). "
                              f"Received: probs shape={np.shape(probs)}, labels={np.unique(labels).tolist()[:5]}")
@@ -196,14 +216,60 @@ def calibrate_head(method: str, models, probs: np.ndarray, labels: np.ndarray,
     return after, record
 
 
+def _calibrate_softmax(method: str, models, probs: np.ndarray, labels: np.ndarray,
+                       val_pooled) -> tuple[np.ndarray, dict]:
+    """``calibrate_head`` for a multi-class head: one temperature for every class, folded into its
+    ``Dense(k, softmax)`` (kernel and bias divided by ``T``: the layer computes ``softmax((W h + b) / T)``, and
+    the argmax is unchanged). Isotonic is refused: k one-vs-rest lookups renormalised to sum to one are no
+    longer the fitted lookups (so not calibrated in the sense they were fitted for), they can change the argmax
+    (the decision this head reports), and no plain Keras layer applies them."""
+    import keras
+
+    from featcache.multiclass import categorical_cross_entropy
+    from featcache.multiclass_calibration import calibration as multiclass_scores
+    from featcache.multiclass_calibration import fit_softmax_temperature, softmax_log_loss
+
+    classes = int(np.shape(probs)[1])
+    if models is not None and not _is_softmax(models.pooled.layers[-1]):  # e.g. a multi-label Dense(k, sigmoid)
+        last = models.pooled.layers[-1]
+        raise FeatcacheError(f"--calibrate calibrates binary heads and multi-class (softmax) heads. Received: last "
+                             f"layer {type(last).__name__}({getattr(last, 'units', '?')}, "
+                             f"{getattr(getattr(last, 'activation', None), '__name__', '?')})")
+    if method != "temperature":
+        raise FeatcacheError(f"--calibrate {method} calibrates binary heads only; a multi-class head takes "
+                             f"--calibrate temperature (one temperature for every class, argmax unchanged). "
+                             f"Received: calibrate={method!r}, classes={classes}")
+
+    def scores(p):
+        point = multiclass_scores(labels, p)
+        return {"log_loss": categorical_cross_entropy(labels, p), "brier": point["brier"], "ece": point["ece"]}
+
+    record = {"method": method, "fitted_on": "validation", "images": int(len(labels)), "classes": classes,
+              "ece_of": "top-class confidence", "validation_before": scores(probs)}
+    logits = head_logits(models.pooled, val_pooled)
+    if logits.ndim != 2:
+        raise FeatcacheError(f"A multi-class head must end in Dense({classes}, softmax). Received: logits shape="
+                             f"{logits.shape}")
+    temperature = fit_softmax_temperature(labels, logits)
+    output = models.pooled.layers[-1]
+    output.kernel.assign(keras.ops.convert_to_numpy(output.kernel) / np.float32(temperature))
+    output.bias.assign(keras.ops.convert_to_numpy(output.bias) / np.float32(temperature))
+    after = predict_pooled(models.pooled, val_pooled)
+    record.update(temperature=temperature, validation_log_loss_of_logits={
+        "before": softmax_log_loss(labels, logits), "after": softmax_log_loss(labels, logits / temperature)},
+        validation_after=scores(after))
+    return after, record
+
+
 def describe_calibration(record: dict | None) -> str:
     """One line: the method, T or the table's size, and the validation log-loss and ECE before and after."""
     if not record or record.get("method", "none") == "none":
         return "none (the head's own probabilities)"
     before, after = record["validation_before"], record["validation_after"]
+    top = " (top-class)" if record.get("classes") else ""
     what = (f"temperature T = {record['temperature']:.4g} (folded into the head's output layer)"
             if record["method"] == "temperature" else
             f"isotonic lookup of {len(record['table']['x'])} points (applied outside the model)")
     return (f"{what}, fitted on {record['images']} validation images: log-loss {before['log_loss']:.4f} -> "
-            f"{after['log_loss']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f} (in-sample: on the images it was "
+            f"{after['log_loss']:.4f}, ECE{top} {before['ece']:.4f} -> {after['ece']:.4f} (in-sample: on the images it was "
             f"fitted on; the test figures are the independent check)")

@@ -178,9 +178,12 @@ def format_comparison(reports: list[dict], selection: dict) -> str:
 
 
 def _threshold_cell(report: dict) -> str:
-    """comparison.md's (and report.html's) threshold: the head's, or "per label" for a multi-label head (its thresholds: report.md)."""
+    """comparison.md's (and report.html's) threshold: the head's, "per label" for a multi-label head (its
+    thresholds: report.md), "argmax" for a multi-class one."""
     if report.get("task") == "multilabel":
         return "per label"
+    if report.get("task") == "multiclass":
+        return "argmax"
     return f"{report['at_threshold']['threshold']:.3f}"
 
 
