@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def memo_key(backbone: str, image_size: int, weights: str, seed: int, feature_la
     elif source == "file":
         key["path"] = str(Path(weights).resolve())
     else:
-        key["download_folder"] = _folder_listing(Path(_keras_home()) / "models")
+        key["download_folder"] = _folder_listing(_download_folder())
     return key
 
 
@@ -86,7 +87,9 @@ class WeightsMemo:
         except (OSError, ValueError) as exc:
             log.info("ignoring the weights-hash memo %s (%s)", self.path, exc)
             return {}
-        entries = record.get("entries") if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            record = {}
+        entries = record.get("entries")
         if record.get("format") != FORMAT or record.get("version") != VERSION or not isinstance(entries, dict):
             log.info("ignoring the weights-hash memo %s (not a featcache memo of version %d)", self.path, VERSION)
             return {}
@@ -165,6 +168,15 @@ def _keras_home() -> str:
         return os.environ["KERAS_HOME"]
     base = os.path.expanduser("~")
     return os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+
+
+def _download_folder() -> Path:
+    """Where ``keras.utils.get_file`` keeps the ImageNet weights: ``<keras home>/models``, or
+    ``/tmp/.keras/models`` when the home is not writable (keras/src/utils/file_utils.py)."""
+    home = os.path.expanduser(_keras_home())
+    if not os.access(home, os.W_OK):
+        home = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
+    return Path(home) / "models"
 
 
 def _folder_listing(folder: Path) -> list:
