@@ -159,25 +159,26 @@ def _hash_files(folder, progress: bool = False, cache_dir: str | Path | None = N
     thread pool."""
     hashes = HashCache(cache_dir, folder.root) if cache_dir is not None else None
     records, root = folder.records, str(folder.root)  # strings: pathlib per file costs more than a stat
+    prefix = root if root.endswith(os.sep) else root + os.sep  # os.path.join of relative paths, without its cost
     results: list = [None] * len(records)  # digest, or the OSError that stopped it
     keys: list = [None] * len(records)
     with tqdm(total=len(records), unit="file", desc="hash", disable=not progress, dynamic_ncols=True,
               leave=False) as bar:
         if hashes is not None:
+            reuse = hashes.reuse
             for i, record in enumerate(records):
+                path = record.path
                 try:
-                    keys[i] = stat_key(os.path.join(root, record.path))  # before reading: a later write changes it
+                    key = keys[i] = stat_key(prefix + path)  # before reading: a later write changes it
                 except OSError as exc:
                     results[i] = exc
                     continue
-                results[i] = hashes.get(record.path, keys[i])
-                if results[i] is not None:
-                    hashes.keep(record.path, keys[i], results[i])
-            bar.update(sum(r is not None for r in results))
+                results[i] = reuse(path, key)
+            bar.update(len(records) - results.count(None))
         todo = [i for i, r in enumerate(results) if r is None]
         chunks = [todo[i:i + HASH_CHUNK] for i in range(0, len(todo), HASH_CHUNK)]
         with cf.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash") as pool:
-            for chunk, digests in zip(chunks, pool.map(lambda c: [_hash_or_error(os.path.join(root, records[i].path))
+            for chunk, digests in zip(chunks, pool.map(lambda c: [_hash_or_error(prefix + records[i].path)
                                                                   for i in c], chunks)):
                 for i, digest in zip(chunk, digests):
                     results[i] = digest
