@@ -60,7 +60,7 @@ def memo_key(backbone: str, image_size: int, weights: str, seed: int, feature_la
     source = weights if weights in ("random", "imagenet") else "file"
     key = {"backbone": backbone, "image_size": image_size, "source": source, "feature_layer": feature_layer,
            "precision": precision, "versions": versions, "featcache": __version__, "code": _code_digest(),
-           "keras_json": _stat_or_none(Path(_keras_home()) / "keras.json"),
+           "keras_json": _stat_or_none(Path(os.path.expanduser(_keras_home())) / "keras.json"),
            "keras_backend": os.environ.get("KERAS_BACKEND")}
     if source == "random":
         key["seed"] = seed
