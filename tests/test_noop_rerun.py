@@ -139,3 +139,14 @@ def test_gpu_device_nodes_leave_auto_precision_to_tensorflow(monkeypatch):
     assert extract._precision_without_tensorflow("mixed") == "mixed"
     monkeypatch.setattr(extract.glob, "glob", lambda pattern: [])
     assert extract._precision_without_tensorflow("auto") == ("float32" if sys.platform.startswith("linux") else None)
+
+
+def test_bad_files_are_reported_the_same_without_tensorflow(small_xrays, extract_config, bad_inputs, monkeypatch):
+    shutil.copyfile(bad_inputs / "truncated.jpeg", small_xrays / "train" / "PNEUMONIA" / "broken.jpeg")
+    config = extract_config(small_xrays, augment_copies=0)
+    (first,) = extract_features(config)
+    assert [s["path"] for s in first.skipped] == ["train/PNEUMONIA/broken.jpeg"]
+    monkeypatch.setattr(extract, "load_backbone", _refuse)
+    (again,) = extract_features(config)
+    assert again.computed_rows == 0 and again.skipped == first.skipped and again.counts == first.counts
+    assert extract.format_summary(again).split("  skipped ")[1] == extract.format_summary(first).split("  skipped ")[1]
