@@ -10,15 +10,19 @@ its wall time and peak RSS (``wait4``):
 
 a. cold no-op rerun: the hash cache (``<cache-dir>/.hashes.json``) deleted, so every file is read and
    hashed; compared with ``sha256sum`` over the same files (one process, and ``xargs -P 2``) and with a
-   bare ``python -c 'import featcache.extract'`` (the interpreter + TensorFlow start every run pays).
+   bare ``python -c 'import featcache.extract'``.
 b. warm no-op rerun: the hash cache valid, so every file is only stat'ed.
+c. warm no-op rerun without the remembered weights hash (``<cache-dir>/.weights-hashes.json`` deleted): the
+   full path, which imports TensorFlow and builds the backbone to hash its weights (what every rerun did
+   before the memo; it writes the memo again).
+Each run says whether it imported TensorFlow (a and b must not).
 
 The files sit in the page cache (just written, then read once by an untimed ``sha256sum``), for every
 side alike: MB/s are of hashing from memory, not of a disk.
 
-With ``--breakdown``, the steps of a rerun timed one by one in this process instead: importing TensorFlow,
-``find_images``, hashing with the warm hash cache and with none, ``sha256sum`` beside it, a whole warm
-``extract_features``.
+With ``--breakdown``, the steps of a rerun timed one by one in this process instead: importing the CLI,
+``find_images``, hashing with the warm hash cache and with none, ``sha256sum`` beside it, a whole
+``extract_features`` (the path without TensorFlow, then, after ``import tensorflow``, the full path).
 
 Reproduce:
     python benchmarks/bench_noop_rerun.py --files 100000 --keep /tmp/noop100k   # about 25 min the first time
@@ -93,6 +97,21 @@ def run(command: list[str], env: dict | None = None) -> tuple[float, float, str]
         return seconds, int(report.read().split()[-1]) / 1024, done.stdout
 
 
+# The CLI, saying at exit whether TensorFlow was imported.
+CHILD = ("import atexit, sys; atexit.register(lambda: print('tensorflow imported:', 'tensorflow' in sys.modules)); "
+         "from featcache.cli import app; sys.argv = ['featcache'] + sys.argv[1:]; app()")
+
+
+def noop(cli: list[str], env: dict, files: int, tensorflow: bool = False) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of one CLI rerun, checked to compute nothing and to import TensorFlow or not."""
+    seconds, rss, out = run(cli, env)
+    if "computed 0 rows" not in out or f"reused {files}" not in out:
+        raise SystemExit(f"not a no-op rerun:\n{out}")
+    if f"tensorflow imported: {tensorflow}" not in out:
+        raise SystemExit(f"expected tensorflow imported: {tensorflow}:\n{out}")
+    return seconds, rss
+
+
 def sha256sum(data: Path, parallel: int) -> float:
     started = time.perf_counter()
     subprocess.run(f"find {data} -type f -name '*.jpeg' -print0 | xargs -0 -P {parallel} -n 2000 sha256sum "
@@ -108,10 +127,12 @@ def breakdown(data: Path, cache: Path, mb: float, batch_size: int) -> None:
         print(f"{label}: {time.perf_counter() - started:.2f} s", flush=True)
         return value
 
-    timed("import tensorflow", lambda: __import__("tensorflow"))
+    timed("import featcache.cli, featcache.extract", lambda: __import__("featcache.cli") and
+          __import__("featcache.extract"))
     from featcache import extract
     from featcache.config import ExtractConfig
     from featcache.data import find_images
+    from featcache.weightsmemo import MEMO_FILE
 
     folder = timed("find_images", lambda: find_images(data, 0))
     timed("_hash_files, warm hash cache (stat only)", lambda: extract._hash_files(folder, False, cache))
@@ -123,7 +144,15 @@ def breakdown(data: Path, cache: Path, mb: float, batch_size: int) -> None:
     print(f"sha256sum, xargs -P 2: {seconds:.2f} s, {mb / seconds:.0f} MB/s", flush=True)
     config = ExtractConfig(data_dir=data, backbones=("tiny",), weights="random", augment_copies=0, image_size=32,
                            batch_size=batch_size, seed=0, cache_dir=cache, progress=False)
-    (summary,) = timed("extract_features, warm", lambda: extract.extract_features(config))
+    (summary,) = timed("extract_features, warm hash cache, remembered weights hash",
+                       lambda: extract.extract_features(config))
+    print(f"   computed {summary.computed_rows}, reused {summary.reused_rows}; tensorflow imported: "
+          f"{'tensorflow' in sys.modules}; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
+          f"MiB", flush=True)
+    timed("import tensorflow", lambda: __import__("tensorflow"))
+    (cache / MEMO_FILE).unlink(missing_ok=True)
+    (summary,) = timed("extract_features, warm hash cache, full path (backbone built and hashed)",
+                       lambda: extract.extract_features(config))
     print(f"   computed {summary.computed_rows}, reused {summary.reused_rows}; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; load average {os.getloadavg()}")
 
@@ -153,11 +182,12 @@ def main() -> None:
         breakdown(data, cache, mb, args.batch_size)
         return
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cli = [sys.executable, "-m", "featcache", "extract", "--data", str(data), "--backbone", "tiny", "--weights",
+    cli = [sys.executable, "-c", CHILD, "extract", "--data", str(data), "--backbone", "tiny", "--weights",
            "random", "--augment-copies", "0", "--image-size", "32", "--batch-size", str(args.batch_size),
            "--seed", "0", "--cache-dir", str(cache), "--no-progress"]
-    hashes = cache / ".hashes.json"
+    hashes, memo = cache / ".hashes.json", cache / ".weights-hashes.json"
     sha256sum(data, 2)  # untimed: every side reads from the page cache
+    run(cli, env)  # untimed: a first rerun writes the hash cache and the weights-hash memo if missing
     results: dict[str, list] = {}
     for _ in range(args.repeat):
         results.setdefault("sha256sum, 1 process", []).append((sha256sum(data, 1), 0.0))
@@ -165,14 +195,11 @@ def main() -> None:
         results.setdefault("python -c 'import featcache.extract'", []).append(
             run([sys.executable, "-c", "import featcache.extract"], env)[:2])
         hashes.unlink(missing_ok=True)
-        seconds, rss, out = run(cli, env)
-        if "computed 0 rows" not in out or f"reused {args.files}" not in out:
-            raise SystemExit(f"not a no-op rerun:\n{out}")
-        results.setdefault("a. extract, cold hash cache (every file read)", []).append((seconds, rss))
-        seconds, rss, out = run(cli, env)
-        if "computed 0 rows" not in out:
-            raise SystemExit(f"not a no-op rerun:\n{out}")
-        results.setdefault("b. extract, warm hash cache (stat only)", []).append((seconds, rss))
+        results.setdefault("a. extract, cold hash cache (every file read)", []).append(noop(cli, env, args.files))
+        results.setdefault("b. extract, warm hash cache (stat only)", []).append(noop(cli, env, args.files))
+        memo.unlink(missing_ok=True)
+        results.setdefault("c. extract, warm hash cache, no weights memo (full path)", []).append(
+            noop(cli, env, args.files, tensorflow=True))
     print(f"\n{args.files} files, {mb:.1f} MB, best of {args.repeat} (all runs: seconds / peak RSS MiB)")
     for name, runs in results.items():
         best = min(s for s, _ in runs)

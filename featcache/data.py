@@ -15,7 +15,9 @@ import logging
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,12 +192,12 @@ def find_images(data_dir: str | Path, seed: int, val_fraction: float = VAL_FRACT
     for path, label, folder in found:
         if folder != "test":
             pool.setdefault(patients[path], []).append(label)
-    majority = {p: (max(set(labels), key=labels.count), len(labels)) for p, labels in pool.items()}
+    majority = {p: (labels[0], 1) if len(labels) == 1 else (max(set(labels), key=labels.count), len(labels))
+                for p, labels in pool.items()}
     splits = split_patients(majority, seed, val_fraction, previous_split)
-    records = sorted((
-        ImageRecord(path, label, "test" if folder == "test" else splits[patient], patient)
-        for path, label, folder in found for patient in (patients[path],)
-    ), key=lambda r: r.path)
+    found.sort(key=itemgetter(0))  # the records in path order (paths are unique: a stable sort is the same)
+    records = [ImageRecord(path, label, "test" if folder == "test" else splits[patients[path]], patients[path])
+               for path, label, folder in found]
     check_patients_disjoint(records)
     return ImageFolder(root, class_names, tuple(records), tuple(sorted(skipped, key=lambda s: s["path"])),
                        tuple(rules), has_dicom)
@@ -231,11 +233,12 @@ def _list_images(folder: Path, root: Path) -> tuple[list[str], list[dict]]:
     if not folder.is_dir():
         return files, skipped
     pending = [(str(folder), folder.relative_to(root).as_posix())]
+    encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     while pending:
         current, prefix = pending.pop()
         try:
             with os.scandir(current) as scan:
-                entries = sorted(scan, key=lambda e: os.fsencode(e.name))
+                entries = sorted(scan, key=lambda e: e.name.encode(encoding, errors))  # os.fsencode, inlined
         except OSError as exc:
             skipped.append({"path": printable_path(prefix), "error": f"cannot read folder: {exc.strerror}"})
             continue
@@ -250,7 +253,7 @@ def _list_images(folder: Path, root: Path) -> tuple[list[str], list[dict]]:
             is_link = entry.is_symlink()
             regular = not is_link and entry.is_file(follow_symlinks=False)
             error = None if regular else _entry_problem(Path(entry.path), is_link)
-            if error is None and printable_path(relative) != relative:
+            if error is None and not relative.isascii() and printable_path(relative) != relative:
                 error = "file name is not valid UTF-8; rename it"
             image = _suffix(name).lower() in IMAGE_EXTENSIONS
             if error is None and image:

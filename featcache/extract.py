@@ -10,10 +10,12 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import datetime
+import glob
 import hashlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,9 +31,7 @@ from featcache.backbones import (
     resolve_image_size,
 )
 from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, cache_bytes, compute_fingerprint
-from featcache.partial import (
-    SAVED_WEIGHTS, BatchStore, CacheRows, ReusableCache, ShardPacker, assemble_cache, save_weights,
-)
+from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, ShardPacker, assemble_cache, save_weights
 from featcache.shards import ShardStore, default_shard_rows
 from featcache.config import ExtractConfig
 from featcache.data import (
@@ -45,6 +45,8 @@ from featcache.labels import read_label_file
 from featcache.replicas import make_forward, replica_devices
 from featcache.labelset import find_labeled_images
 from featcache.patients import describe_patients
+from featcache.uptodate import nothing_to_do, plan_rows
+from featcache.weightsmemo import WeightsMemo, memo_key, weights_stat
 
 log = logging.getLogger(__name__)
 
@@ -160,25 +162,26 @@ def _hash_files(folder, progress: bool = False, cache_dir: str | Path | None = N
     thread pool."""
     hashes = HashCache(cache_dir, folder.root) if cache_dir is not None else None
     records, root = folder.records, str(folder.root)  # strings: pathlib per file costs more than a stat
+    prefix = root if root.endswith(os.sep) else root + os.sep  # os.path.join of relative paths, without its cost
     results: list = [None] * len(records)  # digest, or the OSError that stopped it
     keys: list = [None] * len(records)
     with tqdm(total=len(records), unit="file", desc="hash", disable=not progress, dynamic_ncols=True,
               leave=False) as bar:
         if hashes is not None:
+            reuse = hashes.reuse
             for i, record in enumerate(records):
+                path = record.path
                 try:
-                    keys[i] = stat_key(os.path.join(root, record.path))  # before reading: a later write changes it
+                    key = keys[i] = stat_key(prefix + path)  # before reading: a later write changes it
                 except OSError as exc:
                     results[i] = exc
                     continue
-                results[i] = hashes.get(record.path, keys[i])
-                if results[i] is not None:
-                    hashes.keep(record.path, keys[i], results[i])
-            bar.update(sum(r is not None for r in results))
+                results[i] = reuse(path, key)
+            bar.update(len(records) - results.count(None))
         todo = [i for i, r in enumerate(results) if r is None]
         chunks = [todo[i:i + HASH_CHUNK] for i in range(0, len(todo), HASH_CHUNK)]
         with cf.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash") as pool:
-            for chunk, digests in zip(chunks, pool.map(lambda c: [_hash_or_error(os.path.join(root, records[i].path))
+            for chunk, digests in zip(chunks, pool.map(lambda c: [_hash_or_error(prefix + records[i].path)
                                                                   for i in c], chunks)):
                 for i, digest in zip(chunk, digests):
                     results[i] = digest
@@ -210,10 +213,17 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
     spec = get_backbone_spec(name)
     name = spec.name  # the registry's spelling names the cache file and the lock
     config = dataclasses.replace(config, image_size=resolve_image_size(spec, config.image_size))
+    memo = WeightsMemo(config.cache_dir)
+    up_to_date = _up_to_date(config, spec, memo, folder, files, unreadable, started)
+    if up_to_date is not None:
+        return up_to_date  # nothing to do, told without TensorFlow
     precision = _effective_precision(config.precision)
+    key, before = _memo_key(config, spec, precision), weights_stat(config.weights)
     backbone = load_backbone(spec, config.image_size, config.weights, config.seed, mixed=precision == "mixed")
     extractor = build_extractor(spec, backbone, config.image_size, config.feature_layer)  # checks --feature-layer
-    settings = _feature_settings(config, spec, hash_weights(backbone), precision, folder)
+    weights_sha256 = hash_weights(backbone)
+    memo.remember(key, _memo_key(config, spec, precision), weights_sha256, before)
+    settings = _feature_settings(config, spec, weights_sha256, precision, folder)
     fingerprint = compute_fingerprint(settings)
     paths = CachePaths.for_fingerprint(config.cache_dir, name, fingerprint)
     with CacheLock(Path(config.cache_dir) / f".{name}.lock"):
@@ -223,10 +233,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         if config.weights == "random" and not paths.weights.exists():
             store.folder.mkdir(parents=True, exist_ok=True)
             save_weights(backbone, store.folder / SAVED_WEIGHTS)
-        known_bad = {key: s for key, s in (old.skipped if old else {}).items()
-                     if s.get("pixels", 0) <= 0 or s["pixels"] > config.max_pixels}  # retry what a raised limit admits
-        good = [f for f in files if (f.record.path, f.sha256) not in known_bad] if known_bad else files
-        wanted = CacheRows.plan(good, config.augment_copies)  # per-row state in arrays (issue 10)
+        good, wanted, skipped = plan_rows(old, files, unreadable, config.augment_copies, config.max_pixels)
         in_shards = shards.index(trusted=old.shard_names if old else set())
         store.index()
         store.discard_packed(in_shards)  # batches killed between their shard's rename and their deletion
@@ -235,9 +242,6 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         todo = ~np.isin(wanted.digests, available)
         missing = wanted.select(todo).pairs()
         reused = len(wanted) - len(missing)
-        present = {(f.record.path, f.sha256) for f in files} if known_bad else set()
-        skipped = [s for key, s in known_bad.items() if key in present]
-        skipped += unreadable
         feature_shape = tuple(int(d) for d in extractor.output_shape[1:])
         shard_rows = config.shard_rows or default_shard_rows(feature_shape, config.dtype, config.batch_size)
         packer = ShardPacker(store, shards, wanted.digests, shard_rows, config.compression)
@@ -269,6 +273,45 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         size_bytes=cache_bytes(paths.final),
         timing=timing, feature_shape=tuple(manifest["feature_shape"]), image_size=config.image_size,
     )
+
+
+def _up_to_date(config: ExtractConfig, spec, memo: WeightsMemo, folder, files, unreadable, started: float
+                ) -> ExtractSummary | None:
+    """The summary of a rerun with nothing to do, found without building the backbone (``uptodate``): the
+    weights hash remembered by an earlier run, and precision told without TensorFlow. None on any doubt."""
+    precision = _precision_without_tensorflow(config.precision)
+    weights_sha256 = memo.lookup(_memo_key(config, spec, precision)) if precision else None
+    if weights_sha256 is None:
+        return None
+    fingerprint = compute_fingerprint(_feature_settings(config, spec, weights_sha256, precision, folder))
+    paths = CachePaths.for_fingerprint(config.cache_dir, spec.name, fingerprint)
+    found = nothing_to_do(paths, fingerprint, Path(config.cache_dir) / f".{spec.name}.lock", files, unreadable,
+                          config.augment_copies, config.max_pixels, config.weights == "random")
+    if found is None:
+        return None
+    log.info("%s is up to date (weights hash remembered in %s)", paths.final, memo.path)
+    return ExtractSummary(
+        backbone=spec.name, cache_path=paths.final, counts=found.counts, skipped=found.skipped, computed_rows=0,
+        reused_rows=found.reused_rows, seconds=time.perf_counter() - started, size_bytes=cache_bytes(paths.final),
+        timing=ComputeTiming(), feature_shape=found.feature_shape, image_size=config.image_size,
+    )
+
+
+def _memo_key(config: ExtractConfig, spec, precision: str) -> dict | None:
+    return memo_key(spec.name, config.image_size, config.weights, config.seed, config.feature_layer, precision)
+
+
+GPU_DEVICE_NODES = ("/dev/nvidia*", "/dev/dxg", "/dev/kfd", "/dev/dri")  # CUDA, WSL, ROCm, other GPU drivers
+
+
+def _precision_without_tensorflow(requested: str) -> str | None:
+    """``_effective_precision`` where it is certain without importing TensorFlow: a requested precision, or
+    ``auto`` on a Linux machine with no GPU device node at all (TensorFlow cannot find a GPU there); else None."""
+    if requested != "auto":
+        return requested
+    if not sys.platform.startswith("linux") or any(glob.glob(pattern) for pattern in GPU_DEVICE_NODES):
+        return None
+    return "float32"
 
 
 def _effective_precision(requested: str) -> str:

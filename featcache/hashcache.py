@@ -40,8 +40,8 @@ def stat_key(path: str | Path) -> tuple[int, int, int, int, int]:
 
 
 class HashCache:
-    """Hashes remembered for one data folder: ``get`` by relative path and stat key; ``keep`` (a hit) and
-    ``put`` (a fresh hash) what the next run may reuse; ``save`` once."""
+    """Hashes remembered for one data folder: ``get`` by relative path and stat key; ``reuse`` (``get``, and
+    keep a hit for the next run) and ``put`` (a fresh hash); ``save`` once."""
 
     def __init__(self, cache_dir: str | Path, data_root: str | Path):
         self.path = Path(cache_dir) / HASHES_FILE
@@ -76,13 +76,18 @@ class HashCache:
         """The remembered hash of ``relative`` if its whole stat key matches, else None (reads only: safe from
         several threads)."""
         entry = self._old.get(relative)
-        if type(entry) is list and len(entry) == 6 and entry[:5] == [*key] and _is_sha256(entry[5]):
+        if type(entry) is list and len(entry) == 6 and tuple(entry[:5]) == key and _is_sha256(entry[5]):
             return entry[5]
         return None
 
-    def keep(self, relative: str, key: tuple, sha256: str) -> None:
-        """Keep an entry ``get`` returned for the next run."""
-        self._new[relative] = [*key, sha256]
+    def reuse(self, relative: str, key: tuple) -> str | None:
+        """``get``, and keep a hit for the next run (its entry object reused: a rerun of 100,000 files builds no
+        new lists)."""
+        entry = self._old.get(relative)
+        if type(entry) is list and len(entry) == 6 and tuple(entry[:5]) == key and _is_sha256(entry[5]):
+            self._new[relative] = entry
+            return entry[5]
+        return None
 
     def put(self, relative: str, key: tuple, sha256: str) -> None:
         """Remember a hash computed from the file's content read after ``key`` was taken."""

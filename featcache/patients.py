@@ -84,18 +84,18 @@ def assign_patients(paths: list[str], pattern: str | None = None, dicom_ids: dic
     parts = {path: path.split("/") for path in paths}  # relative POSIX paths: str.split, 10x PurePosixPath
     names = Counter(split[-1] for split in parts.values())
     suffixes = _suffix_counts(parts, names)
-    kermany = re.compile(PATIENT_PATTERN)
+    kermany = re.compile(PATIENT_PATTERN).match
     ids, rules = {}, set()
     for path, split in parts.items():
-        stem = _stem(split[-1])
+        name = split[-1]
         if path in dicom_ids:
-            ids[path], rule = dicom_ids[path], DICOM_RULE
-        elif (match := kermany.match(stem)) or names[split[-1]] == 1:
-            ids[path], rule = match.group(1) if match else stem, None
+            ids[path] = dicom_ids[path]
+            rules.add(DICOM_RULE)
+        elif (match := kermany(stem := _stem(name))) or names[name] == 1:
+            ids[path] = match.group(1) if match else stem
         else:
-            ids[path], rule = _nearest_unique_folder(path, split, suffixes, layout_depth), FOLDER_RULE
-        if rule:
-            rules.add(rule)
+            ids[path] = _nearest_unique_folder(path, split, suffixes, layout_depth)
+            rules.add(FOLDER_RULE)
     return ids, sorted(rules)
 
 
