@@ -145,3 +145,27 @@ def test_augmenting_one_gray_channel_equals_augmenting_three(fill):
     ours = augment_copies(almost, COPIES, 3, "cd" * 32, spec)
     np.testing.assert_array_equal(ours, old_augment_copies(almost, COPIES, 3, "cd" * 32, spec))
     assert not np.array_equal(ours[..., 2], ours[..., 1])
+
+
+@pytest.mark.parametrize("decode", ["exact", "fast"])
+def test_extract_writes_the_cache_of_the_three_channel_path(small_xrays, extract_config, tmp_path, monkeypatch, decode):
+    """The same cache file name (fingerprint) and the same datasets as extract with the previous decode and
+    augmentation (tiny backbone, 64 px: ``--decode fast`` decodes the dev images at 1/2)."""
+    from featcache import extract as extract_module
+    from featcache.extract import extract_features
+    from tests.conftest import read_datasets
+
+    (now,) = extract_features(extract_config(small_xrays, cache_dir=tmp_path / "now", decode=decode))
+
+    def old_load_image(path, image_size, max_pixels=None, scaled=False):
+        return old_decode_and_resize(path.read_bytes(), image_size, scaled)
+
+    monkeypatch.setattr(extract_module, "load_image", old_load_image)
+    monkeypatch.setattr(extract_module, "augment_copies", old_augment_copies)
+    (before,) = extract_features(extract_config(small_xrays, cache_dir=tmp_path / "before", decode=decode))
+    assert now.cache_path.name == before.cache_path.name
+    ours, theirs = read_datasets(now.cache_path), read_datasets(before.cache_path)
+    assert ours.keys() == theirs.keys() and {"features", "pooled", "copy_index"} <= ours.keys()
+    assert ours["copy_index"].max() == 2  # augmented copies were compared too
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
