@@ -43,7 +43,9 @@ REGISTRY_SPLITS = ("train", "val")  # test/ stays test: the registry holds only 
 # load_img / flow_from_directory) gives.
 DECODE_VERSION = 2
 
-# What decode_and_resize does, recorded in every cache manifest.
+# What decode_and_resize does, recorded in every cache manifest (and hashed into the fingerprint). Gray files
+# now go through in one channel (decode_pixels), which gives exactly these pixels, so the text and the
+# fingerprints stay as they were (tests/test_one_channel.py).
 RESIZE = {
     "decode_version": DECODE_VERSION,
     "decode": "JPEG: tf.io.decode_jpeg(channels=3, dct_method='INTEGER_ACCURATE'); "
