@@ -62,7 +62,7 @@ def augment_copies(image: np.ndarray, copy_indices: list[int], seed: int, conten
     transforms = np.stack([_transform(image.shape, k, seed, content_sha256, spec) for k in copy_indices])
     # A gray image (three equal channels: every chest X-ray) is transformed in one channel and repeated: the
     # kernel samples each channel on its own at the same coordinates, so the pixels are the same, at a third
-    # of the cost (tests/test_augment.py checks it).
+    # of the cost (tests/test_one_channel.py checks it).
     gray = image.ndim == 3 and image.shape[2] == 3 and _equal_channels(image)
     source = image[:, :, :1] if gray else image
     images = tf.repeat(tf.convert_to_tensor(source[None], tf.float32), len(copy_indices), axis=0)

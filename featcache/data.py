@@ -392,7 +392,7 @@ def decode_pixels(encoded, max_pixels: int = MAX_PIXELS, min_side: int | None = 
     file (a one-component JPEG; a gray or gray-and-alpha PNG), else c = 3, RGB.
 
     Repeating the gray channel three times gives exactly what ``decode_jpeg``/``decode_png`` with
-    ``channels=3`` give (tests/test_decode.py checks it on every dev image and the hostile ones).
+    ``channels=3`` give (tests/test_one_channel.py checks it on every dev image and every kind of file).
 
     The pixel count is read from the header and checked against ``max_pixels`` before anything is
     decoded, so a decompression bomb costs a few bytes of reading, not gigabytes. With ``min_side`` a JPEG
