@@ -60,14 +60,25 @@ def augment_copies(image: np.ndarray, copy_indices: list[int], seed: int, conten
     if min(copy_indices, default=1) < 1:
         raise ValueError(f"copy indices must be >= 1 for augmented copies. Received: copy_indices={copy_indices}")
     transforms = np.stack([_transform(image.shape, k, seed, content_sha256, spec) for k in copy_indices])
-    images = tf.repeat(tf.convert_to_tensor(image[None], tf.float32), len(copy_indices), axis=0)
+    # A gray image (three equal channels: every chest X-ray) is transformed in one channel and repeated: the
+    # kernel samples each channel on its own at the same coordinates, so the pixels are the same, at a third
+    # of the cost (tests/test_one_channel.py checks it).
+    gray = image.ndim == 3 and image.shape[2] == 3 and _equal_channels(image)
+    source = image[:, :, :1] if gray else image
+    images = tf.repeat(tf.convert_to_tensor(source[None], tf.float32), len(copy_indices), axis=0)
     # The kernel of keras.layers.RandomRotation/RandomZoom: bilinear, C++, all channels at once.
     out = tf.raw_ops.ImageProjectiveTransformV3(
         images=images, transforms=tf.convert_to_tensor(transforms, tf.float32),
         output_shape=tf.constant(image.shape[:2], tf.int32), fill_value=tf.constant(0.0),
         interpolation="BILINEAR", fill_mode=spec.fill.upper(),
     )
-    return np.clip(np.rint(out.numpy()), 0, 255).astype(np.uint8)
+    pixels = np.clip(np.rint(out.numpy()), 0, 255).astype(np.uint8)
+    return np.concatenate([pixels] * 3, axis=3) if gray else pixels  # 3x faster than np.repeat on the last axis
+
+
+def _equal_channels(image: np.ndarray) -> bool:
+    """Whether the three channels of an (h, w, 3) image are equal (a gray image stored as RGB)."""
+    return bool(np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(image[:, :, 0], image[:, :, 2]))
 
 
 def _transform(shape: tuple[int, ...], copy_index: int, seed: int, content_sha256: str,

@@ -45,7 +45,9 @@ REGISTRY_SPLITS = ("train", "val")  # test/ stays test: the registry holds only 
 # load_img / flow_from_directory) gives.
 DECODE_VERSION = 2
 
-# What decode_and_resize does, recorded in every cache manifest.
+# What decode_and_resize does, recorded in every cache manifest (and hashed into the fingerprint). Gray files
+# now go through in one channel (decode_pixels), which gives exactly these pixels, so the text and the
+# fingerprints stay as they were (tests/test_one_channel.py).
 RESIZE = {
     "decode_version": DECODE_VERSION,
     "decode": "JPEG: tf.io.decode_jpeg(channels=3, dct_method='INTEGER_ACCURATE'); "
@@ -351,16 +353,26 @@ def decode_and_resize(encoded, image_size: int, max_pixels: int = MAX_PIXELS, sc
     this same function, so it is graph-only TensorFlow. With ``scaled`` (``--decode fast``) a JPEG is decoded at
     a reduced DCT scale first (``FAST_DECODE``).
 
+    A gray file (a one-component JPEG, a gray PNG: every chest X-ray) is decoded, resized and rounded in one
+    channel and repeated to three at the end: the same pixels as decoding to RGB first (libjpeg and libpng
+    only repeat the gray value, and the resize works channel by channel), at a third of the resize cost.
+
     Raises (when run):
         tf.errors.InvalidArgumentError: not a JPEG or PNG, a broken file, or more than ``max_pixels``
             pixels by its header (checked before decoding).
     """
+    import tensorflow as tf
+
     min_side = JPEG_SCALE_MARGIN * image_size if scaled else None
-    return resize_square(decode_rgb(encoded, max_pixels, min_side), image_size)
+    image = resize_square(decode_pixels(encoded, max_pixels, min_side), image_size)
+    rgb = tf.tile(image, [1, 1, 3 // tf.shape(image)[-1]])  # gray (1 channel) -> 3 equal channels; RGB as is
+    rgb.set_shape((image_size, image_size, 3))
+    return rgb
 
 
 def resize_square(image, image_size: int):
-    """(h, w, 3) uint8 -> (s, s, 3) uint8: bilinear, antialiased, rounded; the resize of every input kind."""
+    """(h, w, c) uint8 -> (s, s, c) uint8: bilinear, antialiased, rounded; the resize of every input kind.
+    Each channel is resized on its own, so one gray channel gives what each of three equal channels gives."""
     import tensorflow as tf
 
     image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
@@ -368,7 +380,22 @@ def resize_square(image, image_size: int):
 
 
 def decode_rgb(encoded, max_pixels: int = MAX_PIXELS, min_side: int | None = None):
-    """Encoded JPEG/PNG bytes (a scalar tf.string) -> (h, w, 3) uint8 RGB at the file's own size.
+    """Encoded JPEG/PNG bytes (a scalar tf.string) -> (h, w, 3) uint8 RGB at the file's own size
+    (``decode_pixels`` with gray repeated to three channels)."""
+    import tensorflow as tf
+
+    image = decode_pixels(encoded, max_pixels, min_side)
+    rgb = tf.tile(image, [1, 1, 3 // tf.shape(image)[-1]])
+    rgb.set_shape((None, None, 3))
+    return rgb
+
+
+def decode_pixels(encoded, max_pixels: int = MAX_PIXELS, min_side: int | None = None):
+    """Encoded JPEG/PNG bytes (a scalar tf.string) -> (h, w, c) uint8 at the file's own size: c = 1 for a gray
+    file (a one-component JPEG; a gray or gray-and-alpha PNG), else c = 3, RGB.
+
+    Repeating the gray channel three times gives exactly what ``decode_jpeg``/``decode_png`` with
+    ``channels=3`` give (tests/test_one_channel.py checks it on every dev image and every kind of file).
 
     The pixel count is read from the header and checked against ``max_pixels`` before anything is
     decoded, so a decompression bomb costs a few bytes of reading, not gigabytes. With ``min_side`` a JPEG
@@ -381,20 +408,31 @@ def decode_rgb(encoded, max_pixels: int = MAX_PIXELS, min_side: int | None = Non
                                 (width, height, tf.constant(max_pixels, tf.int64)))
     fits = tf.debugging.Assert(height * width <= max_pixels, [message])
     with tf.control_dependencies([fits]):
-        return tf.cond(
+        image = tf.cond(
             tf.io.is_jpeg(encoded),
             lambda: _decode_jpeg(encoded, tf.minimum(height, width), min_side),
-            lambda: tf.io.decode_png(encoded, channels=3, dtype=tf.uint8),
+            lambda: _decode_png(encoded),
         )
+    image.set_shape((None, None, None))
+    return image
+
+
+def _decode_png(encoded):
+    """PNG as it is stored: gray (with or without alpha) -> 1 channel; RGB, RGBA, palette -> 3 (alpha dropped)."""
+    import tensorflow as tf
+
+    image = tf.io.decode_png(encoded, channels=0, dtype=tf.uint8)
+    return tf.cond(tf.shape(image)[-1] <= 2, lambda: image[:, :, :1], lambda: image[:, :, :3])
 
 
 def _decode_jpeg(encoded, shorter, min_side: int | None):
     """libjpeg's accurate IDCT, at full size or (``min_side``) at the largest ratio that keeps ``shorter``/ratio
-    at least ``min_side``: ``ratio`` is a static attribute, so one branch per ratio."""
+    at least ``min_side``: ``ratio`` is a static attribute, so one branch per ratio. ``channels=0``: a
+    one-component (gray) JPEG gives 1 channel, every other kind 3 (RGB, CMYK converted), as ``channels=3``."""
     import tensorflow as tf
 
     def at(ratio):
-        return lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE", ratio=ratio)
+        return lambda: tf.io.decode_jpeg(encoded, channels=0, dct_method="INTEGER_ACCURATE", ratio=ratio)
 
     if min_side is None:
         return at(1)()
