@@ -100,18 +100,25 @@ class HashCache:
             return  # nothing changed: no write (a read-only cache folder costs nothing)
         record = {"format": FORMAT, "version": VERSION,
                   "roots": {**self._others, self.root: dict(sorted(self._new.items()))}}
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{time.time_ns()}.incomplete")
+        write_optional_json(self.path, record, "the hash cache", "the next run hashes every file")
+
+
+def write_optional_json(path: Path, record: dict, what: str, consequence: str) -> None:
+    """Write a JSON file that is an optimisation only (the hash cache, the weights-hash memo): atomically (a unique
+    temporary name, then rename: of two writers the last one wins), and a failure is a debug log, never an error."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.incomplete")
+    try:
+        text = json.dumps(record, separators=(",", ":"))  # one call of the C encoder (json.dump's is Python's)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("could not write %s %s (%s); %s", what, path, exc, consequence)
         try:
-            text = json.dumps(record, separators=(",", ":"))  # one call of the C encoder (json.dump's is Python's)
-            with open(tmp, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            log.debug("could not write the hash cache %s (%s); the next run hashes every file", self.path, exc)
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def _is_sha256(value) -> bool:

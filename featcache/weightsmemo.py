@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from featcache import __version__
-from featcache.hashcache import RACY_SECONDS, stat_key
+from featcache.hashcache import RACY_SECONDS, stat_key, write_optional_json
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +137,8 @@ class WeightsMemo:
         self._save(dict(list(self.entries.items())[-MAX_ENTRIES:]))
 
     def _save(self, entries: dict) -> None:
-        record = {"format": FORMAT, "version": VERSION, "entries": entries}
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{time.time_ns()}.incomplete")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, separators=(",", ":"))
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            log.debug("could not write the weights-hash memo %s (%s)", self.path, exc)
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+        write_optional_json(self.path, {"format": FORMAT, "version": VERSION, "entries": entries},
+                            "the weights-hash memo", "the next rerun imports TensorFlow")
 
 
 def weights_stat(weights: str) -> tuple | None:
