@@ -142,9 +142,9 @@ SOFTMAX_TASK = HeadTask(trainer=_softmax_trainer, predict=lambda: _softmax_predi
 
 
 @dataclass(frozen=True)
-class MulticlassProbe:
-    """A fitted multinomial probe: ``softmax(((x - mean) / scale) @ coef.T + intercept)``; ``coef`` (k, c),
-    ``intercept`` (k,); otherwise as ``probe.Probe``."""
+class LinearProbeK:
+    """A fitted linear probe with k outputs on the standardized pooled vectors: ``coef`` (k, c), ``intercept``
+    (k,); otherwise as ``probe.Probe``. ``predict`` (the link) is the subclass's: softmax or per-label sigmoid."""
 
     mean: np.ndarray
     scale: np.ndarray
@@ -154,14 +154,12 @@ class MulticlassProbe:
     val_scores: dict
     train_rows: int = 0
 
-    KIND = "StandardScaler + LogisticRegression(multinomial, l2, lbfgs)"
+    KIND = ""
 
-    def predict(self, pooled: np.ndarray) -> np.ndarray:
-        """(n, c) pooled vectors -> (n, k) float64 class probabilities, each row on its own (einsum)."""
+    def logits(self, pooled: np.ndarray) -> np.ndarray:
+        """(n, c) pooled vectors -> (n, k) float64 logits, each row on its own (einsum)."""
         z = np.einsum("ij,kj->ik", (np.asarray(pooled, np.float64) - self.mean) / self.scale, self.coef)
-        z = z + self.intercept - (z + self.intercept).max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return z + self.intercept
 
     def to_dict(self) -> dict:
         return {"kind": self.KIND, "c": self.c, "intercept": self.intercept.tolist(), "mean": self.mean.tolist(),
@@ -169,10 +167,23 @@ class MulticlassProbe:
                 "train_rows": self.train_rows}
 
     @classmethod
-    def from_dict(cls, record: dict) -> "MulticlassProbe":
+    def from_dict(cls, record: dict):
         return cls(np.asarray(record["mean"], np.float64), np.asarray(record["scale"], np.float64),
                    np.asarray(record["coef"], np.float64), np.asarray(record["intercept"], np.float64),
                    float(record["c"]), record["val_scores"], int(record.get("train_rows", 0)))
+
+
+@dataclass(frozen=True)
+class MulticlassProbe(LinearProbeK):
+    """A fitted multinomial probe: ``softmax(((x - mean) / scale) @ coef.T + intercept)``."""
+
+    KIND = "StandardScaler + LogisticRegression(multinomial, l2, lbfgs)"
+
+    def predict(self, pooled: np.ndarray) -> np.ndarray:
+        """(n, c) pooled vectors -> (n, k) float64 class probabilities, each row on its own (einsum)."""
+        z = self.logits(pooled)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
 
 
 def fit_multiclass_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled, val_labels: np.ndarray,

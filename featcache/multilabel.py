@@ -24,6 +24,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.head import EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews, choose_threshold
+from featcache.multiclass import LinearProbeK
 from featcache.trainer import HeadTask, _class_logits, _Trainer, fit_epochs
 
 PER_LABEL_THRESHOLD = 0.0  # head.json / model.json ``threshold`` of a multi-label head (unused: see ``thresholds``)
@@ -191,36 +192,16 @@ MULTILABEL_TASK = HeadTask(trainer=_multilabel_trainer, predict=lambda: _multila
 
 
 @dataclass(frozen=True)
-class MultilabelProbe:
+class MultilabelProbe(LinearProbeK):
     """One logistic regression per label on the standardized pooled vectors: ``sigmoid(((x - mean) / scale) @
     coef.T + intercept)``, ``coef`` (k, c), ``intercept`` (k,), each fitted on its label's unmasked training rows;
     one C for all labels (the best validation macro ROC-AUC). Otherwise as ``probe.Probe``."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    coef: np.ndarray
-    intercept: np.ndarray
-    c: float
-    val_scores: dict
-    train_rows: int = 0
 
     KIND = "StandardScaler + LogisticRegression(l2, lbfgs) per label"
 
     def predict(self, pooled: np.ndarray) -> np.ndarray:
         """(n, c) pooled vectors -> (n, k) float64 probabilities, each row on its own (einsum)."""
-        z = np.einsum("ij,kj->ik", (np.asarray(pooled, np.float64) - self.mean) / self.scale, self.coef)
-        return 1.0 / (1.0 + np.exp(-(z + self.intercept)))
-
-    def to_dict(self) -> dict:
-        return {"kind": self.KIND, "c": self.c, "intercept": self.intercept.tolist(), "mean": self.mean.tolist(),
-                "scale": self.scale.tolist(), "coef": self.coef.tolist(), "val_scores": self.val_scores,
-                "train_rows": self.train_rows}
-
-    @classmethod
-    def from_dict(cls, record: dict) -> "MultilabelProbe":
-        return cls(np.asarray(record["mean"], np.float64), np.asarray(record["scale"], np.float64),
-                   np.asarray(record["coef"], np.float64), np.asarray(record["intercept"], np.float64),
-                   float(record["c"]), record["val_scores"], int(record.get("train_rows", 0)))
+        return 1.0 / (1.0 + np.exp(-self.logits(pooled)))
 
 
 def fit_multilabel_probe(train_pooled: np.ndarray, train_targets: np.ndarray, val_pooled, val_targets: np.ndarray,
