@@ -75,17 +75,28 @@ def calibration_with_intervals(labels: np.ndarray, probs: np.ndarray, *, n_boots
         ``{"metrics": {"brier"|"ece": {"value", "ci_low", "ci_high"}}, "bins": reliability_bins(...),
         "n_bins", "bootstrap"}``.
     """
-    if n_bootstrap < 1 or not 0 < level < 1 or n_bins < 1:
-        raise FeatcacheError(f"Need n_bootstrap >= 1, 0 < level < 1 and n_bins >= 1. Received: "
-                             f"n_bootstrap={n_bootstrap}, level={level}, n_bins={n_bins}")
+    check_interval_settings(n_bootstrap, level, n_bins)
     labels, probs = check_binary(labels, probs)
     point = calibration(labels, probs, n_bins)
     blocks = [calibration_samples(labels, probs, indices, n_bins)
               for indices in bootstrap_index_blocks(len(labels), n_bootstrap, seed, block)]
+    return {"metrics": percentile_intervals(point, blocks, CALIBRATION_METRICS, level), "bins": reliability_bins(labels, probs, n_bins), "n_bins": n_bins,
+            "bootstrap": {"resamples": n_bootstrap, "level": level, "seed": seed, "method": "percentile"}}
+
+
+def check_interval_settings(n_bootstrap: int, level: float, n_bins: int) -> None:
+    """Raises FeatcacheError unless n_bootstrap >= 1, 0 < level < 1 and n_bins >= 1."""
+    if n_bootstrap < 1 or not 0 < level < 1 or n_bins < 1:
+        raise FeatcacheError(f"Need n_bootstrap >= 1, 0 < level < 1 and n_bins >= 1. Received: "
+                             f"n_bootstrap={n_bootstrap}, level={level}, n_bins={n_bins}")
+
+
+def percentile_intervals(point: dict, blocks: list[dict], names, level: float) -> dict:
+    """``{name: {"value", "ci_low", "ci_high"}}``: the point values and the percentile interval of each metric
+    over the bootstrap samples in ``blocks`` (each a dict of per-resample arrays)."""
     tail = 100 * (1 - level) / 2
     metrics = {}
-    for name in CALIBRATION_METRICS:
+    for name in names:
         low, high = np.percentile(np.concatenate([b[name] for b in blocks]), [tail, 100 - tail])
         metrics[name] = {"value": point[name], "ci_low": float(low), "ci_high": float(high)}
-    return {"metrics": metrics, "bins": reliability_bins(labels, probs, n_bins), "n_bins": n_bins,
-            "bootstrap": {"resamples": n_bootstrap, "level": level, "seed": seed, "method": "percentile"}}
+    return metrics

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.calibration import N_BINS, bin_index
+from featcache.calibration import N_BINS, bin_index, check_interval_settings, percentile_intervals
 from featcache.errors import FeatcacheError
 from featcache.head import EPSILON
 from featcache.metrics import LEVEL, N_BOOTSTRAP, bootstrap_index_blocks
@@ -97,19 +97,12 @@ def calibration_with_intervals(labels: np.ndarray, probs: np.ndarray, *, n_boots
         ``{"metrics": {"brier"|"ece"|"nll": {"value", "ci_low", "ci_high"}}, "bins": confidence_bins(...),
         "n_bins", "of": "top-class confidence", "bootstrap"}``.
     """
-    if n_bootstrap < 1 or not 0 < level < 1 or n_bins < 1:
-        raise FeatcacheError(f"Need n_bootstrap >= 1, 0 < level < 1 and n_bins >= 1. Received: "
-                             f"n_bootstrap={n_bootstrap}, level={level}, n_bins={n_bins}")
+    check_interval_settings(n_bootstrap, level, n_bins)
     labels, probs = check_multiclass(labels, probs)
     point = calibration(labels, probs, n_bins)
     blocks = [calibration_samples(labels, probs, indices, n_bins)
               for indices in bootstrap_index_blocks(len(labels), n_bootstrap, seed)]
-    tail = 100 * (1 - level) / 2
-    metrics = {}
-    for name in METRICS:
-        low, high = np.percentile(np.concatenate([b[name] for b in blocks]), [tail, 100 - tail])
-        metrics[name] = {"value": point[name], "ci_low": float(low), "ci_high": float(high)}
-    return {"metrics": metrics, "bins": confidence_bins(labels, probs, n_bins), "n_bins": n_bins,
+    return {"metrics": percentile_intervals(point, blocks, METRICS, level), "bins": confidence_bins(labels, probs, n_bins), "n_bins": n_bins,
             "of": "top-class confidence", "bootstrap": {"resamples": n_bootstrap, "level": level, "seed": seed,
                                                          "method": "percentile"}}
 
