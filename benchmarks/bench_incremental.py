@@ -147,6 +147,9 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     if args.again:
         args.images = sum(1 for _ in data.rglob("*.png"))
+        # without the weights-hash memo the catch-up imports TensorFlow and builds the backbone, as phase 1 does in
+        # a whole run: otherwise a no-op catch-up skips TensorFlow and phase 2 alone pays its start (~10 s)
+        (cache_a / ".weights-hashes.json").unlink(missing_ok=True)
     n, extra = args.images, max(1, round(args.images * args.added))
     if not args.again:
         timed(f"write {n} PNGs", lambda: make_images(data, 0, n))
