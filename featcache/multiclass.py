@@ -193,7 +193,7 @@ def fit_multiclass_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val
     with the best validation macro one-vs-rest ROC-AUC kept (ties to the smaller C)."""
     from sklearn.linear_model import LogisticRegression
 
-    from featcache.probe import PREDICT_ROWS, standardized_rows
+    from featcache.probe import predict_in_batches, standardized_rows
 
     x_train, mean, scale = standardized_rows(train_pooled, stats, overwrite)
     model = LogisticRegression(max_iter=max_iter, warm_start=True)  # lbfgs: multinomial for k > 2
@@ -203,11 +203,7 @@ def fit_multiclass_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val
         model.fit(x_train, np.asarray(train_labels, np.int64))
         coef = np.array(model.coef_, np.float64, order="C")  # as from_dict rebuilds it: the same einsum sums
         probe = MulticlassProbe(mean, scale, coef, model.intercept_.astype(np.float64), float(c), {})
-        if hasattr(val_pooled, "batches"):
-            probs = np.concatenate([probe.predict(batch) for batch in val_pooled.batches()])
-        else:
-            probs = np.concatenate([probe.predict(val_pooled[s:s + PREDICT_ROWS])
-                                    for s in range(0, len(val_pooled), PREDICT_ROWS)])
+        probs = predict_in_batches(probe, val_pooled)
         scores[c] = score_multiclass(val_labels, probs)
         if best is None or scores[c]["roc_auc"] > scores[best.c]["roc_auc"]:
             best = probe

@@ -212,7 +212,7 @@ def fit_multilabel_probe(train_pooled: np.ndarray, train_targets: np.ndarray, va
     kept (ties to the smaller C)."""
     from sklearn.linear_model import LogisticRegression
 
-    from featcache.probe import PREDICT_ROWS, standardized_rows
+    from featcache.probe import predict_in_batches, standardized_rows
 
     x_train, mean, scale = standardized_rows(train_pooled, stats, overwrite)
     train_targets = np.asarray(train_targets, np.float64)
@@ -226,11 +226,7 @@ def fit_multilabel_probe(train_pooled: np.ndarray, train_targets: np.ndarray, va
             model.fit(x_train[known[j]], train_targets[known[j], j].astype(np.int64))
         coef = np.array([m.coef_[0] for m in models], np.float64, order="C")
         probe = MultilabelProbe(mean, scale, coef, np.array([m.intercept_[0] for m in models], np.float64), float(c), {})
-        if hasattr(val_pooled, "batches"):
-            probs = np.concatenate([probe.predict(batch) for batch in val_pooled.batches()])
-        else:
-            probs = np.concatenate([probe.predict(val_pooled[s:s + PREDICT_ROWS])
-                                    for s in range(0, len(val_pooled), PREDICT_ROWS)])
+        probs = predict_in_batches(probe, val_pooled)
         scores[c] = score_multilabel(val_targets, probs)
         if best is None or scores[c]["roc_auc"] > scores[best.c]["roc_auc"]:
             best = probe

@@ -116,7 +116,7 @@ def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np
         model.set_params(C=c)
         model.fit(x_train, np.asarray(train_labels, np.int64))
         probe = Probe(mean, scale, model.coef_[0].astype(np.float64), float(model.intercept_[0]), float(c), {})
-        scores[c] = score_probs(val_labels, _predict(probe, val_pooled))
+        scores[c] = score_probs(val_labels, predict_in_batches(probe, val_pooled))
         if best is None or scores[c]["roc_auc"] > scores[best.c]["roc_auc"]:
             best = probe
     val_scores = {**scores[best.c], "grid": {f"{c:g}": scores[c]["roc_auc"] for c in sorted(grid)}}
@@ -137,9 +137,10 @@ def standardized_rows(train_pooled: np.ndarray, stats: InputStats | None, overwr
     return x_train, mean, scale
 
 
-def _predict(probe: Probe, val_pooled) -> np.ndarray:
-    """Probabilities of validation rows (an array, or an object whose ``batches()`` yields them), a batch at a
-    time: ``predict`` holds a float64 copy of what it is given, and scores each row alone."""
+def predict_in_batches(probe, val_pooled) -> np.ndarray:
+    """A probe's probabilities (any probe with ``predict``: binary, multinomial, per-label) of validation rows (an
+    array, or an object whose ``batches()`` yields them), a batch at a time: ``predict`` holds a float64 copy of
+    what it is given, and scores each row alone."""
     if hasattr(val_pooled, "batches"):
         return np.concatenate([probe.predict(batch) for batch in val_pooled.batches()])
     return np.concatenate([probe.predict(val_pooled[start:start + PREDICT_ROWS])
