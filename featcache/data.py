@@ -540,8 +540,11 @@ def _compiled_resize(image_size: int):
     """``resize_square`` as a tf.function, for pixels decoded outside TensorFlow (DICOM)."""
     import tensorflow as tf
 
-    return tf.function(lambda image: resize_square(image, image_size),
-                       input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)], autograph=False)
+    def resize(image):
+        square = resize_square(image, image_size)
+        return tf.tile(square, [1, 1, 3 // tf.shape(square)[-1]])  # gray (1 channel) -> 3, as decode_and_resize
+
+    return tf.function(resize, input_signature=[tf.TensorSpec([None, None, None], tf.uint8)], autograph=False)
 
 
 @functools.lru_cache(maxsize=None)

@@ -58,7 +58,8 @@ def dicom_patient_id(path: str | Path) -> str | None:
 
 
 def dicom_to_gray(encoded: bytes, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
-    """The pixels of a DICOM file as (h, w, 3) uint8 RGB (gray repeated), converted as the module says.
+    """The pixels of a DICOM file as (h, w, c) uint8, converted as the module says: c = 1 for a gray image
+    (MONOCHROME1/2; repeated to three channels after the resize, as ``data.decode_and_resize`` does), c = 3 RGB.
 
     Raises:
         ImageTooLargeError: more than ``max_pixels`` pixels by the header (nothing decoded).
@@ -98,7 +99,7 @@ def dicom_to_gray(encoded: bytes, name: str = "image", max_pixels: int | None = 
     gray = _to_uint8(stored, ds, name)
     if photometric == "MONOCHROME1":
         gray = 255 - gray
-    return np.repeat(gray[:, :, None], 3, axis=2)
+    return gray[:, :, None]
 
 
 def _to_uint8(stored: np.ndarray, ds, name: str) -> np.ndarray:

@@ -47,8 +47,10 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     ds.Modality = "DX"
     if patient is not None:
         ds.PatientID = patient
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = (3 if pixels.ndim == 3 else 1), photometric
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0  # R, G, B interleaved per pixel
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (8 if bits == 8 else 16), bits, bits - 1, 0
     for key, value in tags.items():
         setattr(ds, key, value)

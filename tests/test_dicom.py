@@ -23,9 +23,24 @@ def variants(source, tmp_path):
 @pytest.mark.parametrize("variant", ["mono2_8bit", "mono1_inverted", "window_16bit"])
 def test_lossless_dicom_decodes_to_the_source_jpeg_pixels(variants, source, variant):
     full = dicom_to_gray(variants[variant].read_bytes(), variant)
-    assert full.dtype == np.uint8 and full.shape == (*jpeg_gray(source).shape, 3)
+    assert full.dtype == np.uint8 and full.shape == (*jpeg_gray(source).shape, 1)
     np.testing.assert_array_equal(full[..., 0], jpeg_gray(source))
     np.testing.assert_array_equal(load_image(variants[variant], 48), load_image(source, 48))
+
+
+def test_rgb_dicom_decodes_to_the_pixels_of_a_png(source, tmp_path):
+    """An 8-bit RGB DICOM goes through the same resize as a colour PNG of the same pixels (three channels,
+    not the gray path)."""
+    from PIL import Image
+
+    gray = jpeg_gray(source)
+    rgb = np.stack([gray, 255 - gray, gray // 2], axis=2)
+    dicom = write_dicom(tmp_path / "rgb.dcm", rgb, "RGB")
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(dicom_to_gray(dicom.read_bytes()), rgb)
+    decoded = load_image(dicom, 48)
+    assert decoded.shape == (48, 48, 3) and not np.array_equal(decoded[..., 0], decoded[..., 1])
+    np.testing.assert_array_equal(decoded, load_image(tmp_path / "rgb.png", 48))
 
 
 def test_the_window_and_monochrome1_change_the_pixels(source, tmp_path):
