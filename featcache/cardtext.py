@@ -89,6 +89,22 @@ def random_weights_lines(weights: dict) -> list[str]:
             "show that the pipeline works; it is not a classifier to use.", ""]
 
 
+def title_lines(card: dict, kind: str) -> list[str]:
+    """MODEL_CARD.md's title of a multi-class or multi-label card (``kind`` "classes" or "labels") and the random
+    weights warning."""
+    names = card["class_names"]
+    return [f"# Model card: {card['backbone']} + tuned head, {len(names)} {kind} ({', '.join(names)})", "",
+            *random_weights_lines(card["weights"])]
+
+
+def backbone_line(card: dict) -> str:
+    """MODEL_CARD.md's bullet on the frozen backbone, its weights and the preprocessing inside the model."""
+    weights = card["weights"]
+    return (f"- Backbone: {card['backbone']} (frozen), weights {weights['source']} (SHA-256 `{weights['sha256'][:16]}`), "
+            f"input {card['image_size']}×{card['image_size']} RGB; decoding, resizing and preprocessing are inside the "
+            "model (`model.keras`, and `model.export/` taking encoded JPEG/PNG bytes).")
+
+
 def render_model_card(card: dict) -> str:
     """MODEL_CARD.md from a sealed ``model.json`` (see ``export.model_card``)."""
     if card.get("task") == "multiclass":
@@ -109,9 +125,7 @@ def render_model_card(card: dict) -> str:
         "triage or any decision about a patient. Its threshold was chosen on a validation split and should be "
         "chosen again for any other population.", "",
         "## Model", "",
-        f"- Backbone: {card['backbone']} (frozen), weights {weights['source']} (SHA-256 `{weights['sha256'][:16]}`), "
-        f"input {card['image_size']}×{card['image_size']} RGB; decoding, resizing and preprocessing are inside the "
-        "model (`model.keras`, and `model.export/` taking encoded JPEG/PNG bytes).",
+        backbone_line(card),
         f"- Head: trial {card['head']['trial_number']} of study `{card['head']['study_name']}`, parameters "
         f"`{card['head']['params']}`.",
         f"- Decision threshold {card['threshold']:.4f} ({card['threshold_method']}): {positive} when "

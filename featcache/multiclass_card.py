@@ -8,7 +8,7 @@ as any card: ``threshold`` 0 with ``threshold_method`` ``"argmax"`` (unused) and
 
 from __future__ import annotations
 
-from featcache.cardtext import (DATASET_NOTE, _reproduce_lines, macro_metric_lines, random_weights_lines,
+from featcache.cardtext import (DATASET_NOTE, _reproduce_lines, backbone_line, macro_metric_lines, title_lines,
                                 training_data_lines)
 from featcache.modelcard import CARD_DIGEST, seal_card
 from featcache.multiclass import ARGMAX, ARGMAX_THRESHOLD
@@ -41,18 +41,15 @@ def multiclass_card(card: dict, report: dict) -> dict:
 
 def render_multiclass_card(card: dict) -> str:
     """MODEL_CARD.md of a multi-class ``model.json``."""
-    names, data, weights = card["class_names"], card.get("training_data") or {}, card["weights"]
-    lines = [f"# Model card: {card['backbone']} + tuned head, {len(names)} classes ({', '.join(names)})", "",
-             *random_weights_lines(weights)]
-    lines += [
+    names, data = card["class_names"], card.get("training_data") or {}
+    lines = [
+        *title_lines(card, "classes"),
         "## Intended use", "",
         f"Research and teaching: a transfer-learning baseline that gives a chest X-ray image a probability for each "
         f"of {', '.join(names)} and labels it with the most probable. **Not a medical device**; not for diagnosis, "
         "triage or any decision about a patient.", "",
         "## Model", "",
-        f"- Backbone: {card['backbone']} (frozen), weights {weights['source']} (SHA-256 `{weights['sha256'][:16]}`), "
-        f"input {card['image_size']}×{card['image_size']} RGB; decoding, resizing and preprocessing are inside the "
-        "model (`model.keras`, and `model.export/` taking encoded JPEG/PNG bytes).",
+        backbone_line(card),
         f"- Head: softmax over {len(names)} classes, trial {card['head']['trial_number']} of study "
         f"`{card['head']['study_name']}`, parameters `{card['head']['params']}`.",
         "- Decision: the class of highest probability (argmax). A decision threshold has no multi-class meaning; "

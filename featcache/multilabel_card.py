@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cardtext import (DATASET_NOTE, _reproduce_lines, macro_metric_lines, random_weights_lines,
+from featcache.cardtext import (DATASET_NOTE, _reproduce_lines, backbone_line, macro_metric_lines, title_lines,
                                 training_data_lines)
 from featcache.modelcard import CARD_DIGEST, seal_card
 from featcache.multilabel import PER_LABEL_THRESHOLD
@@ -67,18 +67,14 @@ def multilabel_card(card: dict, report: dict, cache_path: str | Path) -> dict:
 
 def render_multilabel_card(card: dict) -> str:
     """MODEL_CARD.md of a multi-label ``model.json``."""
-    names, data, weights = card["class_names"], card.get("training_data") or {}, card["weights"]
-    lines = [f"# Model card: {card['backbone']} + tuned head, {len(names)} labels ({', '.join(names)})", "",
-             *random_weights_lines(weights),
+    names, data = card["class_names"], card.get("training_data") or {}
+    lines = [*title_lines(card, "labels"),
              "## Intended use", "",
              f"Research and teaching: a transfer-learning baseline that gives a chest X-ray image an independent "
              f"probability for each of {', '.join(names)} and calls each label at its own threshold. **Not a medical "
              "device**; not for diagnosis, triage or any decision about a patient.", "",
              "## Model", "",
-             f"- Backbone: {card['backbone']} (frozen), weights {weights['source']} (SHA-256 "
-             f"`{weights['sha256'][:16]}`), input {card['image_size']}×{card['image_size']} RGB; decoding, resizing "
-             "and preprocessing are inside the model (`model.keras`, and `model.export/` taking encoded JPEG/PNG "
-             "bytes).",
+             backbone_line(card),
              f"- Head: {len(names)} sigmoid outputs (one per label, masked binary cross-entropy), trial "
              f"{card['head']['trial_number']} of study `{card['head']['study_name']}`, parameters "
              f"`{card['head']['params']}`.",
