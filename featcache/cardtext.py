@@ -15,7 +15,7 @@ import numpy as np
 
 from featcache.data import scaled_decode
 from featcache.patients import pattern_of_rule
-from featcache.reports import format_ci as _ci, format_value as _num
+from featcache.reports import MACRO, format_ci as _ci, format_value as _num, markdown_table
 
 DATASET_NOTE = (
     "The Kermany et al. (2018) chest X-ray set is paediatric (patients aged one to five, from one centre in "
@@ -89,6 +89,22 @@ def random_weights_lines(weights: dict) -> list[str]:
             "show that the pipeline works; it is not a classifier to use.", ""]
 
 
+def title_lines(card: dict, kind: str) -> list[str]:
+    """MODEL_CARD.md's title of a multi-class or multi-label card (``kind`` "classes" or "labels") and the random
+    weights warning."""
+    names = card["class_names"]
+    return [f"# Model card: {card['backbone']} + tuned head, {len(names)} {kind} ({', '.join(names)})", "",
+            *random_weights_lines(card["weights"])]
+
+
+def backbone_line(card: dict) -> str:
+    """MODEL_CARD.md's bullet on the frozen backbone, its weights and the preprocessing inside the model."""
+    weights = card["weights"]
+    return (f"- Backbone: {card['backbone']} (frozen), weights {weights['source']} (SHA-256 `{weights['sha256'][:16]}`), "
+            f"input {card['image_size']}×{card['image_size']} RGB; decoding, resizing and preprocessing are inside the "
+            "model (`model.keras`, and `model.export/` taking encoded JPEG/PNG bytes).")
+
+
 def render_model_card(card: dict) -> str:
     """MODEL_CARD.md from a sealed ``model.json`` (see ``export.model_card``)."""
     if card.get("task") == "multiclass":
@@ -109,9 +125,7 @@ def render_model_card(card: dict) -> str:
         "triage or any decision about a patient. Its threshold was chosen on a validation split and should be "
         "chosen again for any other population.", "",
         "## Model", "",
-        f"- Backbone: {card['backbone']} (frozen), weights {weights['source']} (SHA-256 `{weights['sha256'][:16]}`), "
-        f"input {card['image_size']}×{card['image_size']} RGB; decoding, resizing and preprocessing are inside the "
-        "model (`model.keras`, and `model.export/` taking encoded JPEG/PNG bytes).",
+        backbone_line(card),
         f"- Head: trial {card['head']['trial_number']} of study `{card['head']['study_name']}`, parameters "
         f"`{card['head']['params']}`.",
         f"- Decision threshold {card['threshold']:.4f} ({card['threshold_method']}): {positive} when "
@@ -119,18 +133,31 @@ def render_model_card(card: dict) -> str:
         "## Training data", "",
     ]
     if data:
-        lines += [f"From `{data.get('data_dir', 'n/a')}`; cache fingerprint `{card['cache_fingerprint'][:12]}`.", "",
-                  f"| split | {' | '.join(names)} | patients |", "| --- |" + " ---: |" * (len(names) + 1)]
-        for split in ("train", "val", "test"):
-            counts = data["images"][split]
-            lines.append(f"| {split} | {' | '.join(str(counts[n]) for n in names)} | {data['patients'][split]} |")
-        lines += ["", f"Training images were also seen as {data['augmented_copies']} augmented copies "
-                  f"({_augment_text(data.get('augment'))}). Validation holds whole patients ({data.get('split_method', 'n/a')}), "
-                  "so no patient is in both train and validation.", ""]
+        lines += training_data_lines(card, lambda split: [data["images"][split][n] for n in names],
+                                     f" Validation holds whole patients ({data.get('split_method', 'n/a')}), so no "
+                                     "patient is in both train and validation.")
     else:
         lines += ["Not recorded (an export of an older featcache).", ""]
     lines += _metric_lines(card) + _limitation_lines(card) + _reproduce_lines(card)
     return "\n".join(lines)
+
+
+def training_data_lines(card: dict, cells, note: str = "", heading: str = "") -> list[str]:
+    """MODEL_CARD.md's training data: where it came from (``heading`` after it), a row per split of ``cells(split)``
+    (a cell per class or label) and its patients, and the augmented copies (``note`` after them)."""
+    names, data = card["class_names"], card["training_data"]
+    rows = [[split, *cells(split), data["patients"][split]] for split in ("train", "val", "test")]
+    return [f"From `{data.get('data_dir', 'n/a')}`; cache fingerprint `{card['cache_fingerprint'][:12]}`.{heading}", "",
+            *markdown_table(["split", *names, "patients"], rows, "l" + "r" * (len(names) + 1)), "",
+            f"Training images were also seen as {data.get('augmented_copies')} augmented copies "
+            f"({_augment_text(data.get('augment'))}).{note}", ""]
+
+
+def macro_metric_lines(card: dict, over: str) -> list[str]:
+    """MODEL_CARD.md's test macro metrics of a multi-class or multi-label head (``over`` "classes" or "labels")."""
+    ci = card["test_metrics_ci"]["at_threshold"]
+    return [f"## Test metrics ({card['test_images']} test images; 95 % bootstrap intervals)", "",
+            *markdown_table([f"metric (macro over {over})", "test"], [[name, _ci(ci.get(name))] for name in MACRO])]
 
 
 def _metric_lines(card: dict) -> list[str]:

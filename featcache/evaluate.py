@@ -47,6 +47,7 @@ REPORT_FIELDS = {"backbone": str, "cache_file": str, "cache_fingerprint": str, "
                  "validation": dict, "at_threshold/metrics": dict, "at_0.5/metrics": dict, "test/images": int,
                  "parity": dict, "predictions/path": list, "predictions/label": list, "predictions/probability": list,
                  "data_dir": str}
+HEAD_KEYS = ("head_sha256", "trial_number", "params", "threshold", "threshold_method", "study_name")  # report["head"]
 CRITERION = "highest validation ROC-AUC of the chosen head (head.json val_metrics.roc_auc); test scores are not used"
 
 
@@ -69,6 +70,11 @@ class TestScores:
     cached: np.ndarray
     probe: np.ndarray | None
     skipped: list[dict]
+
+    def predictions(self) -> dict:
+        """report.json's ``predictions``: each image's path, label, end-to-end and cached-maps probabilities."""
+        return {"path": self.paths, "label": self.labels.tolist(), "probability": self.probs.tolist(),
+                "cached_probability": self.cached.tolist()}
 
 
 def evaluate_backbones(config: EvaluateConfig) -> tuple[list[dict], dict]:
@@ -136,8 +142,7 @@ def evaluate_cache(cache_path: Path, config: EvaluateConfig) -> dict:
     report["calibration"] = calibration_with_intervals(scores.labels, scores.probs, n_bootstrap=config.n_bootstrap,
                                                        seed=config.seed)
     report["probe"] = score_probe(probe, manifest, record, scores, config)
-    report["predictions"] = {"path": scores.paths, "label": scores.labels.tolist(),
-                             "probability": scores.probs.tolist(), "cached_probability": scores.cached.tolist()}
+    report["predictions"] = scores.predictions()
     report.update(score_posthoc(record.get("calibration"), scores, config, report["predictions"]))
     write_report_files(Path(record["run_dir"]), report, scores.labels, scores.probs, scores.probe)
     write_backbone_html(report, Path(record["run_dir"]), cache_path, assembled, data_dir)
@@ -174,6 +179,21 @@ def score_test_images(test: TestRows, images: TestImages, assembled: EndToEnd, p
 
 def _report(cache_path, record, manifest, data_dir, test: TestScores, train_labels, weights_sha256, parity,
             scored) -> dict:
+    return {
+        **report_fields(cache_path, record, manifest, data_dir, weights_sha256),
+        "test": {"images": len(test.paths), "positives": int(test.labels.sum()),
+                 "negatives": int(len(test.labels) - test.labels.sum()), "skipped": test.skipped,
+                 "skipped_at_extraction": skipped_test_files(manifest)},
+        **scored,
+        "baseline": majority_baseline(train_labels, test.labels),
+        "parity": parity,
+    }
+
+
+def report_fields(cache_path, record: dict, manifest: dict, data_dir, weights_sha256: str,
+                  head_keys: tuple[str, ...] = HEAD_KEYS) -> dict:
+    """What every report.json holds, whatever the head: the cache and its verified weights, the head (its
+    ``head_keys`` of head.json) and validation metrics, the data folder, the versions and the time."""
     import keras
     import tensorflow as tf
 
@@ -186,20 +206,18 @@ def _report(cache_path, record, manifest, data_dir, test: TestScores, train_labe
         "dtype": manifest["dtype"],
         "class_names": manifest["class_names"],
         "weights": {**manifest["weights"], "verified_sha256": weights_sha256},
-        "head": {key: record[key] for key in ("head_sha256", "trial_number", "params", "threshold",
-                                              "threshold_method", "study_name")},
+        "head": {key: record[key] for key in head_keys},
         "validation": record["val_metrics"],
         "data_dir": str(Path(data_dir).resolve()),
-        "test": {"images": len(test.paths), "positives": int(test.labels.sum()),
-                 "negatives": int(len(test.labels) - test.labels.sum()), "skipped": test.skipped,
-                 "skipped_at_extraction": [s for s in manifest.get("skipped", []) if s.get("split") == "test"
-                                           or "split" not in s and s["path"].startswith("test/")]},
-        **scored,
-        "baseline": majority_baseline(train_labels, test.labels),
-        "parity": parity,
         "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def skipped_test_files(manifest: dict) -> list[dict]:
+    """The test files extraction skipped (those of a cache older than the split field: a path under test/)."""
+    return [s for s in manifest.get("skipped", []) if s.get("split") == "test"
+            or "split" not in s and s["path"].startswith("test/")]
 
 
 def score_probe(probe: Probe | None, manifest: dict, record: dict, test: TestScores,
@@ -240,7 +258,7 @@ def write_report_files(run_dir: Path, report: dict, labels: np.ndarray, probs: n
                        probe_probs: np.ndarray | None = None) -> None:
     """report.json, report.md and the plots of one backbone, each replaced atomically. ``probe_probs``: the linear
     probe's test probabilities, drawn beside the head's in the precision-recall plot."""
-    from featcache.plots import plot_calibration, plot_confusions, plot_pr, plot_roc, plot_trials
+    from featcache.plots import plot_calibration, plot_confusions, plot_pr, plot_roc, plot_run_trials
 
     names = report["class_names"]
     if "calibration" in report:
@@ -259,11 +277,13 @@ def write_report_files(run_dir: Path, report: dict, labels: np.ndarray, probs: n
     plot_confusions([(f"threshold {report['at_threshold']['threshold']:.3f}",
                       report["at_threshold"]["confusion"]["matrix"]),
                      ("threshold 0.5", report["at_0.5"]["confusion"]["matrix"])], names, run_dir / "confusion.png")
-    trials = run_dir / "trials.jsonl"
-    if trials.is_file():
-        rows = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
-        plot_trials(rows, run_dir / "trials.png", f"Head search, {report['backbone']}")
+    plot_run_trials(run_dir, report["backbone"])
     write_atomic(run_dir / "report.md", format_report(report))
+    write_report_json(run_dir, report)
+
+
+def write_report_json(run_dir: Path, report: dict) -> None:
+    """report.json (non-finite numbers as null), replaced atomically."""
     write_atomic(run_dir / REPORT_FILE, json.dumps(_finite(report), indent=1, sort_keys=True) + "\n")
 
 

@@ -171,19 +171,22 @@ def score_with_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float
     point = binary_metrics(labels, probs, threshold)
     blocks = [bootstrap_samples(labels, probs, threshold, indices)
               for indices in bootstrap_index_blocks(len(labels), n_bootstrap, seed, block)]
-    samples = {name: np.concatenate([b[name] for b in blocks]) for name in METRICS}
-    tail = 100 * (1 - level) / 2
-    metrics = {}
-    for name in METRICS:
-        finite = samples[name][np.isfinite(samples[name])]
-        low, high = (np.percentile(finite, [tail, 100 - tail]) if len(finite) else (np.nan, np.nan))
-        metrics[name] = {"value": point[name], "ci_low": float(low), "ci_high": float(high)}
     return {
         "threshold": float(threshold),
-        "metrics": metrics,
+        "metrics": {name: percentile_interval(point[name], np.concatenate([b[name] for b in blocks]), level)
+                    for name in METRICS},
         "confusion": confusion(labels, probs, threshold),
         "bootstrap": {"resamples": n_bootstrap, "level": level, "seed": seed, "method": "percentile"},
     }
+
+
+def percentile_interval(point: float, samples: np.ndarray, level: float) -> dict:
+    """``{"value", "ci_low", "ci_high"}``: ``point`` and the two-sided percentile interval at ``level`` of the
+    finite ``samples`` (resamples lacking a class give NaN and are left out); NaN bounds when none is finite."""
+    finite = samples[np.isfinite(samples)]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(finite, [tail, 100 - tail]) if len(finite) else (np.nan, np.nan)
+    return {"value": float(point), "ci_low": float(low), "ci_high": float(high)}
 
 
 def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray) -> dict:

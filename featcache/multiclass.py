@@ -31,7 +31,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.head import EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews
-from featcache.trainer import HeadTask, _class_logits, _Trainer, fit_epochs
+from featcache.trainer import HeadTask, _class_logits, _Trainer, class_predict_graph, fit_epochs
 
 ARGMAX = "argmax"  # threshold_method of a multi-class head
 ARGMAX_THRESHOLD = 0.0  # what head.json / model.json record as ``threshold`` for it (unused)
@@ -108,15 +108,6 @@ def fit_softmax_head(models: HeadModels, train: TrainViews, val_pooled, val_labe
                       max_epochs=max_epochs, patience=patience, on_epoch=on_epoch)
 
 
-@functools.cache
-def _softmax_predict_graph():
-    import tensorflow as tf
-
-    vector, matrix = tf.TensorSpec([None], tf.float32), tf.TensorSpec([None, None], tf.float32)
-    return tf.function(lambda weights, x: tf.nn.softmax(_class_logits(weights, x)),
-                       input_signature=[(matrix, vector, matrix, vector), matrix])
-
-
 class _SoftmaxTrainer(_Trainer):
     """``trainer._Trainer`` whose loss is the softmax cross-entropy of k logits (labels come as float class
     indices, so the traced signature and the streamed epochs are the binary trainer's)."""
@@ -134,7 +125,7 @@ def _softmax_trainer(shapes: tuple[tuple[int, ...], ...]) -> _SoftmaxTrainer:
     return _SoftmaxTrainer(shapes)
 
 
-SOFTMAX_TASK = HeadTask(trainer=_softmax_trainer, predict=lambda: _softmax_predict_graph(),
+SOFTMAX_TASK = HeadTask(trainer=_softmax_trainer, predict=lambda: class_predict_graph("softmax"),
                         score=lambda labels, probs: score_multiclass(labels, probs))
 
 
@@ -193,19 +184,17 @@ def fit_multiclass_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val
     with the best validation macro one-vs-rest ROC-AUC kept (ties to the smaller C)."""
     from sklearn.linear_model import LogisticRegression
 
-    from featcache.probe import predict_in_batches, standardized_rows
+    from featcache.probe import best_of_grid, predict_in_batches, standardized_rows
 
     x_train, mean, scale = standardized_rows(train_pooled, stats, overwrite)
     model = LogisticRegression(max_iter=max_iter, warm_start=True)  # lbfgs: multinomial for k > 2
-    best, scores = None, {}
-    for c in sorted(grid):
+
+    def fit(c: float) -> tuple[MulticlassProbe, dict]:
         model.set_params(C=c)
         model.fit(x_train, np.asarray(train_labels, np.int64))
         coef = np.array(model.coef_, np.float64, order="C")  # as from_dict rebuilds it: the same einsum sums
         probe = MulticlassProbe(mean, scale, coef, model.intercept_.astype(np.float64), float(c), {})
-        probs = predict_in_batches(probe, val_pooled)
-        scores[c] = score_multiclass(val_labels, probs)
-        if best is None or scores[c]["roc_auc"] > scores[best.c]["roc_auc"]:
-            best = probe
-    val_scores = {**scores[best.c], "grid": {f"{c:g}": scores[c]["roc_auc"] for c in sorted(grid)}}
+        return probe, score_multiclass(val_labels, predict_in_batches(probe, val_pooled))
+
+    best, val_scores = best_of_grid(grid, fit)
     return MulticlassProbe(best.mean, best.scale, best.coef, best.intercept, best.c, val_scores, len(x_train))

@@ -27,8 +27,6 @@ from featcache.head import EPSILON
 from featcache.metrics import LEVEL, N_BOOTSTRAP, bootstrap_index_blocks
 
 METRICS = ("brier", "ece", "nll")
-# Search interval of log(1/T), as posthoc.LOG_INVERSE_BOUNDS.
-LOG_INVERSE_BOUNDS = (-9.0, 9.0)
 
 
 def check_multiclass(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +127,7 @@ def fit_softmax_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
         FeatcacheError: fewer than two classes among the labels, or logits that score the true class below the
             average class (the minimum is at ``1/T <= 0``: no temperature helps).
     """
-    from scipy.optimize import minimize_scalar
+    from featcache.posthoc import search_temperature
 
     labels, logits = np.asarray(labels).astype(np.int64), np.asarray(logits, np.float64)
     present = np.unique(labels)
@@ -141,6 +139,4 @@ def fit_softmax_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
         raise FeatcacheError("The head's validation logits score the true class below the average class; "
                              "temperature scaling cannot calibrate it. Use --calibrate none. Received: calibrate="
                              "'temperature'")
-    result = minimize_scalar(lambda u: softmax_log_loss(labels, np.exp(u) * logits), bounds=LOG_INVERSE_BOUNDS,
-                             method="bounded", options={"xatol": 1e-10})
-    return float(np.exp(-result.x))
+    return search_temperature(lambda inverse: softmax_log_loss(labels, inverse * logits))

@@ -8,9 +8,11 @@ as any card: ``threshold`` 0 with ``threshold_method`` ``"argmax"`` (unused) and
 
 from __future__ import annotations
 
-from featcache.cardtext import DATASET_NOTE, _augment_text, _reproduce_lines, random_weights_lines
+from featcache.cardtext import (DATASET_NOTE, _reproduce_lines, backbone_line, macro_metric_lines, title_lines,
+                                training_data_lines)
 from featcache.modelcard import CARD_DIGEST, seal_card
 from featcache.multiclass import ARGMAX, ARGMAX_THRESHOLD
+from featcache.multiclass_eval import confusion_table, per_class_table
 from featcache.reports import format_ci, format_value
 
 NO_POSITIVE_CLASS = "(argmax)"
@@ -39,18 +41,15 @@ def multiclass_card(card: dict, report: dict) -> dict:
 
 def render_multiclass_card(card: dict) -> str:
     """MODEL_CARD.md of a multi-class ``model.json``."""
-    names, data, weights = card["class_names"], card.get("training_data") or {}, card["weights"]
-    lines = [f"# Model card: {card['backbone']} + tuned head, {len(names)} classes ({', '.join(names)})", "",
-             *random_weights_lines(weights)]
-    lines += [
+    names, data = card["class_names"], card.get("training_data") or {}
+    lines = [
+        *title_lines(card, "classes"),
         "## Intended use", "",
         f"Research and teaching: a transfer-learning baseline that gives a chest X-ray image a probability for each "
         f"of {', '.join(names)} and labels it with the most probable. **Not a medical device**; not for diagnosis, "
         "triage or any decision about a patient.", "",
         "## Model", "",
-        f"- Backbone: {card['backbone']} (frozen), weights {weights['source']} (SHA-256 `{weights['sha256'][:16]}`), "
-        f"input {card['image_size']}×{card['image_size']} RGB; decoding, resizing and preprocessing are inside the "
-        "model (`model.keras`, and `model.export/` taking encoded JPEG/PNG bytes).",
+        backbone_line(card),
         f"- Head: softmax over {len(names)} classes, trial {card['head']['trial_number']} of study "
         f"`{card['head']['study_name']}`, parameters `{card['head']['params']}`.",
         "- Decision: the class of highest probability (argmax). A decision threshold has no multi-class meaning; "
@@ -58,29 +57,11 @@ def render_multiclass_card(card: dict) -> str:
         "## Training data", "",
     ]
     if data:
-        lines += [f"From `{data.get('data_dir', 'n/a')}`; cache fingerprint `{card['cache_fingerprint'][:12]}`.", "",
-                  f"| split | {' | '.join(names)} | patients |", "| --- |" + " ---: |" * (len(names) + 1)]
-        for split in ("train", "val", "test"):
-            counts = data["images"][split]
-            lines.append(f"| {split} | {' | '.join(str(counts.get(n, 0)) for n in names)} | "
-                         f"{data['patients'][split]} |")
-        lines += ["", f"Training images were also seen as {data.get('augmented_copies')} augmented copies "
-                  f"({_augment_text(data.get('augment'))}).", ""]
-    ci = card["test_metrics_ci"]["at_threshold"]  # the argmax decision
-    lines += [f"## Test metrics ({card['test_images']} test images; 95 % bootstrap intervals)", "",
-              "| metric (macro over classes) | test |", "| --- | --- |"]
-    lines += [f"| {name} | {format_ci(ci.get(name))} |" for name in ("accuracy", "roc_auc", "sensitivity",
-                                                                     "specificity")]
-    lines += ["", "| class | images | ROC-AUC (one vs rest) | sensitivity | specificity |",
-              "| --- | ---: | --- | --- | --- |"]
-    for name in names:
-        c = card["test_per_class"][name]
-        lines.append(f"| {name} | {c['images']} | {format_ci(c['roc_auc'])} | {format_ci(c['sensitivity'])} | "
-                     f"{format_ci(c['specificity'])} |")
-    lines += ["", "Confusion matrix (rows: true, columns: predicted):", "",
-              "| true \\ predicted | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
-    lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |"
-              for name, row in zip(names, card["test_confusion"]["matrix"])]
+        lines += training_data_lines(card, lambda split: [data["images"][split].get(n, 0) for n in names])
+    lines += [*macro_metric_lines(card, "classes"), "",  # the argmax decision
+              *per_class_table(card["test_per_class"], names, "sensitivity"), "",
+              "Confusion matrix (rows: true, columns: predicted):", "",
+              *confusion_table(names, card["test_confusion"]["matrix"])]
     lines += ["", f"Validation macro ROC-AUC {format_value(card['validation_metrics'].get('roc_auc'))} (the split "
               "the head was chosen on).", *calibration_card_lines(card), "", "## Known limitations", "",
               f"- {DATASET_NOTE}",

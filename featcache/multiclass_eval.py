@@ -15,22 +15,18 @@ temperature`` is recorded as ``post_hoc_calibration``.
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from featcache import __version__
-from featcache.metrics import LEVEL, bootstrap_index_blocks, _ranking_samples
+from featcache.metrics import LEVEL, bootstrap_index_blocks, percentile_interval, _ranking_samples
 from featcache.multiclass import ARGMAX, one_vs_rest_auc
 from featcache.multiclass_calibration import calibration_with_intervals
-from featcache.reports import format_ci, format_value
+from featcache.reports import MACRO, format_ci, format_value, macro_table, markdown_table, parity_sentence, probe_sentence
 
 log = logging.getLogger(__name__)
 
-MACRO = ("accuracy", "roc_auc", "sensitivity", "specificity")
 PER_CLASS = ("roc_auc", "sensitivity", "specificity")
 
 
@@ -70,13 +66,6 @@ def bootstrap_samples(labels: np.ndarray, probs: np.ndarray, indices: np.ndarray
     return {"accuracy": (y == called).mean(1), **macro, "per_class": per}
 
 
-def _interval(point: float, samples: np.ndarray, level: float) -> dict:
-    finite = samples[np.isfinite(samples)]
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(finite, [tail, 100 - tail]) if len(finite) else (np.nan, np.nan)
-    return {"value": float(point), "ci_low": float(low), "ci_high": float(high)}
-
-
 def score_multiclass_with_intervals(labels: np.ndarray, probs: np.ndarray, class_names: list[str], *,
                                     n_bootstrap: int, seed: int, level: float = LEVEL) -> dict:
     """Argmax metrics of (n, k) probabilities with percentile bootstrap intervals (the resamples of
@@ -92,12 +81,12 @@ def score_multiclass_with_intervals(labels: np.ndarray, probs: np.ndarray, class
     point = point_metrics(labels, probs)
     blocks = [bootstrap_samples(labels, probs, indices)
               for indices in bootstrap_index_blocks(len(labels), n_bootstrap, seed)]
-    metrics = {name: _interval(point[name], np.concatenate([b[name] for b in blocks]), level) for name in MACRO}
+    metrics = {name: percentile_interval(point[name], np.concatenate([b[name] for b in blocks]), level)
+               for name in MACRO}
     per_class = {}
     for k, name in enumerate(class_names):
-        per_class[name] = {metric: _interval(point["per_class"][metric][k],
-                                             np.concatenate([b["per_class"][metric][:, k] for b in blocks]), level)
-                           for metric in PER_CLASS}
+        per_class[name] = {metric: percentile_interval(point["per_class"][metric][k], np.concatenate(
+            [b["per_class"][metric][:, k] for b in blocks]), level) for metric in PER_CLASS}
         per_class[name]["images"] = int(np.sum(labels == k))
     matrix = confusion_matrix(labels, probs.argmax(axis=1), labels=list(range(len(class_names))))
     return {"threshold": 0.0, "decision": ARGMAX, "metrics": metrics, "per_class": per_class,
@@ -118,45 +107,31 @@ def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray, classes
 def evaluate_multiclass(cache_path: Path, record: dict, manifest: dict, data_dir: Path, test, scores, parity: dict,
                         probe, assembled, config) -> dict:
     """The report of a multi-class head from ``evaluate.evaluate_cache``'s test scores; writes its files."""
-    import keras
-    import tensorflow as tf
-
-    from featcache.evaluate import write_atomic, _finite, REPORT_FILE
+    from featcache.evaluate import report_fields, skipped_test_files, write_atomic, write_report_json
     from featcache.multiclass_html import write_multiclass_html
 
     names = list(manifest["class_names"])
     scored = score_multiclass_with_intervals(scores.labels, scores.probs, names, n_bootstrap=config.n_bootstrap,
                                              seed=config.seed)
     report = {
+        **report_fields(cache_path, record, manifest, data_dir, assembled.weights_sha256),
         "task": "multiclass", "decision": ARGMAX,
-        "backbone": manifest["backbone"], "cache_file": Path(cache_path).name,
-        "cache_fingerprint": manifest["fingerprint"], "run_dir": record["run_dir"],
-        "image_size": manifest["image_size"], "dtype": manifest["dtype"], "class_names": names,
-        "weights": {**manifest["weights"], "verified_sha256": assembled.weights_sha256},
-        "head": {key: record[key] for key in ("head_sha256", "trial_number", "params", "threshold",
-                                              "threshold_method", "study_name")},
-        "validation": record["val_metrics"], "data_dir": str(Path(data_dir).resolve()),
         "test": {"images": len(scores.paths), "per_class": {n: int(np.sum(scores.labels == k))
                                                             for k, n in enumerate(names)},
-                 "skipped": scores.skipped,
-                 "skipped_at_extraction": [s for s in manifest.get("skipped", []) if s.get("split") == "test"
-                                           or "split" not in s and s["path"].startswith("test/")]},
+                 "skipped": scores.skipped, "skipped_at_extraction": skipped_test_files(manifest)},
         "at_threshold": scored, "at_0.5": scored,  # both the argmax decision: no threshold with k classes
         "baseline": majority_baseline(test.train_labels, scores.labels, len(names)),
         "parity": parity,
-        "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "probe": _probe(probe, record, scores, names, config),
         "calibration": calibration_with_intervals(scores.labels, scores.probs, n_bootstrap=config.n_bootstrap,
                                                   seed=config.seed),
         **({"post_hoc_calibration": record["calibration"]} if record.get("calibration") else {}),
-        "predictions": {"path": scores.paths, "label": scores.labels.tolist(), "probability": scores.probs.tolist(),
-                        "cached_probability": scores.cached.tolist()},
+        "predictions": scores.predictions(),
     }
     run_dir = Path(record["run_dir"])
     _write_plots(run_dir, report, scores.labels, scores.probs)
     write_atomic(run_dir / "report.md", format_multiclass_report(report))
-    write_atomic(run_dir / REPORT_FILE, json.dumps(_finite(report), indent=1, sort_keys=True) + "\n")
+    write_report_json(run_dir, report)
     write_multiclass_html(report, run_dir, cache_path, assembled, data_dir)
     log.info("%s: multi-class report (argmax decision)", manifest["backbone"])
     return report
@@ -172,7 +147,7 @@ def _probe(probe, record: dict, scores, names: list[str], config) -> dict | None
 
 
 def _write_plots(run_dir: Path, report: dict, labels: np.ndarray, probs: np.ndarray) -> None:
-    from featcache.plots import plot_confidence_reliability, plot_pr, plot_roc, plot_trials
+    from featcache.plots import plot_confidence_reliability, plot_pr, plot_roc, plot_run_trials
 
     names = report["class_names"]
     present = [k for k in range(len(names)) if 0 < np.sum(labels == k) < len(labels)]
@@ -183,10 +158,7 @@ def _write_plots(run_dir: Path, report: dict, labels: np.ndarray, probs: np.ndar
                           f"Test, argmax, {report['backbone']}")
     plot_confidence_reliability(probs, report["calibration"]["bins"], run_dir / "calibration.png",
                                 f"Test, {report['backbone']}")
-    trials = run_dir / "trials.jsonl"
-    if trials.is_file():
-        rows = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
-        plot_trials(rows, run_dir / "trials.png", f"Head search, {report['backbone']}")
+    plot_run_trials(run_dir, report["backbone"])
 
 
 def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str) -> Path:
@@ -217,34 +189,34 @@ def format_multiclass_report(report: dict) -> str:
     lines = [f"# {report['backbone']}: {len(names)} classes ({', '.join(names)})", "",
              f"{test['images']} test images ({counts}). "
              "Decision: the class of highest probability (argmax); a decision threshold has no multi-class meaning.",
-             "", "| metric (macro over classes) | test [95 % bootstrap CI] | validation |", "| --- | --- | ---: |"]
-    for name in MACRO:
-        lines.append(f"| {name} | {format_ci(m[name])} | {format_value(report['validation'].get(name))} |")
-    lines += ["", "| class | images | ROC-AUC (one vs rest) | sensitivity (recall) | specificity |",
-              "| --- | ---: | --- | --- | --- |"]
-    for name in names:
-        c = scored["per_class"][name]
-        lines.append(f"| {name} | {c['images']} | {format_ci(c['roc_auc'])} | {format_ci(c['sensitivity'])} | "
-                     f"{format_ci(c['specificity'])} |")
-    lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
-              "| true \\ predicted | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
-    for name, row in zip(names, scored["confusion"]["matrix"]):
-        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+             "", *macro_table(m, report["validation"], "classes"), "",
+             *per_class_table(scored["per_class"], names, "sensitivity (recall)"), "",
+             "Confusion matrix (rows: true class, columns: predicted):", "",
+             *confusion_table(names, scored["confusion"]["matrix"])]
     base, probe = report["baseline"], report.get("probe")
     lines += ["", f"Majority-class baseline (always {names[base['class_index']]}): test accuracy "
               f"{format_value(base['metrics']['accuracy'])}, macro ROC-AUC 0.5."]
     if probe:
-        lines.append(f"Linear probe (multinomial logistic regression, C={probe['c']:g}): validation macro ROC-AUC "
-                     f"{format_value(probe['validation']['roc_auc'])}, test "
-                     f"{format_ci(probe['test']['metrics']['roc_auc'])}"
-                     + (" -- **the tuned head is below it on validation**" if probe["head_below_probe_on_validation"]
-                        else "") + ".")
+        lines.append(probe_sentence(probe, "multinomial logistic regression"))
     lines += ["", *calibration_lines(report), ""]
-    lines += [f"Parity: end-to-end vs cached-maps probabilities differ by at most "
-              f"{report['parity']['max_abs_diff']:.2e} (tolerance {report['parity']['tolerance']:g}).", "",
+    lines += [parity_sentence(report["parity"]), "",
               "Plots: [roc.png](roc.png) and [pr.png](pr.png) (one vs rest), [confusion.png](confusion.png), [calibration.png](calibration.png) "
               "(top-class confidence), [trials.png](trials.png).", ""]
     return "\n".join(lines)
+
+
+def per_class_table(per_class: dict, names: list[str], recall: str) -> list[str]:
+    """A multi-class head's Markdown table of each class's images, ROC-AUC, sensitivity (headed ``recall``) and
+    specificity, with intervals (report.md and MODEL_CARD.md)."""
+    return markdown_table(["class", "images", "ROC-AUC (one vs rest)", recall, "specificity"],
+                          [[name, per_class[name]["images"], *(format_ci(per_class[name][m]) for m in PER_CLASS)]
+                           for name in names], "lr")
+
+
+def confusion_table(names: list[str], matrix: list[list[int]]) -> list[str]:
+    """The k x k confusion matrix as a Markdown table (rows: true class, columns: predicted)."""
+    return markdown_table(["true \\ predicted", *names], [[name, *row] for name, row in zip(names, matrix)],
+                          "l" + "r" * len(names))
 
 
 def calibration_lines(report: dict) -> list[str]:

@@ -25,7 +25,7 @@ import numpy as np
 from featcache.errors import FeatcacheError
 from featcache.head import EPSILON, FitResult, HeadModels, HeadParams, InputStats, TrainViews, choose_threshold
 from featcache.multiclass import LinearProbeK
-from featcache.trainer import HeadTask, _class_logits, _Trainer, fit_epochs
+from featcache.trainer import HeadTask, _class_logits, _Trainer, class_predict_graph, fit_epochs
 
 PER_LABEL_THRESHOLD = 0.0  # head.json / model.json ``threshold`` of a multi-label head (unused: see ``thresholds``)
 PER_LABEL = "per label"  # prefix of a multi-label head's threshold_method: "per label youden" or "per label min_..."
@@ -155,16 +155,6 @@ def majority_floor(train_targets: np.ndarray, targets: np.ndarray) -> dict:
             "roc_auc": 0.5}
 
 
-@functools.cache
-def _multilabel_predict_graph():
-    import tensorflow as tf
-
-
-    vector, matrix = tf.TensorSpec([None], tf.float32), tf.TensorSpec([None, None], tf.float32)
-    return tf.function(lambda weights, x: tf.sigmoid(_class_logits(weights, x)),
-                       input_signature=[(matrix, vector, matrix, vector), matrix])
-
-
 class _MultilabelTrainer(_Trainer):
     """``trainer._Trainer`` on (n, k) targets and (n, k) loss weights (0 where masked): the masked, weighted
     sigmoid cross-entropy, summed and divided by the batch's unmasked entries."""
@@ -184,7 +174,7 @@ def _multilabel_trainer(shapes: tuple[tuple[int, ...], ...]) -> _MultilabelTrain
     return _MultilabelTrainer(shapes)
 
 
-MULTILABEL_TASK = HeadTask(trainer=_multilabel_trainer, predict=lambda: _multilabel_predict_graph(),
+MULTILABEL_TASK = HeadTask(trainer=_multilabel_trainer, predict=lambda: class_predict_graph("sigmoid"),
                            score=lambda targets, probs: score_multilabel(targets, probs))
 
 
@@ -212,23 +202,21 @@ def fit_multilabel_probe(train_pooled: np.ndarray, train_targets: np.ndarray, va
     kept (ties to the smaller C)."""
     from sklearn.linear_model import LogisticRegression
 
-    from featcache.probe import predict_in_batches, standardized_rows
+    from featcache.probe import best_of_grid, predict_in_batches, standardized_rows
 
     x_train, mean, scale = standardized_rows(train_pooled, stats, overwrite)
     train_targets = np.asarray(train_targets, np.float64)
     k = train_targets.shape[1]
     models = [LogisticRegression(max_iter=max_iter, warm_start=True) for _ in range(k)]
     known = [np.flatnonzero(np.isfinite(train_targets[:, j])) for j in range(k)]
-    best, scores = None, {}
-    for c in sorted(grid):
+
+    def fit(c: float) -> tuple[MultilabelProbe, dict]:
         for j, model in enumerate(models):
             model.set_params(C=c)
             model.fit(x_train[known[j]], train_targets[known[j], j].astype(np.int64))
         coef = np.array([m.coef_[0] for m in models], np.float64, order="C")
         probe = MultilabelProbe(mean, scale, coef, np.array([m.intercept_[0] for m in models], np.float64), float(c), {})
-        probs = predict_in_batches(probe, val_pooled)
-        scores[c] = score_multilabel(val_targets, probs)
-        if best is None or scores[c]["roc_auc"] > scores[best.c]["roc_auc"]:
-            best = probe
-    val_scores = {**scores[best.c], "grid": {f"{c:g}": scores[c]["roc_auc"] for c in sorted(grid)}}
+        return probe, score_multilabel(val_targets, predict_in_batches(probe, val_pooled))
+
+    best, val_scores = best_of_grid(grid, fit)
     return MultilabelProbe(best.mean, best.scale, best.coef, best.intercept, best.c, val_scores, len(x_train))

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cardtext import DATASET_NOTE, _augment_text, _reproduce_lines, random_weights_lines
+from featcache.cardtext import (DATASET_NOTE, _reproduce_lines, backbone_line, macro_metric_lines, title_lines,
+                                training_data_lines)
 from featcache.modelcard import CARD_DIGEST, seal_card
 from featcache.multilabel import PER_LABEL_THRESHOLD
 from featcache.reports import format_ci, format_value
@@ -66,18 +67,14 @@ def multilabel_card(card: dict, report: dict, cache_path: str | Path) -> dict:
 
 def render_multilabel_card(card: dict) -> str:
     """MODEL_CARD.md of a multi-label ``model.json``."""
-    names, data, weights = card["class_names"], card.get("training_data") or {}, card["weights"]
-    lines = [f"# Model card: {card['backbone']} + tuned head, {len(names)} labels ({', '.join(names)})", "",
-             *random_weights_lines(weights),
+    names, data = card["class_names"], card.get("training_data") or {}
+    lines = [*title_lines(card, "labels"),
              "## Intended use", "",
              f"Research and teaching: a transfer-learning baseline that gives a chest X-ray image an independent "
              f"probability for each of {', '.join(names)} and calls each label at its own threshold. **Not a medical "
              "device**; not for diagnosis, triage or any decision about a patient.", "",
              "## Model", "",
-             f"- Backbone: {card['backbone']} (frozen), weights {weights['source']} (SHA-256 "
-             f"`{weights['sha256'][:16]}`), input {card['image_size']}×{card['image_size']} RGB; decoding, resizing "
-             "and preprocessing are inside the model (`model.keras`, and `model.export/` taking encoded JPEG/PNG "
-             "bytes).",
+             backbone_line(card),
              f"- Head: {len(names)} sigmoid outputs (one per label, masked binary cross-entropy), trial "
              f"{card['head']['trial_number']} of study `{card['head']['study_name']}`, parameters "
              f"`{card['head']['params']}`.",
@@ -86,19 +83,10 @@ def render_multilabel_card(card: dict) -> str:
              "## Training data", ""]
     counts = data.get("labels")
     if counts:
-        lines += [f"From `{data.get('data_dir', 'n/a')}`; cache fingerprint `{card['cache_fingerprint'][:12]}`. "
-                  "Positives / known (uncertain or blank entries are masked) per split:", "",
-                  f"| split | {' | '.join(names)} | patients |", "| --- |" + " ---: |" * (len(names) + 1)]
-        for split in ("train", "val", "test"):
-            cells = [f"{counts[split][n]['positives']} / {counts[split][n]['known']}" for n in names]
-            lines.append(f"| {split} | {' | '.join(cells)} | {data['patients'][split]} |")
-        lines += ["", f"Training images were also seen as {data.get('augmented_copies')} augmented copies "
-                  f"({_augment_text(data.get('augment'))}).", ""]
-    ci = card["test_metrics_ci"]["at_threshold"]
-    lines += [f"## Test metrics ({card['test_images']} test images; 95 % bootstrap intervals)", "",
-              "| metric (macro over labels) | test |", "| --- | --- |"]
-    lines += [f"| {name} | {format_ci(ci.get(name))} |" for name in ("accuracy", "roc_auc", "sensitivity",
-                                                                     "specificity")]
+        lines += training_data_lines(
+            card, lambda split: [f"{counts[split][n]['positives']} / {counts[split][n]['known']}" for n in names],
+            heading=" Positives / known (uncertain or blank entries are masked) per split:")
+    lines += macro_metric_lines(card, "labels")
     lines += ["", "| label | threshold | positives / known | ROC-AUC | sensitivity | specificity | validation ROC-AUC |",
               "| --- | ---: | ---: | --- | --- | --- | ---: |"]
     for label in card["labels"]:

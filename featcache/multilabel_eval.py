@@ -12,21 +12,17 @@ macro ``metrics`` and ``per_label``. Calibration and the HTML report are binary-
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from featcache import __version__
-from featcache.metrics import LEVEL, bootstrap_index_blocks
+from featcache.metrics import LEVEL, bootstrap_index_blocks, percentile_interval
 from featcache.multilabel import majority_floor
-from featcache.reports import format_ci, format_value
+from featcache.reports import MACRO, format_ci, format_value, macro_table, parity_sentence, probe_sentence
 
 log = logging.getLogger(__name__)
 
-MACRO = ("accuracy", "roc_auc", "sensitivity", "specificity")
 PER_LABEL = ("accuracy", "roc_auc", "sensitivity", "specificity")
 
 
@@ -56,13 +52,6 @@ def sample_metrics(targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarra
     return out
 
 
-def _interval(point: float, samples: np.ndarray, level: float) -> dict:
-    finite = samples[np.isfinite(samples)]
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(finite, [tail, 100 - tail]) if len(finite) else (np.nan, np.nan)
-    return {"value": float(point), "ci_low": float(low), "ci_high": float(high)}
-
-
 def score_multilabel_with_intervals(targets: np.ndarray, probs: np.ndarray, thresholds, label_names: list[str], *,
                                     n_bootstrap: int, seed: int, level: float = LEVEL) -> dict:
     """Per-label and macro metrics of (n, k) probabilities at per-label ``thresholds`` with percentile bootstrap
@@ -78,11 +67,12 @@ def score_multilabel_with_intervals(targets: np.ndarray, probs: np.ndarray, thre
     blocks = [sample_metrics(targets, probs, thresholds, indices)
               for indices in bootstrap_index_blocks(len(targets), n_bootstrap, seed)]
     samples = {name: np.concatenate([b[name] for b in blocks]) for name in PER_LABEL}
-    metrics = {name: _interval(np.mean(point[name][0]), samples[name].mean(axis=1), level) for name in MACRO}
+    metrics = {name: percentile_interval(np.mean(point[name][0]), samples[name].mean(axis=1), level)
+               for name in MACRO}
     per_label = {}
     for j, name in enumerate(label_names):
         known = np.isfinite(targets[:, j])
-        per_label[name] = {metric: _interval(point[metric][0, j], samples[metric][:, j], level)
+        per_label[name] = {metric: percentile_interval(point[metric][0, j], samples[metric][:, j], level)
                            for metric in PER_LABEL}
         per_label[name].update(threshold=float(thresholds[j]), positives=int((targets[known, j] == 1).sum()),
                                negatives=int((targets[known, j] == 0).sum()), masked=int((~known).sum()))
@@ -94,10 +84,7 @@ def score_multilabel_with_intervals(targets: np.ndarray, probs: np.ndarray, thre
 def evaluate_multilabel(cache_path: Path, record: dict, manifest: dict, data_dir: Path, test, scores, parity: dict,
                         probe, weights_sha256: str, config) -> dict:
     """The report of a multi-label head from ``evaluate.evaluate_cache``'s test scores; writes its files."""
-    import keras
-    import tensorflow as tf
-
-    from featcache.evaluate import REPORT_FILE, _finite, write_atomic
+    from featcache.evaluate import HEAD_KEYS, report_fields, write_atomic, write_report_json
 
     names = list(manifest["class_names"])
     thresholds = record["thresholds"]
@@ -105,14 +92,8 @@ def evaluate_multilabel(cache_path: Path, record: dict, manifest: dict, data_dir
         scores.labels, probs, at, names, n_bootstrap=config.n_bootstrap, seed=config.seed)
     known = np.isfinite(scores.labels)
     report = {
+        **report_fields(cache_path, record, manifest, data_dir, weights_sha256, (*HEAD_KEYS, "thresholds")),
         "task": "multilabel", "decision": "per-label thresholds",
-        "backbone": manifest["backbone"], "cache_file": Path(cache_path).name,
-        "cache_fingerprint": manifest["fingerprint"], "run_dir": record["run_dir"],
-        "image_size": manifest["image_size"], "dtype": manifest["dtype"], "class_names": names,
-        "weights": {**manifest["weights"], "verified_sha256": weights_sha256},
-        "head": {key: record[key] for key in ("head_sha256", "trial_number", "params", "threshold", "thresholds",
-                                              "threshold_method", "study_name")},
-        "validation": record["val_metrics"], "data_dir": str(Path(data_dir).resolve()),
         "test": {"images": len(scores.paths), "masked_entries": int((~known).sum()),
                  "per_label": {n: {"positives": int((scores.labels[known[:, j], j] == 1).sum()),
                                    "known": int(known[:, j].sum())} for j, n in enumerate(names)},
@@ -121,16 +102,13 @@ def evaluate_multilabel(cache_path: Path, record: dict, manifest: dict, data_dir
         "at_threshold": score(scores.probs, thresholds), "at_0.5": score(scores.probs, [0.5] * len(names)),
         "baseline": {"metrics": majority_floor(test.train_labels, scores.labels)},
         "parity": parity,
-        "versions": {"featcache": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "probe": _probe(probe, record, scores, names, config),
-        "predictions": {"path": scores.paths, "label": scores.labels.tolist(), "probability": scores.probs.tolist(),
-                        "cached_probability": scores.cached.tolist()},
+        "predictions": scores.predictions(),
     }
     run_dir = Path(record["run_dir"])
     _write_plots(run_dir, report, scores.labels, scores.probs)
     write_atomic(run_dir / "report.md", format_multilabel_report(report))
-    write_atomic(run_dir / REPORT_FILE, json.dumps(_finite(report), indent=1, sort_keys=True) + "\n")
+    write_report_json(run_dir, report)
     log.info("%s: multi-label report (per-label thresholds); calibration and report.html are binary-only, not "
              "written", manifest["backbone"])
     return report
@@ -147,7 +125,7 @@ def _probe(probe, record: dict, scores, names: list[str], config) -> dict | None
 
 def _write_plots(run_dir: Path, report: dict, targets: np.ndarray, probs: np.ndarray) -> None:
     """roc.png: one ROC curve per label on its known test entries (labels without both values left out)."""
-    from featcache.plots import plot_roc, plot_trials
+    from featcache.plots import plot_roc, plot_run_trials
 
     curves = []
     for j, name in enumerate(report["class_names"]):
@@ -155,10 +133,7 @@ def _write_plots(run_dir: Path, report: dict, targets: np.ndarray, probs: np.nda
         if len(np.unique(targets[known, j])) == 2:
             curves.append((name, targets[known, j].astype(np.int64), probs[known, j]))
     plot_roc(curves, run_dir / "roc.png", f"Test ROC per label, {report['backbone']}")
-    trials = run_dir / "trials.jsonl"
-    if trials.is_file():
-        rows = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
-        plot_trials(rows, run_dir / "trials.png", f"Head search, {report['backbone']}")
+    plot_run_trials(run_dir, report["backbone"])
 
 
 def format_multilabel_report(report: dict) -> str:
@@ -168,9 +143,7 @@ def format_multilabel_report(report: dict) -> str:
     lines = [f"# {report['backbone']}: {len(names)} labels ({', '.join(names)})", "",
              f"{test['images']} test images; {test['masked_entries']} masked (uncertain or blank) label entries, "
              "left out of every metric. Decision: each label at its own threshold, chosen on validation.", "",
-             "| metric (macro over labels) | test [95 % bootstrap CI] | validation |", "| --- | --- | ---: |"]
-    for name in MACRO:
-        lines.append(f"| {name} | {format_ci(m[name])} | {format_value(report['validation'].get(name))} |")
+             *macro_table(m, report["validation"], "labels")]
     lines += ["", "| label | threshold | positives / known | ROC-AUC | sensitivity | specificity |",
               "| --- | ---: | ---: | --- | --- | --- |"]
     for name in names:
@@ -181,12 +154,7 @@ def format_multilabel_report(report: dict) -> str:
     lines += ["", f"Majority baseline (each label's training majority): test macro accuracy "
               f"{format_value(base['accuracy'])}, ROC-AUC 0.5."]
     if probe:
-        lines.append(f"Linear probe (one logistic regression per label, C={probe['c']:g}): validation macro ROC-AUC "
-                     f"{format_value(probe['validation']['roc_auc'])}, test "
-                     f"{format_ci(probe['test']['metrics']['roc_auc'])}"
-                     + (" -- **the tuned head is below it on validation**" if probe["head_below_probe_on_validation"]
-                        else "") + ".")
-    lines += [f"Parity: end-to-end vs cached-maps probabilities differ by at most "
-              f"{report['parity']['max_abs_diff']:.2e} (tolerance {report['parity']['tolerance']:g}).", "",
+        lines.append(probe_sentence(probe, "one logistic regression per label"))
+    lines += [parity_sentence(report["parity"]), "",
               "Plots: [roc.png](roc.png) (one curve per label), [trials.png](trials.png).", ""]
     return "\n".join(lines)

@@ -105,26 +105,25 @@ def plot_trials(rows: list[dict], path: Path, title: str = "Head search") -> Pat
     return _save(figure, path)
 
 
+def plot_run_trials(run_dir: Path, backbone: str) -> Path | None:
+    """trials.png of a run folder, from its trials.jsonl (one trial a line), when there is one."""
+    import json
+
+    trials = Path(run_dir) / "trials.jsonl"
+    if not trials.is_file():
+        return None
+    rows = [json.loads(line) for line in trials.read_text().splitlines() if line.strip()]
+    return plot_trials(rows, Path(run_dir) / "trials.png", f"Head search, {backbone}")
+
+
 def plot_calibration(labels: np.ndarray, probs: np.ndarray, bins: list[dict], class_names: list[str], path: Path,
                      title: str = "Calibration") -> Path:
     """Reliability diagram (fraction positive against mean probability per bin, bin counts as bars) beside a
     histogram of the scores of each true class. ``bins`` as ``calibration.reliability_bins``."""
-    from matplotlib.figure import Figure
-
     labels, probs = np.asarray(labels), np.asarray(probs)
-    figure = Figure(figsize=(10, 4.2), layout="constrained")
-    reliability, histogram = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    full = [b for b in bins if b["count"]]
-    reliability.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
-    reliability.plot([b["mean_prob"] for b in full], [b["fraction_positive"] for b in full], "o-", color="C0",
-                     label="model")
-    counts = reliability.twinx()
-    counts.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] for b in bins],
-               width=bins[0]["high"] - bins[0]["low"], alpha=0.15, color="C0")
-    counts.set_ylabel("images per bin")
-    reliability.set(xlabel=f"mean predicted probability of {class_names[1]}",
-                    ylabel=f"fraction {class_names[1]}", xlim=(0, 1), ylim=(0, 1.01), title=f"{title}: reliability")
-    reliability.legend(loc="upper left", fontsize=8)
+    figure, histogram = _reliability_figure(bins, "mean_prob", "fraction_positive",
+                                            f"mean predicted probability of {class_names[1]}",
+                                            f"fraction {class_names[1]}", title)
     edges = np.linspace(0, 1, 21)
     for index, name in enumerate(class_names[:2]):
         histogram.hist(probs[labels == index], bins=edges, alpha=0.6, label=f"true {name}")
@@ -137,24 +136,30 @@ def plot_calibration(labels: np.ndarray, probs: np.ndarray, bins: list[dict], cl
 def plot_confidence_reliability(probs: np.ndarray, bins: list[dict], path: Path, title: str = "Calibration") -> Path:
     """A multi-class reliability diagram: accuracy against mean top-class confidence per bin (bin counts as bars),
     beside a histogram of the top-class confidences. ``bins`` as ``multiclass_calibration.confidence_bins``."""
+    figure, histogram = _reliability_figure(bins, "mean_confidence", "accuracy", "mean top-class confidence",
+                                            "accuracy (argmax is the true class)", title)
+    histogram.hist(np.asarray(probs).max(axis=1), bins=np.linspace(0, 1, 21), color="C0", alpha=0.7)
+    histogram.set(xlabel="top-class confidence", ylabel="images", title=f"{title}: confidence")
+    return _save(figure, path)
+
+
+def _reliability_figure(bins: list[dict], x: str, y: str, xlabel: str, ylabel: str, title: str):
+    """(figure, histogram axes): a reliability diagram on the left (bin ``y`` against bin ``x`` for each bin
+    holding images, the diagonal, bin counts as bars), the right axes left to the caller."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 4.2), layout="constrained")
     reliability, histogram = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     full = [b for b in bins if b["count"]]
     reliability.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
-    reliability.plot([b["mean_confidence"] for b in full], [b["accuracy"] for b in full], "o-", color="C0",
-                     label="model")
+    reliability.plot([b[x] for b in full], [b[y] for b in full], "o-", color="C0", label="model")
     counts = reliability.twinx()
     counts.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] for b in bins],
                width=bins[0]["high"] - bins[0]["low"], alpha=0.15, color="C0")
     counts.set_ylabel("images per bin")
-    reliability.set(xlabel="mean top-class confidence", ylabel="accuracy (argmax is the true class)", xlim=(0, 1),
-                    ylim=(0, 1.01), title=f"{title}: reliability")
+    reliability.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01), title=f"{title}: reliability")
     reliability.legend(loc="upper left", fontsize=8)
-    histogram.hist(np.asarray(probs).max(axis=1), bins=np.linspace(0, 1, 21), color="C0", alpha=0.7)
-    histogram.set(xlabel="top-class confidence", ylabel="images", title=f"{title}: confidence")
-    return _save(figure, path)
+    return figure, histogram
 
 
 def plot_heatmap(image: np.ndarray, heatmap: np.ndarray, title: str, path: Path) -> Path:

@@ -25,6 +25,8 @@ It runs after the search has chosen the head and never feeds back into that choi
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from featcache.calibration import calibration
@@ -113,8 +115,6 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
         FeatcacheError: the labels lack a class, or the logits rank the classes the wrong way round (the
             minimum is at ``1/T <= 0``: no temperature helps).
     """
-    from scipy.optimize import minimize_scalar
-
     labels = np.asarray(labels, np.float64)
     logits = np.asarray(logits, np.float64)
     if len(np.unique(labels)) < 2:
@@ -124,8 +124,16 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
         raise FeatcacheError("The head's validation scores rank the classes the wrong way round; temperature "
                              "scaling cannot calibrate it. Use --calibrate none or isotonic. Received: calibrate="
                              "'temperature'")
-    result = minimize_scalar(lambda u: logit_log_loss(labels, np.exp(u) * logits), bounds=LOG_INVERSE_BOUNDS,
-                             method="bounded", options={"xatol": 1e-10})
+    return search_temperature(lambda inverse: logit_log_loss(labels, inverse * logits))
+
+
+def search_temperature(loss: Callable[[float], float]) -> float:
+    """The ``T > 0`` minimising ``loss(1 / T)``, a loss convex in ``1/T`` (binary or softmax temperature scaling):
+    a bounded scalar search over ``log(1/T)`` in ``LOG_INVERSE_BOUNDS``."""
+    from scipy.optimize import minimize_scalar
+
+    result = minimize_scalar(lambda u: loss(np.exp(u)), bounds=LOG_INVERSE_BOUNDS, method="bounded",
+                             options={"xatol": 1e-10})
     return float(np.exp(-result.x))
 
 

@@ -16,6 +16,7 @@ validation image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -111,16 +112,30 @@ def fit_probe(train_pooled: np.ndarray, train_labels: np.ndarray, val_pooled: np
                                     overwrite)
     x_train, mean, scale = standardized_rows(train_pooled, stats, overwrite)
     model = LogisticRegression(max_iter=MAX_ITER, warm_start=True)
-    best, scores = None, {}
-    for c in sorted(grid):
+
+    def fit(c: float) -> tuple[Probe, dict]:
         model.set_params(C=c)
         model.fit(x_train, np.asarray(train_labels, np.int64))
         probe = Probe(mean, scale, model.coef_[0].astype(np.float64), float(model.intercept_[0]), float(c), {})
-        scores[c] = score_probs(val_labels, predict_in_batches(probe, val_pooled))
+        return probe, score_probs(val_labels, predict_in_batches(probe, val_pooled))
+
+    best, val_scores = best_of_grid(grid, fit)
+    return Probe(best.mean, best.scale, best.coef, best.intercept, best.c, val_scores, len(x_train))
+
+
+def best_of_grid(grid: tuple[float, ...], fit: Callable[[float], tuple]) -> tuple:
+    """Fit a probe per C of ``grid`` with ``fit(c) -> (probe, validation scores)``, the smallest C first (each fit
+    may warm-start from the one before); keep the best validation ROC-AUC, ties to the smaller C.
+
+    Returns:
+        (the chosen probe, its validation scores with the whole grid's ROC-AUC under ``"grid"``).
+    """
+    best, scores = None, {}
+    for c in sorted(grid):
+        probe, scores[c] = fit(c)
         if best is None or scores[c]["roc_auc"] > scores[best.c]["roc_auc"]:
             best = probe
-    val_scores = {**scores[best.c], "grid": {f"{c:g}": scores[c]["roc_auc"] for c in sorted(grid)}}
-    return Probe(best.mean, best.scale, best.coef, best.intercept, best.c, val_scores, len(x_train))
+    return best, {**scores[best.c], "grid": {f"{c:g}": scores[c]["roc_auc"] for c in sorted(grid)}}
 
 
 def standardized_rows(train_pooled: np.ndarray, stats: InputStats | None, overwrite: bool

@@ -26,6 +26,36 @@ def format_ci(entry: dict | None) -> str:
 
 _num, _ci = format_value, format_ci  # the short names of this module's tables
 
+MACRO = ("accuracy", "roc_auc", "sensitivity", "specificity")  # a multi-class or multi-label head's macro means
+
+
+def markdown_table(header: list[str], rows: list[list], align: str = "") -> list[str]:
+    """A Markdown table's lines: the header, its rule and a line per row (each cell as ``str`` writes it).
+    ``align`` holds a letter per column, "l" (``---``) or "r" (``---:``); columns past its end are "l"."""
+    rule = ["---:" if letter == "r" else "---" for letter in align.ljust(len(header), "l")]
+    return ["| " + " | ".join(map(str, cells)) + " |" for cells in (header, rule, *rows)]
+
+
+def macro_table(metrics: dict, validation: dict, over: str) -> list[str]:
+    """report.md's table of a multi-class or multi-label head's macro metrics (``over`` "classes" or "labels"):
+    test with intervals beside validation."""
+    return markdown_table([f"metric (macro over {over})", "test [95 % bootstrap CI]", "validation"],
+                          [[name, _ci(metrics[name]), _num(validation.get(name))] for name in MACRO], "llr")
+
+
+def probe_sentence(probe: dict, fitted: str) -> str:
+    """report.md's sentence on the linear probe of a multi-class or multi-label head (``fitted``: what it is)."""
+    return (f"Linear probe ({fitted}, C={probe['c']:g}): validation macro ROC-AUC {_num(probe['validation']['roc_auc'])}, "
+            f"test {_ci(probe['test']['metrics']['roc_auc'])}"
+            + (" -- **the tuned head is below it on validation**" if probe["head_below_probe_on_validation"] else "")
+            + ".")
+
+
+def parity_sentence(parity: dict) -> str:
+    """report.md's sentence on the end-to-end model against the head on cached maps (multi-class, multi-label)."""
+    return (f"Parity: end-to-end vs cached-maps probabilities differ by at most {parity['max_abs_diff']:.2e} "
+            f"(tolerance {parity['tolerance']:g}).")
+
 
 def _confusion(confusion: dict, names: list[str]) -> list[str]:
     return [

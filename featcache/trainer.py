@@ -130,6 +130,18 @@ def _logits(weights, x, rate=None, seed=None):
 
 
 @functools.cache
+def class_predict_graph(link: str):
+    """``predict(weights, x) -> (n, k) probabilities`` of a k-output head as a tf.function with a fixed
+    signature, traced once per ``link``: "softmax" (one class of k) or "sigmoid" (each label on its own)."""
+    import tensorflow as tf
+
+    apply = {"softmax": tf.nn.softmax, "sigmoid": tf.sigmoid}[link]
+    vector, matrix = tf.TensorSpec([None], tf.float32), tf.TensorSpec([None, None], tf.float32)
+    return tf.function(lambda weights, x: apply(_class_logits(weights, x)),
+                       input_signature=[(matrix, vector, matrix, vector), matrix])
+
+
+@functools.cache
 def _predict_graph():
     """``predict(weights, x) -> probabilities`` as a tf.function with a fixed signature: traced once."""
     import tensorflow as tf

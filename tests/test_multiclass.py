@@ -258,29 +258,13 @@ def write_three_class_cache(cache_dir, n_train: int = 300, n_val: int = 600, n_t
 def test_train_head_on_a_three_class_cache_streamed_equals_in_memory(tmp_path, monkeypatch):
     """train-head on a 3-class cache: the softmax head and the multinomial probe learn it, and streaming the
     training views within --memory-budget gives the very trials and head of the in-memory run."""
-    import json
-
-    import keras
+    from trainruns import assert_same_training, train_whole_and_streamed
 
     from featcache import views
-    from featcache.config import TrainHeadConfig
-    from featcache.runs import load_head_record, run_dir_for
-    from featcache.tune import train_heads
-    from featcache.views import load_head_data
 
     monkeypatch.setattr(views, "SHUFFLE_WINDOW_BYTES", 1024 * 64)  # a window per /pooled chunk of 1,024 rows
-    results = {}
-    for name, budget in (("whole", 2**40), ("streamed", 270_000)):
-        path = write_three_class_cache(tmp_path / name)
-        assert load_head_data(path, budget).streamed == (name == "streamed")
-        (summary,) = train_heads(TrainHeadConfig(cache=path, cache_dir=path.parent, trials=2, seed=3,
-                                                 memory_budget=budget, max_epochs=8, patience=3, progress=False))
-        rows = [json.loads(line) for line in (run_dir_for(path) / "trials.jsonl").read_text().splitlines()]
-        head = keras.saving.load_model(load_head_record(path)["head_path"], safe_mode=True)
-        results[name] = (summary, [{k: v for k, v in r.items() if k != "seconds"} for r in rows], head.get_weights())
-    (whole, whole_rows, whole_weights), (streamed, streamed_rows, streamed_weights) = results.values()
+    runs = train_whole_and_streamed(write_three_class_cache, tmp_path, streamed_budget=270_000, max_epochs=8)
+    whole = runs[0][0]
     assert whole.threshold_method == "argmax" and whole.val_metrics["roc_auc"] >= 0.95, whole.val_metrics
     assert whole.probe.val_scores["roc_auc"] >= 0.95 and whole.probe.coef.shape == (3, 16)
-    assert streamed_rows == whole_rows and streamed.val_metrics == whole.val_metrics
-    for a, b in zip(whole_weights, streamed_weights):
-        np.testing.assert_array_equal(a, b)
+    assert_same_training(*runs)

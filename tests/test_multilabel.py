@@ -108,33 +108,22 @@ def write_multilabel_cache(cache_dir, n_train: int = 300, n_val: int = 120, n_te
 def test_train_head_on_a_separable_multilabel_cache_streamed_equals_in_memory(tmp_path, monkeypatch):
     """train-head on a synthetic multi-label cache: every label's validation ROC-AUC >= 0.95 for the head and the
     per-label probe, a threshold per label, and streaming within --memory-budget gives the very trials and head."""
-    import json
-
-    import keras
+    from trainruns import assert_same_training, train_whole_and_streamed
 
     from featcache import views
-    from featcache.config import TrainHeadConfig
-    from featcache.runs import load_head_record, run_dir_for
-    from featcache.tune import format_summary, train_heads
+    from featcache.tune import format_summary
     from featcache.verify import verify_cache
-    from featcache.views import load_head_data
+
+    def write_verified(folder):
+        path = write_multilabel_cache(folder, n_train=800)
+        assert verify_cache(path).ok
+        return path
 
     monkeypatch.setattr(views, "SHUFFLE_WINDOW_BYTES", 1024 * 64)
-    results = {}
-    for name, budget in (("whole", 2**40), ("streamed", 280_000)):
-        path = write_multilabel_cache(tmp_path / name, n_train=800)
-        assert verify_cache(path).ok
-        assert load_head_data(path, budget).streamed == (name == "streamed")
-        (summary,) = train_heads(TrainHeadConfig(cache=path, cache_dir=path.parent, trials=2, seed=3,
-                                                 memory_budget=budget, max_epochs=10, patience=3, progress=False))
-        rows = [json.loads(line) for line in (run_dir_for(path) / "trials.jsonl").read_text().splitlines()]
-        head = keras.saving.load_model(load_head_record(path)["head_path"], safe_mode=True)
-        results[name] = (summary, [{k: v for k, v in r.items() if k != "seconds"} for r in rows], head.get_weights())
-    (whole, whole_rows, whole_weights), (streamed, streamed_rows, streamed_weights) = results.values()
+    runs = train_whole_and_streamed(write_verified, tmp_path, streamed_budget=280_000, max_epochs=10)
+    whole = runs[0][0]
     assert min(whole.val_metrics["per_label_roc_auc"]) >= 0.95, whole.val_metrics
     assert min(whole.probe.val_scores["per_label_roc_auc"]) >= 0.95 and whole.probe.coef.shape == (3, 16)
     assert len(whole.thresholds) == 3 and whole.majority["roc_auc"] == 0.5
     assert "    A: threshold" in format_summary(whole)
-    assert streamed_rows == whole_rows and streamed.val_metrics == whole.val_metrics
-    for a, b in zip(whole_weights, streamed_weights):
-        np.testing.assert_array_equal(a, b)
+    assert_same_training(*runs)

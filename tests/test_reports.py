@@ -80,3 +80,12 @@ def test_probe_floor_is_shown_beside_the_head_and_a_head_below_it_is_called_out(
     assert "below the linear probe on validation for resnet152." in comparison
     no_probe = format_report(fake_report("vgg16", 0.9, 0.6))  # a head from an older featcache
     assert "Linear probe: none for this head" in no_probe
+
+
+def test_markdown_table_aligns_the_columns_it_is_told_to_and_writes_each_cell_as_str():
+    from featcache.reports import markdown_table
+
+    lines = markdown_table(["class", "images", "ROC-AUC"], [["A", 3, "0.900 [0.8, 1.0]"], ["B", 0, None]], "lr")
+    assert lines == ["| class | images | ROC-AUC |", "| --- | ---: | --- |", "| A | 3 | 0.900 [0.8, 1.0] |",
+                     "| B | 0 | None |"]
+    assert markdown_table(["a", "b"], []) == ["| a | b |", "| --- | --- |"]
