@@ -40,7 +40,7 @@ from featcache.data import (
 )
 from featcache.dicom import DICOM_CONVERSION
 from featcache.errors import DataError, FeatcacheError, ImageTooLargeError, storage_error
-from featcache.hashcache import HashCache, stat_key
+from featcache.hashcache import HashCache, stat_keys
 from featcache.labels import read_label_file
 from featcache.replicas import make_forward, replica_devices
 from featcache.labelset import find_labeled_images
@@ -168,15 +168,12 @@ def _hash_files(folder, progress: bool = False, cache_dir: str | Path | None = N
     with tqdm(total=len(records), unit="file", desc="hash", disable=not progress, dynamic_ncols=True,
               leave=False) as bar:
         if hashes is not None:
-            reuse = hashes.reuse
-            for i, record in enumerate(records):
-                path = record.path
-                try:
-                    key = keys[i] = stat_key(prefix + path)  # before reading: a later write changes it
-                except OSError as exc:
-                    results[i] = exc
-                    continue
-                results[i] = reuse(path, key)
+            paths = [record.path for record in records]
+            keys = stat_keys(prefix, paths)  # before reading: a later write changes them
+            results = hashes.reuse_all(paths, keys)
+            for i, key in enumerate(keys):
+                if type(key) is not tuple:
+                    results[i], keys[i] = key, None  # the OSError of its stat
             bar.update(len(records) - results.count(None))
         todo = [i for i, r in enumerate(results) if r is None]
         chunks = [todo[i:i + HASH_CHUNK] for i in range(0, len(todo), HASH_CHUNK)]
