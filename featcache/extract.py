@@ -40,6 +40,7 @@ from featcache.data import (
 )
 from featcache.dicom import DICOM_CONVERSION
 from featcache.errors import DataError, FeatcacheError, ImageTooLargeError, storage_error
+from featcache.gcpause import paused_gc, running_gc
 from featcache.hashcache import HashCache, stat_keys
 from featcache.labels import read_label_file
 from featcache.replicas import make_forward, replica_devices
@@ -100,7 +101,8 @@ def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
 
         config = prepare(config)
     try:
-        return _extract_all(config)
+        with paused_gc():  # the bookkeeping of 100,000 files; rows are computed with it running (gcpause)
+            return _extract_all(config)
     except OSError as exc:
         if isinstance(exc, FeatcacheError) or exc.errno is None:
             raise
@@ -242,12 +244,13 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         feature_shape = tuple(int(d) for d in extractor.output_shape[1:])
         shard_rows = config.shard_rows or default_shard_rows(feature_shape, config.dtype, config.batch_size)
         packer = ShardPacker(store, shards, wanted.digests, shard_rows, config.compression)
-        if config.engine == "ray":
-            from featcache.ray_engine import compute_shards
+        with running_gc():
+            if config.engine == "ray":
+                from featcache.ray_engine import compute_shards
 
-            timing, bad = compute_shards(config, folder.root, spec, backbone, precision, missing, packer)
-        else:
-            timing, bad = _compute_batches(config, folder.root, extractor, missing, packer)
+                timing, bad = compute_shards(config, folder.root, spec, backbone, precision, missing, packer)
+            else:
+                timing, bad = _compute_batches(config, folder.root, extractor, missing, packer)
         skipped += bad
         bad_paths = {s["path"] for s in bad}
         rows = wanted.select(~np.isin(wanted.file, [i for i, f in enumerate(good) if f.record.path in bad_paths])
