@@ -1,8 +1,8 @@
 """Stat-keyed SHA-256 cache of the data folder's files, so that ``extract`` re-reads only changed files.
 
 One file per cache folder, ``<cache-dir>/.hashes.bin`` (``hashfile``: arrays, sealed by a SHA-256): for each data
-folder (its resolved path), each file's hash keyed by (relative path, size, mtime_ns, ctime_ns, inode, device). A hash is reused only when
-the whole key matches. ctime cannot be set by users (``touch``/``utime`` set mtime only, and any write or
+folder (its resolved path), each file's hash keyed by (relative path, size, mtime_ns, ctime_ns, inode, device).
+A hash is reused only when the whole key matches. ctime cannot be set by users (``touch``/``utime`` set mtime only, and any write or
 rename updates ctime), so a changed content changes the key even when the size and mtime are put back.
 Trade-off: a file whose content changes within the filesystem's timestamp tick after it was hashed could
 keep its key; so files changed less than ``RACY_SECONDS`` before the hashing began are never remembered
