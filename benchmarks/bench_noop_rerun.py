@@ -8,7 +8,7 @@ images), so the maps are synthetic but the files, hashes, split, shards, master 
 what extract writes. Then, each a fresh ``python -m featcache extract`` process (the real CLI path), with
 its wall time and peak RSS (``wait4``):
 
-a. cold no-op rerun: the hash cache (``<cache-dir>/.hashes.json``) deleted, so every file is read and
+a. cold no-op rerun: the hash cache (``<cache-dir>/.hashes.bin``) deleted, so every file is read and
    hashed; compared with ``sha256sum`` over the same files (one process, and ``xargs -P 2``) and with a
    bare ``python -c 'import featcache.extract'``.
 b. warm no-op rerun: the hash cache valid, so every file is only stat'ed.
@@ -185,7 +185,9 @@ def main() -> None:
     cli = [sys.executable, "-c", CHILD, "extract", "--data", str(data), "--backbone", "tiny", "--weights",
            "random", "--augment-copies", "0", "--image-size", "32", "--batch-size", str(args.batch_size),
            "--seed", "0", "--cache-dir", str(cache), "--no-progress"]
-    hashes, memo = cache / ".hashes.json", cache / ".weights-hashes.json"
+    from featcache.hashcache import HASHES_FILE
+
+    hashes, memo = cache / HASHES_FILE, cache / ".weights-hashes.json"
     sha256sum(data, 2)  # untimed: every side reads from the page cache
     run(cli, env)  # untimed: a first rerun writes the hash cache and the weights-hash memo if missing
     results: dict[str, list] = {}

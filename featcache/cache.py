@@ -413,6 +413,15 @@ def _check_header(handle: h5py.File, path: Path) -> None:
                                f"'featcache extract'. Received: file={str(path)!r}") from None
 
 
+def _mapped_files(dataset: h5py.Dataset) -> set[str]:
+    """The source file names a virtual dataset maps (what ``virtual_sources()`` names, without building its
+    thousands of selections); empty for a plain dataset."""
+    dcpl = dataset.id.get_create_plist()
+    if dcpl.get_layout() != h5py.h5d.VIRTUAL:
+        return set()
+    return {dcpl.get_virtual_filename(j) for j in range(dcpl.get_virtual_count())}
+
+
 def check_shards(handle: h5py.File, path: Path, manifest: dict) -> None:
     """Every shard a master maps exists and is the very file it was built from (its seal), and the
     virtual datasets map nothing else: HDF5 reads a missing source as fill values, without an error.
@@ -425,7 +434,7 @@ def check_shards(handle: h5py.File, path: Path, manifest: dict) -> None:
     listed = manifest.get("shards", [])
     files = {entry.get("file") for entry in listed if isinstance(entry, dict)}
     for name in ("features", "pooled"):
-        if handle[name].is_virtual and not {s.file_name for s in handle[name].virtual_sources()} <= files:
+        if not _mapped_files(handle[name]) <= files:
             raise DamagedFileError(f"Cache {path}: /{name} maps files its manifest does not list; delete it and "
                                    f"re-run 'featcache extract'. Received: file={str(path)!r}")
     for entry in listed:

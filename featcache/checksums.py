@@ -112,21 +112,24 @@ def check_layout(handle: h5py.File, manifest: dict) -> None:
     if manifest.get("task") == "multilabel" and "targets" not in manifest["datasets"]:
         _damaged(path, "it is a multi-label cache without a /targets record", "dataset='targets'")
     names = present_datasets(manifest)
+    shapes = {}  # each dataset opened once: opening a virtual one parses all its mappings
     for name in names:
         record = manifest["datasets"].get(name)
         if not isinstance(record, dict) or not isinstance(record.get("sha256"), dict):
             _damaged(path, f"its manifest has no checksum record for /{name}", f"dataset={name!r}")
-        if name not in handle or not isinstance(handle[name], h5py.Dataset):
+        dataset = handle.get(name)
+        if not isinstance(dataset, h5py.Dataset):
             _damaged(path, f"dataset /{name} is missing", f"dataset={name!r}")
-        shape, dtype = list(handle[name].shape), str(handle[name].dtype)
+        shape, dtype = list(dataset.shape), str(dataset.dtype)
         if shape != record.get("shape") or dtype != record.get("dtype"):
             _damaged(path, f"/{name} is {tuple(shape)} {dtype}, its record says {record.get('shape')} "
                            f"{record.get('dtype')}", f"dataset={name!r}")
+        shapes[name] = shape
     n, m = handle["split"].shape[0], handle["files/path"].shape[0]
     for name in names:
         expected = n if name in ROW_DATASETS or name == "split" else m
-        if handle[name].shape[0] != expected:
-            _damaged(path, f"/{name} has {handle[name].shape[0]} rows, expected {expected}", f"dataset={name!r}")
+        if shapes[name][0] != expected:
+            _damaged(path, f"/{name} has {shapes[name][0]} rows, expected {expected}", f"dataset={name!r}")
 
 
 def read_checked(handle: h5py.File, name: str, split: np.ndarray | None = None, parts=SPLITS) -> np.ndarray:

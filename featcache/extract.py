@@ -40,7 +40,8 @@ from featcache.data import (
 )
 from featcache.dicom import DICOM_CONVERSION
 from featcache.errors import DataError, FeatcacheError, ImageTooLargeError, storage_error
-from featcache.hashcache import HashCache, stat_key
+from featcache.gcpause import paused_gc, running_gc
+from featcache.hashcache import HashCache, stat_keys
 from featcache.labels import read_label_file
 from featcache.replicas import make_forward, replica_devices
 from featcache.labelset import find_labeled_images
@@ -100,7 +101,8 @@ def extract_features(config: ExtractConfig) -> list[ExtractSummary]:
 
         config = prepare(config)
     try:
-        return _extract_all(config)
+        with paused_gc():  # the bookkeeping of 100,000 files; rows are computed with it running (gcpause)
+            return _extract_all(config)
     except OSError as exc:
         if isinstance(exc, FeatcacheError) or exc.errno is None:
             raise
@@ -168,15 +170,12 @@ def _hash_files(folder, progress: bool = False, cache_dir: str | Path | None = N
     with tqdm(total=len(records), unit="file", desc="hash", disable=not progress, dynamic_ncols=True,
               leave=False) as bar:
         if hashes is not None:
-            reuse = hashes.reuse
-            for i, record in enumerate(records):
-                path = record.path
-                try:
-                    key = keys[i] = stat_key(prefix + path)  # before reading: a later write changes it
-                except OSError as exc:
-                    results[i] = exc
-                    continue
-                results[i] = reuse(path, key)
+            paths = [record.path for record in records]
+            keys = stat_keys(prefix, paths)  # before reading: a later write changes them
+            results = hashes.reuse_all(paths, keys)
+            for i, key in enumerate(keys):
+                if type(key) is not tuple:
+                    results[i], keys[i] = key, None  # the OSError of its stat
             bar.update(len(records) - results.count(None))
         todo = [i for i, r in enumerate(results) if r is None]
         chunks = [todo[i:i + HASH_CHUNK] for i in range(0, len(todo), HASH_CHUNK)]
@@ -245,12 +244,13 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         feature_shape = tuple(int(d) for d in extractor.output_shape[1:])
         shard_rows = config.shard_rows or default_shard_rows(feature_shape, config.dtype, config.batch_size)
         packer = ShardPacker(store, shards, wanted.digests, shard_rows, config.compression)
-        if config.engine == "ray":
-            from featcache.ray_engine import compute_shards
+        with running_gc():
+            if config.engine == "ray":
+                from featcache.ray_engine import compute_shards
 
-            timing, bad = compute_shards(config, folder.root, spec, backbone, precision, missing, packer)
-        else:
-            timing, bad = _compute_batches(config, folder.root, extractor, missing, packer)
+                timing, bad = compute_shards(config, folder.root, spec, backbone, precision, missing, packer)
+            else:
+                timing, bad = _compute_batches(config, folder.root, extractor, missing, packer)
         skipped += bad
         bad_paths = {s["path"] for s in bad}
         rows = wanted.select(~np.isin(wanted.file, [i for i, f in enumerate(good) if f.record.path in bad_paths])

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from featcache.cache import INCOMPLETE_SUFFIX, CacheLock, CachePaths
@@ -60,6 +61,8 @@ def nothing_to_do(paths: CachePaths, fingerprint: str, lock: Path, files: list, 
         return None
     if paths.shards.is_dir() and any(paths.shards.glob(f"*{INCOMPLETE_SUFFIX}")):
         return None
+    if not _row_count_can_match(paths.final, files, augment_copies):
+        return None  # files were added or removed: told before the checks and the row keys of 100,000 rows
     try:
         with CacheLock(lock):
             old = ReusableCache.open(paths.final, fingerprint)
@@ -71,6 +74,20 @@ def nothing_to_do(paths: CachePaths, fingerprint: str, lock: Path, files: list, 
     except (FeatcacheError, OSError, *H5_ERRORS) as exc:
         log.debug("%s: the full path decides (%s)", paths.final, exc)
         return None
+
+
+def _row_count_can_match(path: Path, files: list, augment_copies: int) -> bool:
+    """Whether the cache's row count (its manifest's, read without checks) can be that of ``files``: all their
+    rows, less those of files it skipped. A wrong count can only send the run down the full path, which checks
+    everything; so any doubt (an unreadable file or manifest) answers True and the full comparison decides."""
+    try:
+        with h5py.File(path, "r") as handle:
+            manifest = json.loads(handle.attrs["manifest"])
+        rows, skipped = int(manifest["counts"]["rows"]), len(manifest.get("skipped", []))
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, *H5_ERRORS):
+        return True
+    wanted = sum(augment_copies + 1 if f.record.split == "train" else 1 for f in files)
+    return rows <= wanted <= rows + (augment_copies + 1) * skipped
 
 
 def _compare(old: ReusableCache, shards: ShardStore, files, unreadable, augment_copies, max_pixels

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_same_datasets
-from featcache import extract, weightsmemo
+from featcache import extract, uptodate, weightsmemo
 from featcache.backbones import get_backbone_spec, load_backbone
 from featcache.cache import list_caches
 from featcache.errors import WeightsError
 from featcache.extract import extract_features
-from featcache.partial import save_weights
+from featcache.partial import ReusableCache, save_weights
 from featcache.weightsmemo import MEMO_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,3 +150,29 @@ def test_bad_files_are_reported_the_same_without_tensorflow(small_xrays, extract
     (again,) = extract_features(config)
     assert again.computed_rows == 0 and again.skipped == first.skipped and again.counts == first.counts
     assert extract.format_summary(again).split("  skipped ")[1] == extract.format_summary(first).split("  skipped ")[1]
+
+
+def test_added_images_are_told_by_the_row_count_before_the_cache_is_checked(small_xrays, extract_config, dev_data,
+                                                                            monkeypatch):
+    config = extract_config(small_xrays, augment_copies=1)
+    (first,) = extract_features(config)
+    opened = []
+
+    class Counting:  # uptodate's ReusableCache only: the full path opens the cache as always
+        @staticmethod
+        def open(*args):
+            opened.append(args)
+            return ReusableCache.open(*args)
+
+    monkeypatch.setattr(uptodate, "ReusableCache", Counting)
+    extra = sorted((dev_data / "train" / "NORMAL").iterdir())[40]
+    shutil.copyfile(extra, small_xrays / "train" / "NORMAL" / extra.name)
+    (grown,) = extract_features(config)
+    assert opened == [] and grown.computed_rows >= 1 and grown.counts["rows"] > first.counts["rows"]
+    monkeypatch.setattr(extract, "load_backbone", _refuse)
+    (same,) = extract_features(config)  # the same count: checked in full, and nothing to do
+    assert len(opened) == 1 and same.computed_rows == 0 and same.counts == grown.counts
+    (small_xrays / "train" / "NORMAL" / extra.name).unlink()
+    monkeypatch.undo()
+    (shrunk,) = extract_features(config)
+    assert shrunk.counts == first.counts and shrunk.computed_rows == 0

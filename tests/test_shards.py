@@ -395,3 +395,44 @@ def test_row_index_finds_each_key_in_the_first_shard_by_name_and_nothing_else(tm
     with pytest.raises(KeyError, match="1 rows are in no shard"):
         index.locate(np.concatenate([digests, other]))
     assert RowIndex([], []).find(digests).tolist() == [-1, -1, -1]
+
+
+def _mappings(dataset: h5py.Dataset) -> list:
+    return [(m.vspace.get_regular_hyperslab(), m.file_name, m.dset_name, m.src_space.get_regular_hyperslab(),
+             m.src_space.shape) for m in dataset.virtual_sources()]
+
+
+def test_the_masters_mappings_are_those_of_h5pys_virtual_sources(tmp_path):
+    from featcache.master import _set_mappings, mapping_runs
+
+    rng = np.random.default_rng(0)
+    sizes = [5, 7, 3]
+    for i, rows in enumerate(sizes):
+        with h5py.File(tmp_path / f"s{i}.h5", "w") as handle:
+            handle["features"] = rng.random((rows, 2, 2, 3)).astype(np.float16)
+            handle["pooled"] = rng.random((rows, 3)).astype(np.float32)
+    sources = [(s, o) for s, rows in enumerate(sizes) for o in range(rows)]
+    random.Random(0).shuffle(sources)
+    sources = sorted(sources[:6]) + sources[6:]  # some long runs, some single rows
+    runs = mapping_runs(sources)
+    assert sum(b - a for a, b, _, _ in runs) == len(sources)
+    assert all(sources[a + k] == (s, f + k) for a, b, s, f in runs for k in range(b - a))
+    assert mapping_runs([]) == [] and mapping_runs([(0, 4)]) == [(0, 1, 0, 4)]
+    shapes = {"features": (2, 2, 3), "pooled": (3,)}
+    dtypes = {"features": "float16", "pooled": "float32"}
+    for way in ("h5py", "ours"):
+        with h5py.File(tmp_path / f"{way}.h5", "w") as handle:
+            for name, shape in shapes.items():
+                layout = h5py.VirtualLayout((len(sources), *shape), dtypes[name])
+                if way == "ours":
+                    _set_mappings(layout, name, runs, [f"s{i}.h5" for i in range(3)], sizes)
+                else:
+                    for start, stop, shard, first in runs:
+                        layout[start:stop] = h5py.VirtualSource(f"s{shard}.h5", name, (sizes[shard], *shape))[
+                            first:first + stop - start]
+                handle.create_virtual_dataset(name, layout, fillvalue=np.nan)
+    with h5py.File(tmp_path / "h5py.h5", "r") as theirs, h5py.File(tmp_path / "ours.h5", "r") as ours:
+        for name in shapes:
+            assert _mappings(ours[name]) == _mappings(theirs[name]) and len(_mappings(ours[name])) == len(runs)
+            expected = [h5py.File(tmp_path / f"s{s}.h5", "r")[name][o] for s, o in sources]
+            assert np.array_equal(ours[name][...], np.stack(expected))
