@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 from h5py import h5s
-from h5py._hl.compat import filename_encode
 
 from featcache.cache import (
     FORMAT_VERSION, ROW_DTYPES, ROW_FIELDS, STR, FileTable, _text_sha256, atomic_h5,
@@ -127,12 +127,18 @@ def _set_mappings(layout: h5py.VirtualLayout, name: str, runs: list, relative: l
     zeros = (0,) * len(rest)
     master = h5s.create_simple(tuple(layout.shape))
     sources = [h5s.create_simple((count, *rest)) for count in rows]
-    files = [filename_encode(path) for path in relative]
+    files = [_hdf5_filename(path) for path in relative]
     dataset = name.encode("utf-8")
     for start, stop, shard, first in runs:
         master.select_hyperslab((start, *zeros), (stop - start, *rest))
         sources[shard].select_hyperslab((first, *zeros), (stop - start, *rest))
         layout.dcpl.set_virtual(master, files[shard], dataset, sources[shard])  # HDF5 copies both selections
+
+
+def _hdf5_filename(path: str) -> bytes:
+    """A file name as the HDF5 library takes it: what h5py's (private) ``filename_encode`` gives, UTF-8 on
+    Windows and the file-system encoding elsewhere."""
+    return path.encode("utf-8") if sys.platform == "win32" else os.fsencode(path)
 
 
 def _shard_digests(path: Path, name: str, record: dict) -> np.ndarray:
