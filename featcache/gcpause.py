@@ -27,11 +27,15 @@ def paused_gc():
 
 @contextlib.contextmanager
 def running_gc():
-    """Cyclic collection as usual inside the block (within ``paused_gc``: the long compute loop)."""
+    """Cyclic collection as usual inside the block (within ``paused_gc``: the long compute loop), over the objects
+    made inside it: what existed before (TensorFlow's, the bookkeeping's) is frozen for the block, so collections
+    there do not walk it again and again (``gc.freeze``), and unfrozen after."""
     enabled = gc.isenabled()
+    gc.freeze()
     gc.enable()
     try:
         yield
     finally:
         if not enabled:
             gc.disable()
+        gc.unfreeze()
