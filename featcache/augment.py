@@ -106,7 +106,7 @@ def affine_bilinear(plane: np.ndarray, transforms: np.ndarray, fill: str) -> np.
     cols = np.arange(w, dtype=np.float32)[None, :]
     quads = _neighbour_quads(plane, _PAD)
     out = np.empty((n * h, w), np.float32)
-    # Blocks of rows small enough (32 KiB per float32 temporary) that numpy's temporaries stay in cache and come
+    # Blocks of rows small enough (STEP values: 128 KiB per float32 temporary) that numpy's temporaries stay in cache and come
     # from the heap instead of fresh pages: whole-image temporaries cost 3,400 page faults a call in a process
     # running TensorFlow, more than the arithmetic.
     step = max(1, STEP // w)

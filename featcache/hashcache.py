@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.hashfile import DIGEST_BYTES, KEY_DTYPE, HashFileError, RootEntries, read_hash_file, write_hash_file
+from featcache.hashfile import (
+    DIGEST_BYTES, KEY_DTYPE, HashFileError, RootEntries, read_hash_file, replace_file, write_hash_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,19 +201,11 @@ def _legacy_entries(entries: dict) -> RootEntries:
 def write_optional_json(path: Path, record: dict, what: str, consequence: str) -> None:
     """Write a JSON file that is an optimisation only (the hash cache, the weights-hash memo): atomically (a unique
     temporary name, then rename: of two writers the last one wins), and a failure is a debug log, never an error."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.incomplete")
+    text = json.dumps(record, separators=(",", ":"))  # one call of the C encoder (json.dump's is Python's)
     try:
-        text = json.dumps(record, separators=(",", ":"))  # one call of the C encoder (json.dump's is Python's)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        replace_file(path, [text.encode("utf-8")])
     except OSError as exc:
         log.debug("could not write %s %s (%s); %s", what, path, exc, consequence)
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
 
 
 def _is_sha256(value) -> bool:

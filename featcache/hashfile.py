@@ -112,12 +112,21 @@ def write_hash_file(path: Path, roots: dict[str, RootEntries]) -> None:
     seal = hashlib.sha256()
     for part in body:
         seal.update(part)
+    replace_file(path, [MAGIC + len(header).to_bytes(8, "little") + seal.digest(), *body])
+
+
+def replace_file(path: Path, parts: list[bytes]) -> None:
+    """Write ``parts`` to ``path`` through a unique temporary name, then rename: of two writers the last one wins,
+    a kill leaves the old file or the new one. Not synced: for files that are optimisations only.
+
+    Raises:
+        OSError: it cannot be written (the temporary file is removed).
+    """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.incomplete")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
-            handle.write(MAGIC + len(header).to_bytes(8, "little") + seal.digest())
-            for part in body:
+            for part in parts:
                 handle.write(part)
         os.replace(tmp, path)
     except OSError:
