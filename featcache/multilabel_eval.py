@@ -84,7 +84,7 @@ def score_multilabel_with_intervals(targets: np.ndarray, probs: np.ndarray, thre
 def evaluate_multilabel(cache_path: Path, record: dict, manifest: dict, data_dir: Path, test, scores, parity: dict,
                         probe, weights_sha256: str, config) -> dict:
     """The report of a multi-label head from ``evaluate.evaluate_cache``'s test scores; writes its files."""
-    from featcache.evaluate import HEAD_KEYS, report_fields, write_atomic, write_report_json
+    from featcache.evaluate import HEAD_KEYS, report_fields, skipped_test_files, write_atomic, write_report_json
 
     names = list(manifest["class_names"])
     thresholds = record["thresholds"]
@@ -98,7 +98,7 @@ def evaluate_multilabel(cache_path: Path, record: dict, manifest: dict, data_dir
                  "per_label": {n: {"positives": int((scores.labels[known[:, j], j] == 1).sum()),
                                    "known": int(known[:, j].sum())} for j, n in enumerate(names)},
                  "skipped": scores.skipped,
-                 "skipped_at_extraction": [s for s in manifest.get("skipped", []) if s.get("split") == "test"]},
+                 "skipped_at_extraction": skipped_test_files(manifest)},
         "at_threshold": score(scores.probs, thresholds), "at_0.5": score(scores.probs, [0.5] * len(names)),
         "baseline": {"metrics": majority_floor(test.train_labels, scores.labels)},
         "parity": parity,
