@@ -62,10 +62,26 @@ def connect(address: str | None) -> dict:
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            if _refused_token(exc):
+                hint = ("the cluster refused this driver's token: give it the cluster's with RAY_AUTH_MODE=token "
+                        "and RAY_AUTH_TOKEN (or ~/.ray/auth_token)")
+            else:
+                hint = "start one with 'ray start --head' or drop --ray-address"
             raise FeatcacheError(f"Cannot connect to the Ray cluster at {address!r} ({str(exc).splitlines()[0]}); "
-                                 f"start one with 'ray start --head' or drop --ray-address. "
-                                 f"Received: ray_address={address!r}") from None
+                                 f"{hint}. Received: ray_address={address!r}") from None
     return dict(ray.cluster_resources())
+
+
+def _refused_token(exc: BaseException | None) -> bool:
+    """Whether Ray's connection error came from the cluster's token authentication (Ray >= 2.52): an
+    ``AuthenticationError`` in the chain, or its text in the GCS client's last error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def prepare(config):

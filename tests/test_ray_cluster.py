@@ -37,7 +37,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     """A Ray head started as a user would (``ray start --head``): its address, temporary folder and the
     environment a driver needs to join it."""
@@ -89,3 +89,19 @@ def test_extract_with_ray_address_auto_runs_on_a_cluster_started_with_ray_start(
     # the actors ran on that head: its session folder holds their worker logs
     workers = list(temp.glob("session_*/logs/worker-*"))
     assert workers, sorted(p.name for p in temp.glob("session_*/logs/*"))
+
+
+def test_a_driver_without_the_clusters_token_gets_one_line_that_says_so(ray_head, small_xrays, tmp_path):
+    address, _, env = ray_head
+    env = {**env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-m", "featcache", "extract", "--data", str(small_xrays), "--cache-dir",
+         str(tmp_path / "cache"), *SETTINGS, "--engine", "ray", "--ray-address", "auto"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "refused this driver's token" in errors[0] and "Received: ray_address='auto'" in errors[0], \
+        run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))
