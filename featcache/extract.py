@@ -586,12 +586,19 @@ def format_summary(summary: ExtractSummary) -> str:
         *([f"  patients: {summary.patients}"] if summary.patients else []),
         *([f"  left out {summary.left_out} label-file rows without a certain label (--uncertain)"]
           if summary.left_out else []),
-        f"  computed {summary.computed_rows} rows"
-        + (f" at {summary.images_per_second:.1f} img/s ({summary.timing.steady_rate(summary.computed_rows):.1f} "
-           f"after a {summary.timing.first_batch_seconds:.1f} s first batch)" if summary.computed_rows else "")
-        + f", reused {summary.reused_rows}",
+        f"  computed {summary.computed_rows} rows{_rates(summary)}, reused {summary.reused_rows}",
     ]
     if summary.skipped:
         lines.append(f"  skipped {len(summary.skipped)} unreadable files:")
         lines += [f"    {s['path']}: {s['error']}" for s in summary.skipped]
     return "\n".join(lines)
+
+
+def _rates(summary: ExtractSummary) -> str:
+    """The summary's rates: overall, then after the first batch (a run of one batch or one Ray shard has none)."""
+    if not summary.computed_rows:
+        return ""
+    timing = summary.timing
+    steady = timing.steady_rate(summary.computed_rows)
+    after = f"{steady:.1f} after a {timing.first_batch_seconds:.1f} s first batch" if steady else "in one batch"
+    return f" at {summary.images_per_second:.1f} img/s ({after})"
