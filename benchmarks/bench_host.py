@@ -7,7 +7,7 @@ side by side in one process, alternating rounds so machine noise hits every side
 - the code of this tree ("now") beside the code at git ``--before`` ("before": e973cc1, before gray images were
   decoded, resized and augmented in one channel), both in this process;
 - images/s of what extract's decode threads do per training image (``load_image`` + 5 augmented copies,
-  as ``extract._prepare_batch``), with ``--decode exact`` (today's default) and ``--decode fast`` (DCT-scaled
+  as ``compute.prepare_batch``), with ``--decode exact`` (today's default) and ``--decode fast`` (DCT-scaled
   JPEG decoding), on 1 thread and on every core;
 - where one image's time goes on one thread: reading the bytes, decoding at full size, decoding at the
   fast scale, the resize, and the augmentation of 5 copies.
