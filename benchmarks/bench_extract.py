@@ -52,7 +52,8 @@ def bench_speed(backbone: str, images: int, batch_size: int, image_size: int, ro
 
     from featcache.backbones import build_extractor, get_backbone_spec, load_backbone
     from featcache.config import ExtractConfig
-    from featcache.data import find_images, load_image
+    from featcache.data import find_images
+    from featcache.decode import load_image
     from featcache.compute import build_forward, pad
     from featcache.extract import _effective_precision, extract_features
 

@@ -60,12 +60,13 @@ def make_full_resolution(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def load_version(ref: str | None):
-    """(data, augment) modules: this tree's (``ref`` None), or ``featcache/data.py`` and ``augment.py`` as they
-    are at git ``ref``, loaded under other names beside them (the rest of featcache is this tree's)."""
+    """(decoding, augment) modules: this tree's ``decode`` and ``augment`` (``ref`` None), or ``featcache/data.py``
+    (where decoding lived then) and ``augment.py`` as they are at git ``ref``, loaded under other names beside
+    them (the rest of featcache is this tree's)."""
     if ref is None:
-        from featcache import augment, data
+        from featcache import augment, decode
 
-        return data, augment
+        return decode, augment
     modules = []
     for name in ("data", "augment"):
         source = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:featcache/{name}.py"], check=True,

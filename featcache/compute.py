@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from featcache.augment import augment_copies
 from featcache.config import ExtractConfig
-from featcache.data import load_image
+from featcache.decode import load_image
 from featcache.errors import DataError, FeatcacheError, ImageTooLargeError
 from featcache.partial import ShardPacker
 from featcache.replicas import make_forward, replica_devices

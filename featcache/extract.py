@@ -31,9 +31,9 @@ from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, ShardPac
 from featcache.shards import ShardStore, default_shard_rows
 from featcache.config import ExtractConfig
 from featcache.data import (
-    PATIENT_PATTERN, VAL_FRACTION, ImageRecord, find_images, hash_file, resize_settings,
-    read_split_registry, write_split_registry,
+    PATIENT_PATTERN, VAL_FRACTION, ImageRecord, find_images, hash_file, read_split_registry, write_split_registry,
 )
+from featcache.decode import resize_settings
 from featcache.dicom import DICOM_CONVERSION
 from featcache.errors import FeatcacheError, storage_error
 from featcache.gcpause import paused_gc, running_gc

@@ -13,13 +13,13 @@ import tensorflow as tf
 from PIL import Image
 
 from featcache.augment import AugmentSpec, _transform, augment_copies
-from featcache.data import JPEG_RATIOS, JPEG_SCALE_MARGIN, decode_bytes, decode_pixels, decode_rgb
+from featcache.decode import JPEG_RATIOS, JPEG_SCALE_MARGIN, decode_bytes, decode_pixels, decode_rgb
 
 COPIES = [1, 2, 3, 4, 5]
 
 
 def old_decode_and_resize(encoded: bytes, size: int, scaled: bool = False) -> np.ndarray:
-    """``data.decode_and_resize`` before the one-channel path: decode to RGB, resize three channels."""
+    """``decode.decode_and_resize`` before the one-channel path: decode to RGB, resize three channels."""
     if encoded[:3] == b"\xff\xd8\xff":
         ratio = 1
         if scaled:

@@ -36,7 +36,7 @@ def test_two_replicas_compute_the_features_of_one(dev_data, tmp_path):
     printed = _run("""
         import sys, numpy as np
         from featcache.backbones import build_extractor, get_backbone_spec, load_backbone
-        from featcache.data import load_image
+        from featcache.decode import load_image
         from featcache.replicas import make_forward
         spec = get_backbone_spec("tiny")
         extractor = build_extractor(spec, load_backbone(spec, 64, "random", 0), 64)
