@@ -25,7 +25,8 @@ from featcache.backbones import (
     build_extractor, check_image_size, describe_preprocessing, get_backbone_spec, hash_weights, load_backbone,
     resolve_image_size,
 )
-from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, cache_bytes, compute_fingerprint
+from featcache.cache import FORMAT_VERSION, CachePaths, cache_bytes, compute_fingerprint
+from featcache.cachewrite import CacheLock
 from featcache.compute import ComputeTiming, compute_batches
 from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, ShardPacker, assemble_cache, save_weights
 from featcache.shards import ShardStore, default_shard_rows

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_datasets, copy_subset
-from featcache.cache import ROW_DTYPES, list_caches, read_manifest
+from featcache.cache import list_caches, read_manifest
+from featcache.cachewrite import ROW_DTYPES
 from featcache.config import MAX_AUGMENT_COPIES, MAX_SEED, ExtractConfig
 from featcache.errors import FeatcacheError, StorageError
 from featcache.extract import extract_features, format_summary
