@@ -39,7 +39,7 @@ def main() -> None:
 def bench_decode(args) -> None:
     from datasets import dicom_variants, gray_sources
 
-    from featcache.data import load_image
+    from featcache.decode import load_image
 
     half = args.images // 2
     sources = gray_sources(args.data, "train", "NORMAL", half) + gray_sources(args.data, "train", "PNEUMONIA", half)

@@ -52,8 +52,10 @@ def bench_speed(backbone: str, images: int, batch_size: int, image_size: int, ro
 
     from featcache.backbones import build_extractor, get_backbone_spec, load_backbone
     from featcache.config import ExtractConfig
-    from featcache.data import find_images, load_image
-    from featcache.extract import _effective_precision, _make_forward, _pad, extract_features
+    from featcache.data import find_images
+    from featcache.decode import load_image
+    from featcache.compute import build_forward, pad
+    from featcache.extract import _effective_precision, extract_features
 
     work = Path(tempfile.mkdtemp(prefix="fc-bench-"))
     data = make_subset(work / "data", n_train=images // 2, n_test=images // 2)
@@ -64,9 +66,9 @@ def bench_speed(backbone: str, images: int, batch_size: int, image_size: int, ro
     precision = _effective_precision(precision)  # both sides compute alike: mixed + XLA on a GPU
     backbone_model = load_backbone(spec, image_size, "random", 0, mixed=precision == "mixed")
     extractor = build_extractor(spec, backbone_model, image_size)
-    forward = _make_forward(extractor)
+    forward = build_forward(extractor)
     started = time.perf_counter()
-    forward(_pad(np.stack(decoded[:batch_size]), batch_size))  # the bare side is timed after its trace
+    forward(pad(np.stack(decoded[:batch_size]), batch_size))  # the bare side is timed after its trace
     first_call = time.perf_counter() - started
     bare_rates, pipe_rates, steady_rates, wall_rates, fixed = [], [], [], [], []
     for round_ in range(rounds):
@@ -91,7 +93,7 @@ def bench_speed(backbone: str, images: int, batch_size: int, image_size: int, ro
                 batch_images = [decoded[i % len(decoded)] for i in range(rows)]
                 started = time.perf_counter()
                 for start in range(0, rows, batch_size):
-                    forward(_pad(np.stack(batch_images[start:start + batch_size]), batch_size))
+                    forward(pad(np.stack(batch_images[start:start + batch_size]), batch_size))
                 bare_rates.append(rows / (time.perf_counter() - started))
     shutil.rmtree(work, ignore_errors=True)
     best = lambda xs: max(xs)  # noqa: E731  best of rounds: the least disturbed measurement of each side

@@ -7,7 +7,7 @@ side by side in one process, alternating rounds so machine noise hits every side
 - the code of this tree ("now") beside the code at git ``--before`` ("before": e973cc1, before gray images were
   decoded, resized and augmented in one channel), both in this process;
 - images/s of what extract's decode threads do per training image (``load_image`` + 5 augmented copies,
-  as ``extract._prepare_batch``), with ``--decode exact`` (today's default) and ``--decode fast`` (DCT-scaled
+  as ``compute.prepare_batch``), with ``--decode exact`` (today's default) and ``--decode fast`` (DCT-scaled
   JPEG decoding), on 1 thread and on every core;
 - where one image's time goes on one thread: reading the bytes, decoding at full size, decoding at the
   fast scale, the resize, and the augmentation of 5 copies.
@@ -60,12 +60,13 @@ def make_full_resolution(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def load_version(ref: str | None):
-    """(data, augment) modules: this tree's (``ref`` None), or ``featcache/data.py`` and ``augment.py`` as they
-    are at git ``ref``, loaded under other names beside them (the rest of featcache is this tree's)."""
+    """(decoding, augment) modules: this tree's ``decode`` and ``augment`` (``ref`` None), or ``featcache/data.py``
+    (where decoding lived then) and ``augment.py`` as they are at git ``ref``, loaded under other names beside
+    them (the rest of featcache is this tree's)."""
     if ref is None:
-        from featcache import augment, data
+        from featcache import augment, decode
 
-        return data, augment
+        return decode, augment
     modules = []
     for name in ("data", "augment"):
         source = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:featcache/{name}.py"], check=True,

@@ -44,7 +44,7 @@ def main() -> None:
     import numpy as np
 
     import featcache.shards as shards_module
-    from featcache.cache import FileTable
+    from featcache.cachewrite import FileTable
     from featcache.checksums import check_dataset, read_checked
     from featcache.master import write_master
     from featcache.partial import ReusableCache

@@ -3,7 +3,7 @@
 The data: N copies of the dev X-rays (``../shared/data/chest_xray_dev``, small JPEGs, ~31 KB median),
 one patient each, 1 in 8 under ``test/``, in the Kermany layout. The cache: built once, in this process,
 by the real ``extract_features`` (tiny backbone, 32 px, random weights, no augmented copies, so rows =
-files) with one shortcut: the images are not decoded (``extract._prepare_batch`` hands the backbone blank
+files) with one shortcut: the images are not decoded (``compute.prepare_batch`` hands the backbone blank
 images), so the maps are synthetic but the files, hashes, split, shards, master and manifest are exactly
 what extract writes. Then, each a fresh ``python -m featcache extract`` process (the real CLI path), with
 its wall time and peak RSS (``wait4``):
@@ -71,13 +71,13 @@ def build_cache(data: Path, cache: Path, batch_size: int) -> None:
     """The cache of ``data`` by extract_features, with blank images instead of decoded ones (see above)."""
     import numpy as np
 
-    from featcache import extract
+    from featcache import compute, extract
     from featcache.config import ExtractConfig
 
     def blank_batch(root, rows, config, pool):
         return [np.zeros((config.image_size, config.image_size, 3), np.uint8)] * len(rows), list(rows), []
 
-    extract._prepare_batch = blank_batch
+    compute.prepare_batch = blank_batch
     config = ExtractConfig(data_dir=data, backbones=("tiny",), weights="random", augment_copies=0, image_size=32,
                            batch_size=batch_size, seed=0, cache_dir=cache, progress=False)
     (summary,) = extract.extract_features(config)

@@ -50,7 +50,8 @@ def synthetic_cache_path(cache_dir: Path, settings: dict) -> tuple[Path, str]:
 
 def write_full_scale_cache(cache_dir: Path, seed: int = 0) -> Path:
     """The synthetic full-scale cache; values are a weak class signal + noise (val AUC well below 1)."""
-    from featcache.cache import FORMAT_VERSION, CacheWriter, FileTable
+    from featcache.cache import FORMAT_VERSION
+    from featcache.cachewrite import CacheWriter, FileTable
 
     settings = {"benchmark": "train-head", "seed": seed, "n": [N_TRAIN, N_VAL, N_TEST, COPIES], "v": 2,
                 "format_version": FORMAT_VERSION}  # a cache of an older format is written again

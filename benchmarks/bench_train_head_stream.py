@@ -51,7 +51,8 @@ def split_counts(rows: int) -> tuple[int, int, int]:
 
 def write_cache(cache_dir: Path, rows: int, seed: int = 0) -> Path:
     """The synthetic cache of about ``rows`` rows (exactly, when the split counts allow), written once."""
-    from featcache.cache import FORMAT_VERSION, CacheWriter, FileTable
+    from featcache.cache import FORMAT_VERSION
+    from featcache.cachewrite import CacheWriter, FileTable
 
     n_train, n_val, n_test = split_counts(rows)
     settings = {"benchmark": "train-head-stream", "seed": seed, "n": [n_train, n_val, n_test, COPIES], "v": 1,

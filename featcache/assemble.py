@@ -2,7 +2,7 @@
 with the cache's weights -> the trained head; and the parity check that it computes, image for image,
 what the head computes on the cached features.
 
-Every piece is a definition extraction already uses (``data.decode_and_resize``,
+Every piece is a definition extraction already uses (``decode.decode_and_resize``,
 ``backbones.build_extractor``, ``backbones.load_cached_backbone``), so parity holds by construction and
 the check guards it.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones import build_extractor, get_backbone_spec, hash_weights, load_cached_backbone
-from featcache.data import RESIZE, resize_settings
+from featcache.decode import RESIZE, resize_settings
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.integrity import load_keras_checked
 
@@ -82,7 +82,7 @@ def assemble_model(cache_path: str | Path, record: dict, manifest: dict) -> EndT
     Raises:
         WeightsError: the backbone weights are gone or no longer hash to the manifest's.
         CacheMismatchError: the head does not fit the cache's feature shape, or the cache was decoded
-            another way than ``data.decode_and_resize`` decodes now.
+            another way than ``decode.decode_and_resize`` decodes now.
     """
     import keras
 
@@ -96,7 +96,7 @@ def assemble_model(cache_path: str | Path, record: dict, manifest: dict) -> EndT
 
 
 def check_decoding(cache_path: str | Path, manifest: dict) -> None:
-    """Refuse a cache whose images were decoded or resized otherwise than ``data.resize_settings`` says now: its
+    """Refuse a cache whose images were decoded or resized otherwise than ``decode.resize_settings`` says now: its
     features are not what the end-to-end model computes (an older featcache decoded JPEG less accurately).
 
     Raises:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.data import scaled_decode
+from featcache.decode import scaled_decode
 from featcache.patients import pattern_of_rule
 from featcache.reports import MACRO, format_ci as _ci, format_value as _num, markdown_table
 

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from featcache.data import MAX_PIXELS
+from featcache.decode import MAX_PIXELS
 from featcache.errors import FeatcacheError
 from featcache.tflog import quiet_tensorflow_startup
 

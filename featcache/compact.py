@@ -21,9 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.cache import (
-    PARTIAL_SUFFIX, ROW_FIELDS, SHARDS_SUFFIX, CacheLock, CacheWriter, FileTable, list_caches, open_cache,
-)
+from featcache.cache import PARTIAL_SUFFIX, SHARDS_SUFFIX, list_caches, open_cache
+from featcache.cachewrite import ROW_FIELDS, CacheLock, CacheWriter, FileTable
 from featcache.checksums import H5_ERRORS, STREAM_BYTES, CheckedRows, read_checked
 from featcache.errors import FeatcacheError
 from featcache.integrity import first_line

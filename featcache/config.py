@@ -8,7 +8,7 @@ from pathlib import Path
 
 from featcache.applications import registry_key
 from featcache.augment import AugmentSpec
-from featcache.data import DECODES, MAX_PIXELS
+from featcache.decode import DECODES, MAX_PIXELS
 from featcache.errors import FeatcacheError
 from featcache.labels import UNCERTAIN_POLICIES
 from featcache.patients import check_patient_pattern
@@ -56,7 +56,7 @@ class ExtractConfig:
         shard_rows: rows per shard file, or None for about 64 MiB of maps (``shards.default_shard_rows``);
             not a feature setting: any value gives the same cache.
         decode: ``exact`` (the reference's pixels) or ``fast`` (JPEGs decoded at a reduced DCT scale first,
-            ``data.FAST_DECODE``); recorded in the manifest, so evaluate, export and predict decode the same way.
+            ``decode.FAST_DECODE``); recorded in the manifest, so evaluate, export and predict decode the same way.
         engine: ``local`` (this process) or ``ray`` (a Ray Data actor pool, ``featcache.ray_engine``); not a
             feature setting: either gives the same cache.
         ray_address: the Ray cluster to join (``auto``: the one ``ray start`` began here; None: start a local one).

@@ -59,7 +59,7 @@ def dicom_patient_id(path: str | Path) -> str | None:
 
 def dicom_to_gray(encoded: bytes, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
     """The pixels of a DICOM file as (h, w, c) uint8, converted as the module says: c = 1 for a gray image
-    (MONOCHROME1/2; repeated to three channels after the resize, as ``data.decode_and_resize`` does), c = 3 RGB.
+    (MONOCHROME1/2; repeated to three channels after the resize, as ``decode.decode_and_resize`` does), c = 3 RGB.
 
     Raises:
         ImageTooLargeError: more than ``max_pixels`` pixels by the header (nothing decoded).

@@ -24,7 +24,7 @@ from featcache import __version__
 from featcache.assemble import EndToEnd, assemble_model, check_parity, predict_padded
 from featcache.cache import find_cache, list_caches
 from featcache.config import EvaluateConfig
-from featcache.data import scaled_decode
+from featcache.decode import scaled_decode
 from featcache.errors import FeatcacheError
 from featcache.integrity import check_plain_name, load_json
 from featcache.calibration import calibration_with_intervals

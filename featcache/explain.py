@@ -147,7 +147,7 @@ def explain_maps(assembled, data_dir: Path, paths: list[str], labels: np.ndarray
     """Heatmaps of cached maps with the raw images (from ``data_dir``) for the overlays; an unreadable raw file
     keeps its heatmap and is listed (no overlay). ``target``: the class index to explain (multi-class heads;
     None: each image's predicted class)."""
-    from featcache.data import load_image, scaled_decode
+    from featcache.decode import load_image, scaled_decode
 
     manifest, record = assembled.manifest, assembled.record
     heatmaps, probs = gradcam(assembled.head, maps, target=target)
@@ -239,7 +239,7 @@ def explain_files(inputs: list[Path], model_dir: Path, max_file_mb: float = 64.0
         FeatcacheError, DamagedFileError: ``model_dir`` is not an untouched export.
         DataError: no input could be read.
     """
-    from featcache.data import decode_bytes, scaled_decode
+    from featcache.decode import decode_bytes, scaled_decode
     from featcache.integrity import load_keras_checked
     from featcache.modelcard import CARD_FILE, KERAS_FILE, read_card
     from featcache.predict import FIX, find_inputs, read_regular_file

@@ -19,7 +19,8 @@ from featcache import __version__
 from featcache.assemble import EndToEnd, assemble_model, predict_images
 from featcache.cache import find_cache
 from featcache.cardtext import data_summary, extract_command, render_model_card
-from featcache.data import MAX_PIXELS, decode_and_resize, decode_bytes, hash_file, scaled_decode
+from featcache.data import hash_file
+from featcache.decode import MAX_PIXELS, decode_and_resize, decode_bytes, scaled_decode
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.evaluate import REPORT_FILE, read_report, read_selection
 from featcache.config import ExportConfig
@@ -146,7 +147,7 @@ def write_saved_model(model, path: Path, image_size: int, threshold: float, clas
     colour) as ``image_bytes`` (shape (None,), tf.string) and returns ``probability`` (None,) float32 of
     ``class_names[1]`` and ``label`` (None,) tf.string at ``threshold``.
 
-    Decoding and resizing are ``data.decode_and_resize``, the very function extraction used (``scaled``: the
+    Decoding and resizing are ``decode.decode_and_resize``, the very function extraction used (``scaled``: the
     cache was extracted with ``--decode fast``).
 
     A multi-class model (three or more ``class_names``) returns (None, k) probabilities and the argmax class; a

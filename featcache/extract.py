@@ -1,22 +1,18 @@
 """Orchestration of ``featcache extract``: images -> augment -> backbone batches -> cache.
 
-Decoding and augmentation run in a thread pool ahead of the backbone, finished batches are
+Decoding and augmentation run in a thread pool ahead of the backbone (``compute``), finished batches are
 written by a background thread, and the cache file is assembled once every row exists.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
 import dataclasses
 import datetime
 import glob
-import hashlib
 import logging
 import os
-import queue
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,25 +21,25 @@ import numpy as np
 from tqdm import tqdm
 
 from featcache import __version__
-from featcache.augment import augment_copies
 from featcache.backbones import (
     build_extractor, check_image_size, describe_preprocessing, get_backbone_spec, hash_weights, load_backbone,
     resolve_image_size,
 )
-from featcache.cache import FORMAT_VERSION, CacheLock, CachePaths, cache_bytes, compute_fingerprint
+from featcache.cache import FORMAT_VERSION, CachePaths, cache_bytes, compute_fingerprint
+from featcache.cachewrite import CacheLock
+from featcache.compute import ComputeTiming, compute_batches
 from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, ShardPacker, assemble_cache, save_weights
 from featcache.shards import ShardStore, default_shard_rows
 from featcache.config import ExtractConfig
 from featcache.data import (
-    PATIENT_PATTERN, VAL_FRACTION, ImageRecord, find_images, hash_file, load_image, resize_settings,
-    read_split_registry, write_split_registry,
+    PATIENT_PATTERN, VAL_FRACTION, ImageRecord, find_images, hash_file, read_split_registry, write_split_registry,
 )
+from featcache.decode import resize_settings
 from featcache.dicom import DICOM_CONVERSION
-from featcache.errors import DataError, FeatcacheError, ImageTooLargeError, storage_error
+from featcache.errors import FeatcacheError, storage_error
 from featcache.gcpause import paused_gc, running_gc
 from featcache.hashcache import HashCache, stat_keys
 from featcache.labels import read_label_file
-from featcache.replicas import make_forward, replica_devices
 from featcache.labelset import find_labeled_images
 from featcache.patients import describe_patients
 from featcache.uptodate import nothing_to_do, plan_rows
@@ -250,7 +246,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
 
                 timing, bad = compute_shards(config, folder.root, spec, backbone, precision, missing, packer)
             else:
-                timing, bad = _compute_batches(config, folder.root, extractor, missing, packer)
+                timing, bad = compute_batches(config, folder.root, extractor, missing, packer)
         skipped += bad
         bad_paths = {s["path"] for s in bad}
         rows = wanted.select(~np.isin(wanted.file, [i for i, f in enumerate(good) if f.record.path in bad_paths])
@@ -358,174 +354,6 @@ def _feature_settings(config: ExtractConfig, spec, weights_sha256: str, precisio
     if folder.dicom:
         settings["dicom"] = DICOM_CONVERSION
     return settings
-
-
-def _plan_batches(missing: list, batch_size: int) -> list[tuple[str, list]]:
-    """Fixed batches in canonical order; the id hashes the rows, so a resumed run finds them again."""
-    batches = []
-    for start in range(0, len(missing), batch_size):
-        rows = missing[start:start + batch_size]
-        key = "\n".join(f"{f.record.path}|{f.sha256}|{k}" for f, k in rows)
-        batches.append((hashlib.sha256(key.encode()).hexdigest()[:20], rows))
-    return batches
-
-
-def _prepare_batch(root: Path, rows: list, config: ExtractConfig, pool: cf.Executor):
-    """Decode and augment the images of one batch; files that fail to decode are dropped and reported."""
-    by_file: dict[str, list] = {}
-    for f, k in rows:
-        by_file.setdefault(f.record.path, []).append((f, k))
-
-    def load(group):
-        f = group[0][0]
-        try:
-            image = load_image(root / f.record.path, config.image_size, config.max_pixels, config.decode == "fast")
-        except DataError as exc:
-            return f, None, exc
-        copies = [k for _, k in group if k > 0]
-        augmented = iter(augment_copies(image, copies, config.seed, f.sha256, config.augment) if copies else [])
-        return f, [image if k == 0 else next(augmented) for _, k in group], None
-
-    images, kept, bad = [], [], []
-    for (f, copies, error), group in zip(pool.map(load, by_file.values()), by_file.values()):
-        if error:
-            pixels = {"pixels": error.pixels} if isinstance(error, ImageTooLargeError) else {}
-            bad.append({"path": f.record.path, "sha256": f.sha256, "error": str(error), **pixels})
-            continue
-        images.extend(copies)
-        kept.extend(group)
-    return images, kept, bad
-
-
-@dataclass
-class ComputeTiming:
-    """Seconds of the backbone phase; the first batch also pays the trace and graph optimisation."""
-
-    seconds: float = 0.0
-    first_batch_seconds: float = 0.0
-    first_batch_rows: int = 0
-
-    def rate(self, rows: int) -> float:
-        return rows / self.seconds if self.seconds > 0 else 0.0
-
-    def steady_rate(self, rows: int) -> float:
-        """Rows per second after the first batch (the one-time trace excluded)."""
-        rest = self.seconds - self.first_batch_seconds
-        return (rows - self.first_batch_rows) / rest if rest > 0 and rows > self.first_batch_rows else 0.0
-
-
-def _compute_batches(config, root, extractor, missing, store: ShardPacker) -> tuple[ComputeTiming, list[dict]]:
-    """Run the backbone over the missing rows; each finished batch goes to ``store`` (which packs shards)."""
-    timing = ComputeTiming()
-    if not missing:
-        return timing, []
-    forward = _make_forward(extractor)
-    batches = _plan_batches(missing, config.batch_size)
-    prepared: queue.Queue = queue.Queue(maxsize=max(2, forward.replicas + 1))
-    stop = threading.Event()
-    failed: list[BaseException] = []
-    bad: list[dict] = []
-    producer = threading.Thread(target=_produce, args=(batches, root, config, prepared, stop, failed), daemon=True,
-                                name="featcache-decode")
-    producer.start()
-    started = time.perf_counter()
-    bar = tqdm(total=len(missing), unit="img", desc=extractor.name.replace("_extractor", ""),
-               disable=not config.progress, dynamic_ncols=True)
-    try:
-        with cf.ThreadPoolExecutor(max_workers=1) as writer:
-            pending: list[cf.Future] = []
-            computing: collections.deque = collections.deque()  # (future, batch_id, kept): one per replica at most
-
-            def finish(future, batch_id, kept):
-                maps, pooled = future.result()
-                maps, pooled = maps[:len(kept)], pooled[:len(kept)]
-                if not timing.first_batch_rows:
-                    timing.first_batch_seconds, timing.first_batch_rows = time.perf_counter() - started, len(kept)
-                pending.append(writer.submit(
-                    store.write, batch_id, maps.astype(config.dtype), pooled,
-                    [f.record.path for f, _ in kept], [f.sha256 for f, _ in kept], np.array([k for _, k in kept]),
-                ))
-
-            while (item := prepared.get()) is not None:
-                batch_id, planned, images, kept, batch_bad = item
-                bad.extend(batch_bad)
-                if kept:
-                    computing.append((forward.submit(_pad(np.stack(images), config.batch_size)), batch_id, kept))
-                while computing and (len(computing) >= forward.replicas or computing[0][0].done()):
-                    finish(*computing.popleft())  # in batch order
-                for done in [p for p in pending if p.done()] + pending[:-2]:
-                    done.result()  # surface write errors; keep at most two writes in flight
-                pending = [p for p in pending if not p.done()]
-                bar.update(planned)
-            while computing:
-                finish(*computing.popleft())
-            for p in pending:
-                p.result()
-        if failed:
-            raise failed[0]
-    except Exception as exc:
-        if _is_out_of_memory(exc):
-            raise FeatcacheError(
-                f"Out of memory at --image-size {config.image_size} with --batch-size {config.batch_size}; use a "
-                f"smaller --image-size or --batch-size. Received: image_size={config.image_size}, "
-                f"batch_size={config.batch_size}"
-            ) from None
-        raise
-    finally:
-        stop.set()
-        bar.close()
-        forward.close()
-        producer.join(timeout=10)  # it stops after its current batch
-    timing.seconds = time.perf_counter() - started
-    return timing, bad
-
-
-def _produce(batches, root, config, prepared: queue.Queue, stop: threading.Event, failed: list) -> None:
-    """Decode and augment batch after batch into ``prepared``, then put the end marker (None).
-
-    Whatever happens, the consumer gets its end marker: a producer that died silently left extract
-    waiting forever. An exception is handed over in ``failed``, for the consumer to re-raise.
-    """
-    try:
-        with cf.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
-            for batch_id, rows in batches:
-                if stop.is_set():
-                    return
-                _put(prepared, (batch_id, len(rows), *_prepare_batch(root, rows, config, pool)), stop)
-    except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
-        failed.append(exc)
-    finally:
-        _put(prepared, None, stop)
-
-
-def _put(prepared: queue.Queue, item, stop: threading.Event) -> None:
-    """Hand ``item`` to the consumer, unless it has stopped listening."""
-    while not stop.is_set():
-        try:
-            prepared.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import tensorflow as tf
-
-    return isinstance(exc, (MemoryError, tf.errors.ResourceExhaustedError))
-
-
-def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Pad a short batch with blank images: one input shape means one trace (and one XLA compile), and
-    a row's features never depend on how full its batch was."""
-    if len(images) == batch_size:
-        return images
-    blank = np.zeros((batch_size - len(images), *images.shape[1:]), images.dtype)
-    return np.concatenate([images, blank])
-
-
-def _make_forward(extractor):
-    """A compiled ``images -> (maps, pooled)``: one backbone replica per visible GPU (``replicas``)."""
-    return make_forward(extractor, replica_devices())
 
 
 def _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision, feature_shape) -> dict:

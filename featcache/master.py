@@ -20,9 +20,8 @@ import h5py
 import numpy as np
 from h5py import h5s
 
-from featcache.cache import (
-    FORMAT_VERSION, ROW_DTYPES, ROW_FIELDS, STR, FileTable, _text_sha256, atomic_h5,
-)
+from featcache.cache import FORMAT_VERSION, text_sha256
+from featcache.cachewrite import ROW_DTYPES, ROW_FIELDS, STR, FileTable, atomic_h5
 from featcache.checksums import BY_ROW, H5_ERRORS, Digests, dataset_records
 from featcache.errors import DamagedFileError
 from featcache.integrity import first_line
@@ -90,7 +89,7 @@ def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]]
                                for rel, (rec, seal) in zip(relative, records)]}
         text = json.dumps(manifest, sort_keys=True, default=str)
         handle.attrs["manifest"] = text
-        handle.attrs["manifest_sha256"] = _text_sha256(text)
+        handle.attrs["manifest_sha256"] = text_sha256(text)
         handle.attrs["format_version"] = FORMAT_VERSION
         handle.attrs["fingerprint"] = manifest["fingerprint"]
         handle.attrs["complete"] = True

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import CachePaths, FileTable, open_cache
+from featcache.cache import CachePaths, open_cache
+from featcache.cachewrite import FileTable
 from featcache.checksums import check_dataset, read_checked
 from featcache.data import SPLIT_CODES
 from featcache.errors import FeatcacheError, storage_error

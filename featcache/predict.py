@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from featcache.assemble import predict_padded
 from featcache.config import check_max_pixels
-from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, decode_bytes, scaled_decode
+from featcache.data import IMAGE_EXTENSIONS
+from featcache.decode import MAX_PIXELS, decode_bytes, scaled_decode
 from featcache.errors import DataError
 from featcache.integrity import load_keras_checked
 from featcache.modelcard import CARD_FILE, KERAS_FILE, read_card

@@ -1,7 +1,7 @@
 """``featcache extract --engine ray``: the backbone in a Ray actor pool, one shard file per actor call.
 
 The driver (``extract._extract_backbone``) plans exactly as the local engine does: the same missing rows
-in the same canonical order, cut into the same fixed batches (``extract._plan_batches``). This module
+in the same canonical order, cut into the same fixed batches (``compute.plan_batches``). This module
 groups those batches into shards the way ``ShardPacker`` does (whole batches until ``shard_rows`` rows)
 and turns the shard plan into a Ray Dataset, one row per shard:
 
@@ -137,7 +137,7 @@ def pool_resources(resources: dict, actors: int | None, decode: str | None = Non
 
 
 def compute_shards(config, root: Path, spec, backbone, precision: str, missing: list, packer):
-    """The Ray engine's ``extract._compute_batches``: compute ``missing`` rows into whole shard files.
+    """The Ray engine's ``compute.compute_batches``: compute ``missing`` rows into whole shard files.
 
     Args:
         config: the extract settings (``ray_actors`` read here).
@@ -150,7 +150,7 @@ def compute_shards(config, root: Path, spec, backbone, precision: str, missing: 
         ``(ComputeTiming, bad files)`` like the local engine.
     """
     from featcache.backbones import hash_weights
-    from featcache.extract import ComputeTiming, _plan_batches
+    from featcache.compute import ComputeTiming, plan_batches
 
     timing = ComputeTiming()
     if not missing:
@@ -158,7 +158,7 @@ def compute_shards(config, root: Path, spec, backbone, precision: str, missing: 
     ray = import_ray()
     resources = connect(config.ray_address)
     pool = pool_resources(resources, config.ray_actors)
-    plan = plan_shards(_plan_batches(missing, config.batch_size), packer.shard_rows)
+    plan = plan_shards(plan_batches(missing, config.batch_size), packer.shard_rows)
     items = [{"shard": i, "batches": json.dumps([[[f.record.path, f.sha256, int(k)] for f, k in rows]
                                                  for _, rows in batches])}
              for i, batches in enumerate(plan)]
@@ -214,15 +214,15 @@ def _featcache_cause(exc: BaseException) -> FeatcacheError | None:
 
 def _decode(batch: dict, root: str, config) -> dict:
     """Ray task: decode and augment the images of one planned shard, batch by batch, exactly as the local
-    engine's ``_prepare_batch`` does (it is that function); files that fail are reported, not raised."""
-    from featcache.extract import _prepare_batch
+    engine's ``compute.prepare_batch`` does (it is that function); files that fail are reported, not raised."""
+    from featcache.compute import prepare_batch
 
     planned = json.loads(batch["batches"][0])
     images, kept_batches, bad = [], [], []
     with cf.ThreadPoolExecutor(DECODE_THREADS) as pool:
         for rows in planned:
             rows = [(SimpleNamespace(record=SimpleNamespace(path=p), sha256=s), k) for p, s, k in rows]
-            batch_images, kept, batch_bad = _prepare_batch(Path(root), rows, config, pool)
+            batch_images, kept, batch_bad = prepare_batch(Path(root), rows, config, pool)
             images += batch_images
             kept_batches.append([[f.record.path, f.sha256, k] for f, k in kept])
             bad += batch_bad
@@ -239,7 +239,7 @@ class ShardWriter:
                  weights: list, weights_sha256: str, folder: str, fingerprint: str, batch_size: int, dtype: str,
                  compression: str | None):
         from featcache.backbones import build_extractor, get_backbone_spec, hash_weights, load_backbone
-        from featcache.extract import _make_forward
+        from featcache.compute import build_forward
 
         spec = get_backbone_spec(backbone)
         model = load_backbone(spec, image_size, "random", seed, mixed=mixed)  # the architecture; weights follow
@@ -251,12 +251,12 @@ class ShardWriter:
         if hash_weights(model) != weights_sha256:
             raise WeightsError(f"The Ray actor's {spec.name} weights differ from the driver's (hash "
                                f"{hash_weights(model)[:12]}). Received: weights_sha256={weights_sha256[:12]}")
-        self.forward = _make_forward(build_extractor(spec, model, image_size, feature_layer))
+        self.forward = build_forward(build_extractor(spec, model, image_size, feature_layer))
         self.folder, self.fingerprint = Path(folder), fingerprint
         self.batch_size, self.dtype, self.compression = batch_size, dtype, compression
 
     def __call__(self, batch: dict) -> dict:
-        from featcache.extract import _pad
+        from featcache.compute import pad
         from featcache.shards import write_shard
 
         images, kept_batches = batch["images"][0], json.loads(batch["kept"][0])
@@ -264,7 +264,7 @@ class ShardWriter:
         for kept in kept_batches:
             if not kept:
                 continue
-            batch_maps, batch_pooled = self.forward(_pad(images[start:start + len(kept)], self.batch_size))
+            batch_maps, batch_pooled = self.forward(pad(images[start:start + len(kept)], self.batch_size))
             maps.append(batch_maps[:len(kept)].astype(self.dtype))
             pooled.append(batch_pooled[:len(kept)])
             keys += [(p, s, int(k)) for p, s, k in kept]

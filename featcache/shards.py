@@ -32,7 +32,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.cache import INCOMPLETE_SUFFIX, POOLED_CHUNK_ROWS, STR, atomic_h5, chunk_rows
+from featcache.cache import INCOMPLETE_SUFFIX, POOLED_CHUNK_ROWS
+from featcache.cachewrite import STR, atomic_h5, chunk_rows
 from featcache.checksums import H5_ERRORS, row_content_digests
 from featcache.errors import DamagedFileError
 from featcache.integrity import array_bytes, first_line

@@ -16,7 +16,8 @@ import numpy as np
 
 from featcache.cache import is_multilabel, open_cache, read_manifest
 from featcache.checksums import CheckedRows, read_checked
-from featcache.data import IMAGE_EXTENSIONS, MAX_PIXELS, SPLIT_CODES, decode_bytes
+from featcache.data import IMAGE_EXTENSIONS, SPLIT_CODES
+from featcache.decode import MAX_PIXELS, decode_bytes
 from featcache.errors import CacheMismatchError, DataError
 
 log = logging.getLogger(__name__)

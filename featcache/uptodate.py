@@ -18,7 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.cache import INCOMPLETE_SUFFIX, CacheLock, CachePaths
+from featcache.cache import INCOMPLETE_SUFFIX, CachePaths
+from featcache.cachewrite import CacheLock
 from featcache.checksums import H5_ERRORS
 from featcache.errors import FeatcacheError
 from featcache.partial import CacheRows, ReusableCache

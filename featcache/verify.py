@@ -275,7 +275,7 @@ def _agreement(model, serving: dict, card: dict, folder: Path) -> str:
     import tensorflow as tf
 
     from featcache.assemble import predict_images
-    from featcache.data import decode_bytes, scaled_decode
+    from featcache.decode import decode_bytes, scaled_decode
     from featcache.export import synthetic_images
 
     encoded = synthetic_images(card["image_size"])

@@ -130,7 +130,8 @@ def write_synthetic_cache(cache_dir: Path, backbone: str = "tiny", *, n_train: i
     features (large per-channel offsets, tiny spread), as random-weight backbones give.
     About 30 % of images are NORMAL (label 0), as in the Kermany data.
     """
-    from featcache.cache import FORMAT_VERSION, CachePaths, CacheWriter, FileTable, compute_fingerprint
+    from featcache.cache import FORMAT_VERSION, CachePaths, compute_fingerprint
+    from featcache.cachewrite import CacheWriter, FileTable
 
     rng = np.random.default_rng(seed)
     h, w, c = feature_shape

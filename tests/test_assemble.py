@@ -15,7 +15,8 @@ from featcache.assemble import (
     predict_images,
 )
 from featcache.cache import open_cache, read_rows
-from featcache.data import hash_file, load_image
+from featcache.data import hash_file
+from featcache.decode import load_image
 from featcache.errors import CacheMismatchError, FeatcacheError, WeightsError
 from featcache.runs import check_head_matches_cache, load_head_record
 

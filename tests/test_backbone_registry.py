@@ -15,7 +15,7 @@ from featcache.backbones import (
 )
 from featcache.cache import compute_fingerprint, list_caches, open_cache, read_manifest
 from featcache.config import ExtractConfig
-from featcache.data import load_image
+from featcache.decode import load_image
 from featcache.errors import FeatcacheError
 from featcache.extract import _feature_settings
 from featcache.feature_layers import feature_layer_choices, select_feature_layer

@@ -8,11 +8,7 @@ from conftest import corrupt_chunks
 
 from featcache.cache import (
     FORMAT_VERSION,
-    CacheLock,
     CachePaths,
-    CacheWriter,
-    FileTable,
-    chunk_rows,
     compute_fingerprint,
     find_cache,
     list_caches,
@@ -20,6 +16,12 @@ from featcache.cache import (
     open_cache,
     read_manifest,
     read_rows,
+)
+from featcache.cachewrite import (
+    CacheLock,
+    CacheWriter,
+    FileTable,
+    chunk_rows,
 )
 from featcache.checksums import DATASETS, CheckedRows, read_checked
 from featcache.errors import CacheLockedError, CacheMismatchError, DamagedFileError, FeatcacheError, IncompleteCacheError

@@ -5,7 +5,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from featcache.cache import CacheLock
+from featcache.cachewrite import CacheLock
 from featcache.cli import app
 
 runner = CliRunner()

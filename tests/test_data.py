@@ -7,13 +7,15 @@ import pytest
 from conftest import write_png
 
 from featcache.data import (
-    decode_bytes,
     find_images,
-    load_image,
     patient_id,
     read_split_registry,
     split_patients,
     write_split_registry,
+)
+from featcache.decode import (
+    decode_bytes,
+    load_image,
 )
 from featcache.errors import DamagedFileError, DataError
 

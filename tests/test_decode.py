@@ -1,4 +1,4 @@
-"""``data.decode_and_resize`` and its helpers: the same pixels as Pillow (what Keras's ``load_img`` and the
+"""``decode.decode_and_resize`` and its helpers: the same pixels as Pillow (what Keras's ``load_img`` and the
 reference's ``flow_from_directory`` read), hostile images, the decode version in the fingerprint."""
 
 import io
@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from featcache.data import RESIZE, decode_bytes, decode_rgb
+from featcache.decode import RESIZE, decode_bytes, decode_rgb
 
-# What data.RESIZE said before the accurate JPEG decode (featcache 0.1.0, decode version 1).
+# What decode.RESIZE said before the accurate JPEG decode (featcache 0.1.0, decode version 1).
 OLD_RESIZE = {
     "decode": "tf.io.decode_image(channels=3, dtype=uint8)",
     "method": "bilinear",
@@ -113,28 +113,28 @@ def test_the_decode_version_is_hashed_into_the_fingerprint(extract_config, small
     another file."""
     from dataclasses import replace
 
-    from featcache import data, extract
+    from featcache import decode, extract
     from featcache.backbones import get_backbone_spec
     from featcache.cache import compute_fingerprint
 
     config, spec = extract_config(small_xrays), get_backbone_spec("tiny")
     new = compute_fingerprint(extract._feature_settings(config, spec, "0" * 64, "float32"))
     fast = compute_fingerprint(extract._feature_settings(replace(config, decode="fast"), spec, "0" * 64, "float32"))
-    monkeypatch.setattr(data, "RESIZE", OLD_RESIZE)
+    monkeypatch.setattr(decode, "RESIZE", OLD_RESIZE)
     old = compute_fingerprint(extract._feature_settings(config, spec, "0" * 64, "float32"))
-    monkeypatch.setattr(data, "RESIZE", {**RESIZE, "decode_version": RESIZE["decode_version"] + 1})
+    monkeypatch.setattr(decode, "RESIZE", {**RESIZE, "decode_version": RESIZE["decode_version"] + 1})
     bumped = compute_fingerprint(extract._feature_settings(config, spec, "0" * 64, "float32"))
     assert len({new, fast, old, bumped}) == 4
 
 
 def test_an_old_decode_cache_is_not_reused_and_not_assembled(extract_config, small_xrays, monkeypatch):
-    from featcache import data, extract
+    from featcache import decode, extract
     from featcache.assemble import check_decoding
     from featcache.cache import read_manifest
     from featcache.errors import CacheMismatchError
 
     with monkeypatch.context() as patch:
-        patch.setattr(data, "RESIZE", OLD_RESIZE)
+        patch.setattr(decode, "RESIZE", OLD_RESIZE)
         (old,) = extract.extract_features(extract_config(small_xrays, augment_copies=0))
     (new,) = extract.extract_features(extract_config(small_xrays, augment_copies=0))
     assert new.cache_path != old.cache_path and old.cache_path.is_file()
@@ -169,7 +169,7 @@ def gray_png(width: int, height: int) -> bytes:
 
 
 def test_a_decompression_bomb_is_refused_from_its_header():
-    from featcache.data import MAX_PIXELS
+    from featcache.decode import MAX_PIXELS
     from featcache.errors import ImageTooLargeError
 
     bomb = png_bomb()
@@ -205,7 +205,7 @@ def test_the_limit_is_inclusive_and_overridable():
 
 
 def test_header_sizes_agree_with_pillow(dev_data):
-    from featcache.data import encoded_image_size
+    from featcache.decode import encoded_image_size
 
     samples = [f.read_bytes() for f in sorted(dev_data.rglob("*.jpeg"))[::40]] + list(HOSTILE.values())
     samples += [gray_png(3, 5), png_bomb(70_001, 3)]
@@ -293,7 +293,7 @@ def _big_jpeg(dev_data, size: tuple[int, int], index: int = 0) -> bytes:
 
 
 def test_fast_decode_picks_the_largest_dct_scale_that_keeps_twice_the_target(dev_data):
-    from featcache.data import resize_square
+    from featcache.decode import resize_square
 
     encoded = _big_jpeg(dev_data, (1200, 1000))  # shorter side 1000: at 64 px 1/4 keeps 250 >= 128, 1/8 (125) does not
     direct = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE", ratio=4)

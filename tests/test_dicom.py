@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from datasets import dicom_variants, gray_sources, jpeg_gray, write_csv, write_dicom
 
-from featcache.data import decode_bytes, load_image
+from featcache.decode import decode_bytes, load_image
 from featcache.dicom import dicom_patient_id, dicom_to_gray, is_dicom_file
 from featcache.errors import DataError, ImageTooLargeError
 

@@ -198,7 +198,7 @@ def _whole_arrays(cache):
     evaluate held before it streamed."""
     import h5py
 
-    from featcache.data import decode_bytes
+    from featcache.decode import decode_bytes
 
     with h5py.File(cache, "r") as handle:
         manifest = json.loads(handle.attrs["manifest"])

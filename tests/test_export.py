@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pipeline import copy_run, dev_pipeline, run_cli
 
-from featcache.data import load_image
+from featcache.decode import load_image
 from featcache.errors import FeatcacheError
 
 N = 10

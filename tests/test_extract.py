@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_datasets, copy_subset
-from featcache.cache import CacheLock, list_caches, open_cache, read_manifest
+from featcache.cache import list_caches, open_cache, read_manifest
+from featcache.cachewrite import CacheLock
 from featcache.errors import CacheLockedError
 from featcache.extract import extract_features
 

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_datasets, copy_subset
-from featcache.cache import ROW_DTYPES, list_caches, read_manifest
+from featcache.cache import list_caches, read_manifest
+from featcache.cachewrite import ROW_DTYPES
 from featcache.config import MAX_AUGMENT_COPIES, MAX_SEED, ExtractConfig
 from featcache.errors import FeatcacheError, StorageError
 from featcache.extract import extract_features, format_summary
@@ -280,13 +281,13 @@ def test_damaged_batch_files_are_recomputed(data, clean, tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("where", ["decode", "augment", "writer"])
 def test_a_failing_worker_thread_ends_the_run_instead_of_hanging(data, tmp_path, monkeypatch, where):
-    import featcache.extract
+    import featcache.compute
     from featcache.partial import BatchStore
 
     def broken(*args, **kwargs):
         raise RuntimeError(f"injected {where} fault")
 
-    target = {"decode": (featcache.extract, "load_image"), "augment": (featcache.extract, "augment_copies"),
+    target = {"decode": (featcache.compute, "load_image"), "augment": (featcache.compute, "augment_copies"),
               "writer": (BatchStore, "write")}[where]
     monkeypatch.setattr(*target, broken)
     _, error = _in_thread(lambda: extract_features(_config(data, tmp_path / "cache")))
@@ -298,12 +299,12 @@ def test_out_of_memory_in_a_worker_is_one_line(data, tmp_path, monkeypatch):
     """As ``--image-size 100000`` did: ResourceExhaustedError in the decode thread used to hang extract."""
     import tensorflow as tf
 
-    import featcache.extract
+    import featcache.compute
 
     def exhausted(*args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[100000,100000,3]")
 
-    monkeypatch.setattr(featcache.extract, "load_image", exhausted)
+    monkeypatch.setattr(featcache.compute, "load_image", exhausted)
     _, error = _in_thread(lambda: extract_features(_config(data, tmp_path / "cache")))
     assert isinstance(error, FeatcacheError), repr(error)
     assert str(error).startswith("Out of memory at --image-size 192") and "Received:" in str(error)

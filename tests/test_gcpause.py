@@ -33,7 +33,7 @@ def test_the_collectors_state_is_restored_even_on_errors():
 
 def test_extract_pauses_it_for_the_scan_and_runs_it_while_computing(small_xrays, extract_config, monkeypatch):
     seen = {}
-    hash_files, compute = extract._hash_files, extract._compute_batches
+    hash_files, compute = extract._hash_files, extract.compute_batches
 
     def hashing(*args, **kwargs):
         seen["hashing"] = gc.isenabled()
@@ -44,6 +44,6 @@ def test_extract_pauses_it_for_the_scan_and_runs_it_while_computing(small_xrays,
         return compute(*args, **kwargs)
 
     monkeypatch.setattr(extract, "_hash_files", hashing)
-    monkeypatch.setattr(extract, "_compute_batches", computing)
+    monkeypatch.setattr(extract, "compute_batches", computing)
     (summary,) = extract_features(extract_config(small_xrays, augment_copies=0))
     assert summary.computed_rows > 0 and seen == {"hashing": False, "computing": True} and gc.isenabled()

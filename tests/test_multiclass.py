@@ -225,7 +225,8 @@ def write_three_class_cache(cache_dir, n_train: int = 300, n_val: int = 600, n_t
                             channels: int = 16, seed: int = 0):
     """A complete synthetic cache of classes A, B, C (as ``conftest.write_synthetic_cache``), each class's pooled
     vectors shifted along its own direction, with (1, 1, c) maps whose mean is the vector."""
-    from featcache.cache import FORMAT_VERSION, CachePaths, CacheWriter, FileTable, compute_fingerprint
+    from featcache.cache import FORMAT_VERSION, CachePaths, compute_fingerprint
+    from featcache.cachewrite import CacheWriter, FileTable
 
     rng = np.random.default_rng(seed)
     splits = np.repeat([0, 1, 2], [n_train, n_val, n_test]).astype(np.uint8)

@@ -80,7 +80,8 @@ def write_multilabel_cache(cache_dir, n_train: int = 300, n_val: int = 120, n_te
                            channels: int = 16, seed: int = 0):
     """A complete synthetic multi-label cache (labels A, B, C; /targets with 20 % masked entries, /labels -1)
     whose pooled vectors add one direction per present label (``separable``), with (1, 1, c) maps."""
-    from featcache.cache import FORMAT_VERSION, CachePaths, CacheWriter, FileTable, compute_fingerprint
+    from featcache.cache import FORMAT_VERSION, CachePaths, compute_fingerprint
+    from featcache.cachewrite import CacheWriter, FileTable
 
     splits = np.repeat([0, 1, 2], [n_train, n_val, n_test]).astype(np.uint8)
     base, targets = separable(len(splits), channels=channels, seed=seed)

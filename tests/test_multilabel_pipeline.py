@@ -320,7 +320,7 @@ def test_export_carries_every_label_loads_in_safe_mode_and_predict_calls_each_at
     predicted = json.loads(run["outputs"]["predict"])
     assert predicted["thresholds"] == card["thresholds"] and len(predicted["predictions"]) == 2
     files = sorted((run["root"] / "patient00025").rglob("*.jpg"))
-    from featcache.data import decode_bytes
+    from featcache.decode import decode_bytes
 
     images = np.stack([decode_bytes(f.read_bytes(), card["image_size"], name=f.name) for f in files])
     probs = model.predict_on_batch(images)

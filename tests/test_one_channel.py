@@ -13,13 +13,13 @@ import tensorflow as tf
 from PIL import Image
 
 from featcache.augment import AugmentSpec, _transform, augment_copies
-from featcache.data import JPEG_RATIOS, JPEG_SCALE_MARGIN, decode_bytes, decode_pixels, decode_rgb
+from featcache.decode import JPEG_RATIOS, JPEG_SCALE_MARGIN, decode_bytes, decode_pixels, decode_rgb
 
 COPIES = [1, 2, 3, 4, 5]
 
 
 def old_decode_and_resize(encoded: bytes, size: int, scaled: bool = False) -> np.ndarray:
-    """``data.decode_and_resize`` before the one-channel path: decode to RGB, resize three channels."""
+    """``decode.decode_and_resize`` before the one-channel path: decode to RGB, resize three channels."""
     if encoded[:3] == b"\xff\xd8\xff":
         ratio = 1
         if scaled:
@@ -151,7 +151,7 @@ def test_augmenting_one_gray_channel_equals_augmenting_three(fill):
 def test_extract_writes_the_cache_of_the_three_channel_path(small_xrays, extract_config, tmp_path, monkeypatch, decode):
     """The same cache file name (fingerprint) and the same datasets as extract with the previous decode and
     augmentation (tiny backbone, 64 px: ``--decode fast`` decodes the dev images at 1/2)."""
-    from featcache import extract as extract_module
+    from featcache import compute
     from featcache.extract import extract_features
     from tests.conftest import read_datasets
 
@@ -160,8 +160,8 @@ def test_extract_writes_the_cache_of_the_three_channel_path(small_xrays, extract
     def old_load_image(path, image_size, max_pixels=None, scaled=False):
         return old_decode_and_resize(path.read_bytes(), image_size, scaled)
 
-    monkeypatch.setattr(extract_module, "load_image", old_load_image)
-    monkeypatch.setattr(extract_module, "augment_copies", old_augment_copies)
+    monkeypatch.setattr(compute, "load_image", old_load_image)
+    monkeypatch.setattr(compute, "augment_copies", old_augment_copies)
     (before,) = extract_features(extract_config(small_xrays, cache_dir=tmp_path / "before", decode=decode))
     assert now.cache_path.name == before.cache_path.name
     ours, theirs = read_datasets(now.cache_path), read_datasets(before.cache_path)

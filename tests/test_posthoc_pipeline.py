@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pipeline import copy_run, dev_pipeline, run_cli
 
-from featcache.data import load_image
+from featcache.decode import load_image
 from featcache.posthoc import apply_isotonic
 
 N = 12

@@ -36,7 +36,7 @@ def test_two_replicas_compute_the_features_of_one(dev_data, tmp_path):
     printed = _run("""
         import sys, numpy as np
         from featcache.backbones import build_extractor, get_backbone_spec, load_backbone
-        from featcache.data import load_image
+        from featcache.decode import load_image
         from featcache.replicas import make_forward
         spec = get_backbone_spec("tiny")
         extractor = build_extractor(spec, load_backbone(spec, 64, "random", 0), 64)
@@ -67,10 +67,11 @@ def test_extract_on_two_replicas_writes_the_cache_of_one(small_xrays, tmp_path):
         printed = _run("""
             import sys, json
             from pathlib import Path
+            import featcache.compute as compute
             import featcache.extract as extract
             from featcache.config import ExtractConfig
             if sys.argv[3] == "1":
-                extract.replica_devices = lambda: devices
+                compute.replica_devices = lambda: devices
             config = ExtractConfig(data_dir=Path(sys.argv[1]), backbones=("tiny",), weights="random",
                                    augment_copies=1, image_size=32, batch_size=8, seed=0,
                                    cache_dir=Path(sys.argv[2]), progress=False)

@@ -153,9 +153,9 @@ def test_edited_row_digests_of_a_shard_are_refused_when_a_master_is_sealed(small
 
 def test_a_cache_checksummed_as_one_stream_still_reads_and_refuses_edits(synthetic_cache, monkeypatch):
     """Caches written before the ``rows`` scheme record no scheme: readers follow what the manifest says."""
-    import featcache.cache
+    import featcache.cachewrite
 
-    monkeypatch.setattr(featcache.cache, "BY_ROW", ())
+    monkeypatch.setattr(featcache.cachewrite, "BY_ROW", ())
     path = synthetic_cache()
     records = read_manifest(path)["datasets"]
     assert "scheme" not in records["pooled"] and "scheme" not in records["features"]

@@ -119,7 +119,7 @@ def test_extract_does_not_launder_rows_of_a_tampered_cache(copy, tmp_path):
 
 def test_rows_that_do_not_fit_their_files_fail_verify(tmp_path):
     """Checksums cannot tell a cache that was written wrong; verify also checks rows against files and counts."""
-    from featcache.cache import CacheWriter, FileTable
+    from featcache.cachewrite import CacheWriter, FileTable
 
     table = FileTable(path=["test/A/0.png", "train/A/1.png", "train/B/2.png"], sha256=["0" * 64] * 3,
                       label=np.array([0, 0, 1]), split=np.array([2, 0, 0]), patient=["p0", "p1", "p2"])
