@@ -72,7 +72,7 @@ def main() -> None:
     print(f"{DEV}: {args.backbone} at {args.image_size} px, K={args.augment_copies}, batch {args.batch_size}, "
           f"shards of {args.shard_rows} rows, {args.ray_actors} Ray actors on ray.init(num_cpus={args.cpus}); "
           f"{os.cpu_count()} cores", flush=True)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     results = []
     try:
         for r in range(args.rounds):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from featcache.dicom import dicom_patient_id, is_dicom_file
 from featcache.errors import DamagedFileError, DataError, storage_error
 from featcache.integrity import load_json, source_name
-from featcache.patients import PATIENT_PATTERN, assign_patients, patient_id  # noqa: F401 - patient_id re-exported
+from featcache.patients import assign_patients
 
 if TYPE_CHECKING:
     from featcache.labels import LabelFile

@@ -32,7 +32,7 @@ from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, ShardPac
 from featcache.shards import ShardStore, default_shard_rows
 from featcache.config import ExtractConfig
 from featcache.data import (
-    PATIENT_PATTERN, VAL_FRACTION, ImageRecord, find_images, hash_file, read_split_registry, write_split_registry,
+    VAL_FRACTION, ImageRecord, find_images, hash_file, read_split_registry, write_split_registry,
 )
 from featcache.decode import resize_settings
 from featcache.dicom import DICOM_CONVERSION
@@ -41,7 +41,7 @@ from featcache.gcpause import paused_gc, running_gc
 from featcache.hashcache import HashCache, stat_keys
 from featcache.labels import read_label_file
 from featcache.labelset import find_labeled_images
-from featcache.patients import describe_patients
+from featcache.patients import PATIENT_PATTERN, describe_patients
 from featcache.uptodate import nothing_to_do, plan_rows
 from featcache.weightsmemo import WeightsMemo, memo_key, weights_stat
 

@@ -23,6 +23,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
+import os
+import socket
+import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,8 +63,9 @@ def connect(address: str | None) -> dict:
     """
     ray = import_ray()
     if not ray.is_initialized():
+        target = reachable_address(address)
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             if _refused_token(exc):
                 hint = ("the cluster refused this driver's token: give it the cluster's with RAY_AUTH_MODE=token "
@@ -70,6 +75,55 @@ def connect(address: str | None) -> dict:
             raise FeatcacheError(f"Cannot connect to the Ray cluster at {address!r} ({str(exc).splitlines()[0]}); "
                                  f"{hint}. Received: ray_address={address!r}") from None
     return dict(ray.cluster_resources())
+
+
+def reachable_address(address: str | None) -> str | None:
+    """What ``ray.init`` gets for ``--ray-address``, after checking that something listens where it will look.
+
+    Ray resolves no address and ``auto`` as its ``ray.init`` documents: ``RAY_ADDRESS``, else the cluster
+    that ``ray start`` last recorded in ``<temp>/ray/ray_current_cluster``. A cluster killed without
+    ``ray stop`` leaves that record behind, and ``ray.init`` then retries its address for many minutes. So:
+    without ``--ray-address`` a stale record starts a local Ray instead (with a warning); with an address (or
+    ``RAY_ADDRESS``) where nothing listens, one line. Addresses that are not ``host:port`` go to Ray as given.
+
+    Raises:
+        FeatcacheError: nothing accepts a connection at the address to be used (3 s).
+    """
+    target, source = address, "--ray-address"
+    if os.environ.get("RAY_ADDRESS"):
+        target, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if target in (None, "auto"):
+        record = _ray_temp_dir() / "ray_current_cluster"
+        try:
+            target, source = record.read_text().strip(), str(record)
+        except OSError:
+            return address  # no record: Ray starts a local cluster (None) or looks for running ones (auto)
+    host, _, port = target.rpartition(":")
+    if not port.isdigit() or "://" in host or _listening(host.strip("[]"), int(port)):
+        return address
+    if address is None and source != "RAY_ADDRESS":
+        log.warning("%s names a Ray cluster at %s, where nothing listens (stopped without 'ray stop'?); "
+                    "starting a local Ray", source, target)
+        return "local"
+    raise FeatcacheError(f"Nothing listens at the Ray cluster address {target} (from {source}); start one with "
+                         f"'ray start --head', or drop --ray-address for a local Ray. Received: ray_address={address!r}")
+
+
+def _ray_temp_dir() -> Path:
+    """Ray's default temporary folder (``ray._common.utils.get_default_ray_temp_dir``)."""
+    if "RAY_TMPDIR" in os.environ:
+        return Path(os.environ["RAY_TMPDIR"]) / "ray"
+    if sys.platform.startswith("linux") and "TMPDIR" in os.environ:
+        return Path(os.environ["TMPDIR"]) / "ray"
+    return Path("/tmp" if sys.platform.startswith(("linux", "darwin")) else tempfile.gettempdir()) / "ray"
+
+
+def _listening(host: str, port: int, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _refused_token(exc: BaseException | None) -> bool:

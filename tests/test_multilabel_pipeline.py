@@ -230,8 +230,6 @@ def test_the_probe_floor_ignores_masked_targets():
 
 
 def test_evaluate_reports_every_label_with_intervals_and_draws_a_roc_curve_per_label(run):
-    from featcache.plots import plot_roc  # noqa: F401  (roc.png is drawn by it)
-
     out = run["outputs"]["evaluate"]
     assert "3 labels, per-label thresholds (macro): accuracy" in out, out
     report = json.loads((run["run_dir"] / "report.json").read_text())

@@ -25,6 +25,7 @@ import pytest
 from conftest import _skip_or_fail, assert_same_datasets, copy_subset
 
 from featcache.config import ExtractConfig
+from featcache.errors import FeatcacheError
 from featcache.extract import extract_features
 
 SETTINGS = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--augment-copies", "1",
@@ -105,3 +106,47 @@ def test_a_driver_without_the_clusters_token_gets_one_line_that_says_so(ray_head
         run.stderr[-2000:]
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))
+
+
+@pytest.fixture
+def ray_record(tmp_path, monkeypatch):
+    """Ray's record of the last ``ray start`` cluster, in a temporary folder of the test's own."""
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "ray").mkdir()
+    return tmp_path / "ray" / "ray_current_cluster"
+
+
+def test_a_stale_ray_start_record_means_a_local_ray_without_an_address_and_one_line_with_auto(ray_record, caplog):
+    from featcache.ray_engine import reachable_address
+
+    ray_record.write_text(f"127.0.0.1:{_free_port()}")  # a cluster killed without 'ray stop' leaves this behind
+    assert reachable_address(None) == "local"
+    assert "where nothing listens" in caplog.text and str(ray_record) in caplog.text
+    with pytest.raises(FeatcacheError, match=r"Nothing listens at the Ray cluster address 127\.0\.0\.1:\d+ \(from "
+                                             r".*ray_current_cluster\).*Received: ray_address='auto'"):
+        reachable_address("auto")
+
+
+def test_a_live_cluster_or_no_record_leaves_the_address_to_ray(ray_record):
+    from featcache.ray_engine import reachable_address
+
+    assert reachable_address(None) is None and reachable_address("auto") == "auto"  # no record: Ray decides
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        ray_record.write_text(f"127.0.0.1:{server.getsockname()[1]}")
+        assert reachable_address(None) is None and reachable_address("auto") == "auto"
+        assert reachable_address(f"127.0.0.1:{server.getsockname()[1]}") == f"127.0.0.1:{server.getsockname()[1]}"
+    assert reachable_address("ray://head:10001") == "ray://head:10001"  # Ray Client: not probed here
+
+
+def test_an_address_where_nothing_listens_is_one_line_whether_given_or_in_ray_address(ray_record, monkeypatch):
+    from featcache.ray_engine import reachable_address
+
+    dead = f"127.0.0.1:{_free_port()}"
+    with pytest.raises(FeatcacheError, match=rf"{dead} \(from --ray-address\)"):
+        reachable_address(dead)
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    with pytest.raises(FeatcacheError, match=rf"{dead} \(from RAY_ADDRESS\)"):
+        reachable_address(None)

@@ -40,7 +40,7 @@ def local_ray():
         import ray.data  # noqa: F401
     except ImportError:
         _skip_or_fail('Ray Data is not installed (pip install "featcache[ray]")', service="Ray engine")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stale record
     yield ray
     ray.shutdown()
 
