@@ -200,3 +200,20 @@ def test_progress_bars_cover_hashing_and_the_backbone(small_xrays, extract_confi
     assert "tiny" in err  # ...then the backbone's bar
     extract_features(extract_config(small_xrays, augment_copies=0, progress=False))
     assert capsys.readouterr().err == ""
+
+
+def test_the_summary_gives_a_steady_rate_only_when_there_was_more_than_one_batch(tmp_path):
+    from featcache.compute import ComputeTiming
+    from featcache.extract import ExtractSummary, format_summary
+
+    counts = {"train": 3, "val": 1, "test": 2, "train_copies": 3, "rows": 9}
+
+    def computed(timing):
+        summary = ExtractSummary(backbone="tiny", cache_path=tmp_path / "tiny.h5", counts=counts, skipped=[],
+                                 computed_rows=9, reused_rows=0, seconds=3.0, size_bytes=0, timing=timing)
+        return format_summary(summary).splitlines()[-1]
+
+    assert computed(ComputeTiming(seconds=3.0, first_batch_seconds=2.0, first_batch_rows=4)) == \
+        "  computed 9 rows at 3.0 img/s (5.0 after a 2.0 s first batch), reused 0"
+    assert computed(ComputeTiming(seconds=3.0, first_batch_seconds=3.0, first_batch_rows=9)) == \
+        "  computed 9 rows at 3.0 img/s (in one batch), reused 0"
