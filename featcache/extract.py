@@ -25,7 +25,7 @@ from featcache.backbones import (
     build_extractor, check_image_size, describe_preprocessing, get_backbone_spec, hash_weights, load_backbone,
     resolve_image_size,
 )
-from featcache.cache import FORMAT_VERSION, CachePaths, cache_bytes, compute_fingerprint
+from featcache.cache import FORMAT_VERSION, CachePaths, cache_bytes, compact_hint, compute_fingerprint
 from featcache.cachewrite import CacheLock
 from featcache.compute import ComputeTiming, compute_batches
 from featcache.partial import SAVED_WEIGHTS, BatchStore, ReusableCache, ShardPacker, assemble_cache, save_weights
@@ -70,6 +70,7 @@ class ExtractSummary:
     image_size: int | None = None
     patients: str = ""
     left_out: int = 0
+    mapped_runs: int = 0  # of the master this run wrote (0: none written)
 
     @property
     def images_per_second(self) -> float:
@@ -252,11 +253,12 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         rows = wanted.select(~np.isin(wanted.file, [i for i, f in enumerate(good) if f.record.path in bad_paths])
                              ) if bad_paths else wanted
         manifest = _manifest(config, folder, spec, settings, fingerprint, rows, skipped, precision, feature_shape)
+        runs = 0  # runs of rows the master maps, when this run writes one
         if old is None or missing or len(rows) != old.n_rows or old.skipped_paths != {s["path"] for s in skipped}:
             packer.pack()
             if plain:
                 old.unpack(shards, shard_rows, config.compression)  # a compacted cache: its rows go into shards once
-            assemble_cache(paths, rows, shards, manifest, store.folder / SAVED_WEIGHTS, _targets(folder))
+            runs = assemble_cache(paths, rows, shards, manifest, store.folder / SAVED_WEIGHTS, _targets(folder))
         elif (store.folder / SAVED_WEIGHTS).exists():
             os.replace(store.folder / SAVED_WEIGHTS, paths.weights)  # an up-to-date cache whose weights were deleted
         if old is not None:
@@ -268,6 +270,7 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
         computed_rows=computed, reused_rows=reused, seconds=time.perf_counter() - started,
         size_bytes=cache_bytes(paths.final),
         timing=timing, feature_shape=tuple(manifest["feature_shape"]), image_size=config.image_size,
+        mapped_runs=runs,
     )
 
 
@@ -416,6 +419,7 @@ def format_summary(summary: ExtractSummary) -> str:
           if summary.left_out else []),
         f"  computed {summary.computed_rows} rows{_rates(summary)}, reused {summary.reused_rows}",
     ]
+    lines += compact_hint(summary.mapped_runs)
     if summary.skipped:
         lines.append(f"  skipped {len(summary.skipped)} unreadable files:")
         lines += [f"    {s['path']}: {s['error']}" for s in summary.skipped]

@@ -26,7 +26,7 @@ from featcache.cachewrite import FileTable
 from featcache.checksums import check_dataset, read_checked
 from featcache.data import SPLIT_CODES
 from featcache.errors import FeatcacheError, storage_error
-from featcache.master import write_master
+from featcache.master import mapping_runs, write_master
 from featcache.shards import RowIndex, ShardStore, row_digests, write_shard
 
 log = logging.getLogger(__name__)
@@ -310,8 +310,9 @@ class CacheRows:
 
 
 def assemble_cache(paths: CachePaths, rows: CacheRows, shards: ShardStore, manifest: dict, weights_from: Path,
-                   targets: dict[str, tuple[float, ...]] | None = None) -> None:
-    """Write the master file over the shards that hold ``rows``, then rename it into place.
+                   targets: dict[str, tuple[float, ...]] | None = None) -> int:
+    """Write the master file over the shards that hold ``rows``, then rename it into place; returns the number
+    of runs of rows its virtual datasets map (``cache.compact_hint``).
 
     Args:
         paths: where the cache goes.
@@ -339,4 +340,6 @@ def assemble_cache(paths: CachePaths, rows: CacheRows, shards: ShardStore, manif
         columns["targets"] = per_file[position]
     if weights_from.exists():
         os.replace(weights_from, paths.weights)  # before the cache: a whole cache always has its weights
-    write_master(paths.final, shard_files, list(zip(number.tolist(), offset.tolist())), table, columns, manifest)
+    sources = list(zip(number.tolist(), offset.tolist()))
+    write_master(paths.final, shard_files, sources, table, columns, manifest)
+    return len(mapping_runs(sources))

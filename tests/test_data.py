@@ -8,7 +8,6 @@ from conftest import write_png
 
 from featcache.data import (
     find_images,
-    patient_id,
     read_split_registry,
     split_patients,
     write_split_registry,
@@ -18,6 +17,7 @@ from featcache.decode import (
     load_image,
 )
 from featcache.errors import DamagedFileError, DataError
+from featcache.patients import patient_id
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -335,6 +335,32 @@ def test_compact_on_the_command_line(small_xrays, extract_config, tmp_path):
     assert result.exit_code == 1 and "holds no cache to compact" in line and line.endswith(f"target={str(empty)!r}")
 
 
+def test_extract_and_describe_suggest_compact_once_the_master_maps_many_runs(
+        small_xrays, extract_config, dev_data, monkeypatch):
+    import featcache.cache as cache
+    from featcache.extract import format_summary
+
+    def runs_in_file(path):
+        with h5py.File(path, "r") as handle:
+            return cache.mapped_runs(handle["features"])
+
+    config = extract_config(small_xrays, shard_rows=16)
+    (first,) = extract_features(config)
+    assert first.mapped_runs == runs_in_file(first.cache_path) > 0
+    _change_files(small_xrays, dev_data)
+    (second,) = extract_features(config)  # the same file name: same settings
+    assert second.mapped_runs == runs_in_file(second.cache_path)
+    assert second.mapped_runs > first.mapped_runs  # the new rows sit between old ones
+    assert f", {second.mapped_runs} runs of rows mapped)" in cache.describe_cache(second.cache_path)
+    assert "featcache compact" not in format_summary(second) + cache.describe_cache(second.cache_path)
+    monkeypatch.setattr(cache, "COMPACT_HINT_RUNS", first.mapped_runs)  # the bar between the two masters
+    assert "featcache compact" not in format_summary(first)
+    hint = f"/features maps {second.mapped_runs} runs of rows (many incremental extracts): 'featcache compact'"
+    assert hint in format_summary(second) and hint in cache.describe_cache(second.cache_path)
+    compact_path(second.cache_path)
+    assert "featcache compact" not in cache.describe_cache(second.cache_path)
+
+
 def test_train_head_gives_the_same_trials_on_a_sharded_and_a_compacted_cache(small_xrays, extract_config, tmp_path):
     """A sharded master's /pooled is virtual (no chunks of its own): train-head must cut it into the epoch blocks
     of the plain file it compacts to, and find the same trials."""
