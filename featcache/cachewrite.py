@@ -128,7 +128,7 @@ def atomic_h5(final: Path):
     """
     final = Path(final)
     tmp = final.with_name(final.name + INCOMPLETE_SUFFIX)
-    raw = open(tmp, "w+b", buffering=0)
+    raw = _create(tmp)
     guard = _WriteGuard(raw)
     try:
         with h5py.File(guard, "w") as handle:
@@ -145,6 +145,14 @@ def atomic_h5(final: Path):
     except BaseException:
         _discard(raw, tmp)
         raise
+
+
+def _create(tmp: Path):
+    """``tmp`` opened for writing, unbuffered; an OSError is one StorageError line."""
+    try:
+        return open(tmp, "w+b", buffering=0)
+    except OSError as exc:
+        raise storage_error(exc, tmp) from None
 
 
 def _discard(raw, tmp: Path) -> None:
@@ -168,10 +176,26 @@ class CacheWriter:
                  dtype: str = "float16", compression: str | None = None, targets: int | None = None):
         self.final_path = Path(final_path)
         self.tmp_path = self.final_path.with_name(self.final_path.name + INCOMPLETE_SUFFIX)
-        self.final_path.parent.mkdir(parents=True, exist_ok=True)
-        self._raw = open(self.tmp_path, "w+b", buffering=0)
+        try:
+            self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, self.final_path.parent) from None
+        self._raw = _create(self.tmp_path)
         self._guard = _WriteGuard(self._raw)
-        self._file = h5py.File(self._guard, "w")
+        self._file = None
+        try:
+            self._file = h5py.File(self._guard, "w")
+            self._layout(files, n_rows, feature_shape, dtype, compression, targets)
+        except BaseException as exc:  # nothing half-made is left behind
+            self.abort()
+            if isinstance(exc, OSError):
+                raise storage_error(self._guard.error or exc, self.tmp_path) from None
+            raise
+        self.n_rows = n_rows
+
+    def _layout(self, files: FileTable, n_rows: int, feature_shape: tuple, dtype: str, compression: str | None,
+                targets: int | None) -> None:
+        """Create every dataset (rows to come) and write the per-file table."""
         self._file.attrs["complete"] = False
         self._digests = Digests(by_row=BY_ROW)
         self._next_row = 0
@@ -194,7 +218,6 @@ class CacheWriter:
         for name, values in columns.items():
             group.create_dataset(name, data=values, dtype=STR if values.dtype == object else values.dtype)
             self._digests.update(f"files/{name}", values)
-        self.n_rows = n_rows
 
     def write_rows(self, start: int, features: np.ndarray, pooled: np.ndarray, **columns: np.ndarray) -> None:
         """Write rows ``start : start + len(features)``, in order; ``columns`` are the ROW_FIELDS (and ``targets``
@@ -239,7 +262,7 @@ class CacheWriter:
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):  # the error being handled is the one to report
-            if self._file.id.valid:
+            if self._file is not None and self._file.id.valid:
                 self._file.close()
         with contextlib.suppress(OSError):
             self._raw.close()

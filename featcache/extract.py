@@ -7,6 +7,7 @@ written by a background thread, and the cache file is assembled once every row e
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import datetime
 import glob
@@ -222,8 +223,10 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
     settings = _feature_settings(config, spec, weights_sha256, precision, folder)
     fingerprint = compute_fingerprint(settings)
     paths = CachePaths.for_fingerprint(config.cache_dir, name, fingerprint)
-    with CacheLock(Path(config.cache_dir) / f".{name}.lock"):
+    with CacheLock(Path(config.cache_dir) / f".{name}.lock"), contextlib.ExitStack() as cleanup:
         old = ReusableCache.open(paths.final, fingerprint)
+        if old is not None:
+            cleanup.callback(old.close)  # on every way out: the old master's handle is not left open
         shards, store = ShardStore(paths.shards, fingerprint), BatchStore(paths.partial)
         shards.remove_leftovers()
         if config.weights == "random" and not paths.weights.exists():
@@ -261,8 +264,6 @@ def _extract_backbone(config: ExtractConfig, folder, files: list[SourceFile], un
             runs = assemble_cache(paths, rows, shards, manifest, store.folder / SAVED_WEIGHTS, _targets(folder))
         elif (store.folder / SAVED_WEIGHTS).exists():
             os.replace(store.folder / SAVED_WEIGHTS, paths.weights)  # an up-to-date cache whose weights were deleted
-        if old is not None:
-            old.close()
         store.remove()
     computed = len(missing) - sum(1 for f, _ in missing if f.record.path in bad_paths)
     return ExtractSummary(

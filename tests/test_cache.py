@@ -279,3 +279,26 @@ def test_fletcher32_works_with_compression(tmp_path, compression):
     corrupt_chunks(path, "pooled")
     with pytest.raises(DamagedFileError, match="/pooled cannot be read"):
         load_pooled(path)
+
+
+def test_a_cache_file_that_cannot_be_created_is_one_storage_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from featcache.cachewrite import atomic_h5
+    from featcache.errors import StorageError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    for make in (lambda: CacheWriter(blocker / "tiny-ffffffffffff.h5", _table(3), 3, (2, 2, 3)),
+                 lambda: atomic_h5(blocker / "shard.h5").__enter__()):
+        with pytest.raises(StorageError, match=r"^Cannot .*a-file.*Received: (ENOTDIR|EEXIST)$"):
+            make()
+
+    def no_space(self, name, *args, **kwargs):  # the disk fills while the per-file table is written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.Group, "create_group", no_space)
+    path = tmp_path / "tiny-ffffffffffff.h5"
+    with pytest.raises(StorageError, match=r"^Cannot write .*tiny-ffffffffffff\.h5\.incomplete: .*Received: ENOSPC$"):
+        CacheWriter(path, _table(3), 3, (2, 2, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
