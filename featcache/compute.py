@@ -99,9 +99,12 @@ def compute_batches(config, root, extractor, missing, store: ShardPacker) -> tup
     try:
         with cf.ThreadPoolExecutor(max_workers=1) as writer:
             pending: list[cf.Future] = []
-            computing: collections.deque = collections.deque()  # (future, batch_id, kept): one per replica at most
+            computing: collections.deque = collections.deque()  # (future, batch_id, kept, failed): one per replica
 
-            def finish(future, batch_id, kept):
+            def finish(future, batch_id, kept, failed):
+                if future is None:  # every file of the batch failed: its planned rows still count for the shard
+                    pending.append(writer.submit(store.note_failed, failed))
+                    return
                 maps, pooled = future.result()
                 maps, pooled = maps[:len(kept)], pooled[:len(kept)]
                 if not timing.first_batch_rows:
@@ -109,14 +112,16 @@ def compute_batches(config, root, extractor, missing, store: ShardPacker) -> tup
                 pending.append(writer.submit(
                     store.write, batch_id, maps.astype(config.dtype), pooled,
                     [f.record.path for f, _ in kept], [f.sha256 for f, _ in kept], np.array([k for _, k in kept]),
+                    failed,
                 ))
 
             while (item := prepared.get()) is not None:
                 batch_id, planned, images, kept, batch_bad = item
                 bad.extend(batch_bad)
-                if kept:
-                    computing.append((forward.submit(pad(np.stack(images), config.batch_size)), batch_id, kept))
-                while computing and (len(computing) >= forward.replicas or computing[0][0].done()):
+                future = forward.submit(pad(np.stack(images), config.batch_size)) if kept else None
+                computing.append((future, batch_id, kept, planned - len(kept)))  # finished in batch order
+                while computing and (len(computing) >= forward.replicas or computing[0][0] is None
+                                     or computing[0][0].done()):
                     finish(*computing.popleft())  # in batch order
                 for done in [p for p in pending if p.done()] + pending[:-2]:
                     done.result()  # surface write errors; keep at most two writes in flight

@@ -225,6 +225,10 @@ class ShardPacker:
 
     Rows inside a shard are sorted by ``rank`` (their position in the cache), so a shard maps to few runs
     of master rows. Used from one thread at a time (extract's writer thread, then the main thread).
+
+    A shard closes after ``shard_rows`` *planned* rows: the rows of files that failed to decode count too
+    (``failed``, ``note_failed``), so the shards are those the Ray engine plans before anything is decoded
+    (``ray_engine.plan_shards``), and a clean build gives the same shard files with either engine.
     """
 
     def __init__(self, store: BatchStore, shards: ShardStore, rank: np.ndarray, shard_rows: int,
@@ -234,6 +238,7 @@ class ShardPacker:
         self._order = np.argsort(rank, kind="stable")
         self._sorted = rank[self._order]
         self.shard_rows, self.compression = shard_rows, compression
+        self._failed = 0  # planned rows since the last shard whose files failed to decode
 
     def _ranks(self, keys: list) -> list[int]:
         """Each key's position in the cache (``len(rank)`` for a row that is not in it)."""
@@ -244,14 +249,21 @@ class ShardPacker:
         return np.where(self._sorted[pos] == digests, self._order[pos], last).tolist()
 
     def write(self, batch_id: str, features: np.ndarray, pooled: np.ndarray, paths: list[str],
-              sha256: list[str], copy_index: np.ndarray) -> None:
-        """Keep one finished batch; pack when a shard's worth has gathered."""
+              sha256: list[str], copy_index: np.ndarray, failed: int = 0) -> None:
+        """Keep one finished batch (``failed``: its planned rows that failed to decode); pack when a shard's
+        worth of planned rows has gathered."""
         self.store.write(batch_id, features, pooled, paths, sha256, copy_index)
-        if self.store.pending_rows() >= self.shard_rows:
+        self.note_failed(failed)
+
+    def note_failed(self, rows: int) -> None:
+        """Count ``rows`` planned rows that failed to decode (a batch with none left is never written)."""
+        self._failed += rows
+        if self.store.pending_rows() + self._failed >= self.shard_rows:
             self.pack()
 
     def pack(self) -> None:
         """Write every pending batch into one shard, then delete those batches."""
+        self._failed = 0
         batches = self.store.pending()
         if not batches:
             return

@@ -99,6 +99,26 @@ def test_a_lost_shard_is_all_a_rerun_computes_with_either_engine(builds):
     assert_same_datasets(local.cache_path, cache)
 
 
+def test_files_that_fail_to_decode_in_the_actors_are_skipped_and_listed_as_the_local_engine_does(
+        local_ray, dev_data, bad_inputs, tmp_path):
+    from featcache.config import ExtractConfig
+
+    data = copy_subset(dev_data, tmp_path / "xrays", {"train/NORMAL": 2, "train/PNEUMONIA": 3, "test/NORMAL": 1,
+                                                      "test/PNEUMONIA": 1})
+    shutil.copyfile(bad_inputs / "truncated.jpeg", data / "test" / "NORMAL" / "truncated.jpeg")
+    shutil.copyfile(bad_inputs / "notes.jpeg", data / "test" / "PNEUMONIA" / "notes.jpeg")
+    settings = {**SETTINGS, "augment_copies": 0}
+    (local,) = extract_features(ExtractConfig(data_dir=data, cache_dir=tmp_path / "local", **settings))
+    (on_ray,) = extract_features(ExtractConfig(data_dir=data, cache_dir=tmp_path / "ray", engine="ray",
+                                               ray_actors=2, **settings))
+    skipped = sorted(s["path"] for s in local.skipped)
+    assert skipped == ["test/NORMAL/truncated.jpeg", "test/PNEUMONIA/notes.jpeg"]
+    assert sorted(on_ray.skipped, key=lambda s: s["path"]) == sorted(local.skipped, key=lambda s: s["path"])
+    assert on_ray.computed_rows == local.computed_rows == 7 and on_ray.counts == local.counts
+    assert_same_datasets(local.cache_path, on_ray.cache_path)
+    assert _manifest(on_ray.cache_path) == _manifest(local.cache_path)
+
+
 def test_engine_options_are_checked(tmp_path):
     from featcache.config import ExtractConfig
 
