@@ -46,8 +46,9 @@ def mapping_runs(sources: list[tuple[int, int]]) -> list[tuple[int, int, int, in
 
 
 def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]], files: FileTable,
-                 columns: dict[str, np.ndarray], manifest: dict) -> Path:
-    """Write the master file of a sharded cache under ``.incomplete``, then rename it into place.
+                 columns: dict[str, np.ndarray], manifest: dict) -> int:
+    """Write the master file of a sharded cache under ``.incomplete``, then rename it into place; returns the
+    number of runs of rows its virtual datasets map (``cache.compact_hint``).
 
     The checksums of /features and /pooled (per split, in master row order; the ``rows`` scheme of
     ``featcache.checksums``) are made of the row digests the shards store, 16 bytes a row: sealing a master
@@ -77,7 +78,7 @@ def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]]
         handle.attrs["complete"] = False
         digests = Digests(by_row=BY_ROW)
         split = np.asarray(columns["split"], ROW_DTYPES["split"])
-        _map_rows(handle, shards, relative, records, sources, split, feature_shape, manifest["dtype"], digests)
+        runs = _map_rows(handle, shards, relative, records, sources, split, feature_shape, manifest["dtype"], digests)
         for name in (*ROW_FIELDS, *(["targets"] if "targets" in columns else [])):
             values = np.asarray(columns[name], ROW_DTYPES[name])
             handle.create_dataset(name, data=values, chunks=(min(2**16, max(n, 1)), *values.shape[1:]),
@@ -93,16 +94,17 @@ def write_master(final: Path, shards: list[Path], sources: list[tuple[int, int]]
         handle.attrs["format_version"] = FORMAT_VERSION
         handle.attrs["fingerprint"] = manifest["fingerprint"]
         handle.attrs["complete"] = True
-    return final
+    return runs
 
 
-def _map_rows(handle, shards, relative, records, sources, split, feature_shape, dtype, digests) -> None:
-    """Create the virtual /features and /pooled, and digest the rows they map from the shards' row digests."""
+def _map_rows(handle, shards, relative, records, sources, split, feature_shape, dtype, digests) -> int:
+    """Create the virtual /features and /pooled, and digest the rows they map from the shards' row digests;
+    returns the number of mapped runs."""
     n, channels = len(sources), feature_shape[-1]
     if n == 0:  # HDF5 needs at least one mapping: an empty cache has plain empty datasets
         handle.create_dataset("features", (0, *feature_shape), dtype=dtype)
         handle.create_dataset("pooled", (0, channels), dtype="float32")
-        return
+        return 0
     layouts = {"features": h5py.VirtualLayout((n, *feature_shape), dtype),
                "pooled": h5py.VirtualLayout((n, channels), "float32")}
     runs = mapping_runs(sources)
@@ -116,6 +118,7 @@ def _map_rows(handle, shards, relative, records, sources, split, feature_shape, 
         digests.update_rows(name, np.concatenate(per_shard)[base[number] + offset], split)
     for name, layout in layouts.items():
         handle.create_virtual_dataset(name, layout, fillvalue=np.nan)
+    return len(runs)
 
 
 def _set_mappings(layout: h5py.VirtualLayout, name: str, runs: list, relative: list[str], rows: list[int]) -> None:

@@ -26,7 +26,7 @@ from featcache.cachewrite import FileTable
 from featcache.checksums import check_dataset, read_checked
 from featcache.data import SPLIT_CODES
 from featcache.errors import FeatcacheError, storage_error
-from featcache.master import mapping_runs, write_master
+from featcache.master import write_master
 from featcache.shards import RowIndex, ShardStore, row_digests, write_shard
 
 log = logging.getLogger(__name__)
@@ -352,6 +352,4 @@ def assemble_cache(paths: CachePaths, rows: CacheRows, shards: ShardStore, manif
         columns["targets"] = per_file[position]
     if weights_from.exists():
         os.replace(weights_from, paths.weights)  # before the cache: a whole cache always has its weights
-    sources = list(zip(number.tolist(), offset.tolist()))
-    write_master(paths.final, shard_files, sources, table, columns, manifest)
-    return len(mapping_runs(sources))
+    return write_master(paths.final, shard_files, list(zip(number.tolist(), offset.tolist())), table, columns, manifest)
