@@ -14,6 +14,8 @@ import numpy as np
 
 AUGMENT_VERSION = 2  # 2: TF ImageProjectiveTransformV3 instead of scipy.ndimage (1); now replayed in numpy, same pixels
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
+STEP = 32768  # float32 values per block of output rows in affine_bilinear (128 KiB temporaries)
+_PAD = 2  # zero rows and columns around a plane, see _bilinear
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,9 @@ def affine_bilinear(plane: np.ndarray, transforms: np.ndarray, fill: str) -> np.
     # (a0 * col + a1 * row) + a2 (its division by 0 * col + 0 * row + 1 is exact), and y likewise.
     index = np.arange(h, dtype=np.float32)
     per_row = {name: np.repeat(transforms[:, i], h)[:, None] for i, name in enumerate(("a0", "a1", "a2", "b0", "b1", "b2"))}
-    per_row["a1"] = per_row["a1"] * np.tile(index, n)[:, None]
-    per_row["b1"] = per_row["b1"] * np.tile(index, n)[:, None]
+    row_of = np.tile(index, n)[:, None]
+    per_row["a1"] = per_row["a1"] * row_of
+    per_row["b1"] = per_row["b1"] * row_of
     cols = np.arange(w, dtype=np.float32)[None, :]
     quads = _neighbour_quads(plane, _PAD)
     out = np.empty((n * h, w), np.float32)
@@ -120,10 +123,6 @@ def affine_bilinear(plane: np.ndarray, transforms: np.ndarray, fill: str) -> np.
         y += per_row["b2"][rows]
         _bilinear(quads, _map_coordinate(x, w, fill), _map_coordinate(y, h, fill), fill, out[rows])
     return out.reshape(n, h, w)
-
-
-STEP = 32768
-_PAD = 2  # zero rows and columns around a plane, see _bilinear
 
 
 def _bilinear(quads: np.ndarray, x: np.ndarray, y: np.ndarray, fill: str, out: np.ndarray) -> None:
