@@ -126,16 +126,10 @@ def _listening(host: str, port: int, timeout: float = 3.0) -> bool:
         return False
 
 
-def _refused_token(exc: BaseException | None) -> bool:
+def _refused_token(exc: BaseException) -> bool:
     """Whether Ray's connection error came from the cluster's token authentication (Ray >= 2.52): an
     ``AuthenticationError`` in the chain, or its text in the GCS client's last error."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(type(e).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(e) for e in _causes(exc))
 
 
 def prepare(config):
@@ -257,13 +251,16 @@ def compute_shards(config, root: Path, spec, backbone, precision: str, missing: 
 
 def _featcache_cause(exc: BaseException) -> FeatcacheError | None:
     """The FeatcacheError (storage, weights) an actor or task raised, unwrapped from Ray's exceptions."""
+    return next((e for e in _causes(exc) if isinstance(e, FeatcacheError)), None)
+
+
+def _causes(exc: BaseException | None):
+    """``exc`` and what caused it, outermost first: Ray's wrapped ``cause``, else ``__cause__`` (each once)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, FeatcacheError):
-            return exc
+        yield exc
         exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
 
 
 def _decode(batch: dict, root: str, config) -> dict:
